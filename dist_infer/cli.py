@@ -1,0 +1,135 @@
+"""`dist-infer` command line: partition, build, run.
+
+User errors (DistInferError) print one clear line and exit non-zero without a
+traceback. Any other failure in a multi-rank job aborts the whole job so no
+rank is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from dist_infer.errors import DistInferError
+
+log = logging.getLogger("dist_infer")
+
+
+def _partition(args) -> int:
+    from dist_infer.partition import partition
+
+    partition(args.model, args.tp, args.pp, Path(args.out), force=args.force, progress=not args.quiet)
+    print(f"checkpoint written to {args.out}")
+    return 0
+
+
+def _build(args) -> int:
+    from dist_infer.comm import world_from_launch
+    from dist_infer.config import BuildConfig
+    from dist_infer.engine.build import build
+
+    config = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                         kv_block_size=args.kv_block_size)
+    world = world_from_launch()
+    build(Path(args.checkpoint), Path(args.out), config, world, force=args.force)
+    if world.rank == 0:
+        print(f"engine written to {args.out}")
+    return 0
+
+
+def _run(args) -> int:
+    from dist_infer.workers.run import RunOptions, run
+
+    return run(RunOptions(
+        engine=Path(args.engine), prompts=args.prompt, prompts_file=args.prompts_file,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        chat_template=not args.no_chat_template, json_output=args.json, verify=not args.no_verify,
+        device=args.device,
+    ))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-infer", description="Distributed LLM inference: "
+                                     "partition -> build -> run (under mpirun, Ray or Slurm).")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("partition", help="split a HF checkpoint into per-rank TP/PP shards")
+    p.add_argument("--model", required=True, help="HF model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_partition)
+
+    b = sub.add_parser("build", help="build per-rank engines from a partitioned checkpoint "
+                                     "(one process, or one process per rank under mpirun)")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--out", required=True, help="engine directory")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--max-batch-size", type=int, default=8)
+    b.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + output (default: the model's limit, at most 4096)")
+    b.add_argument("--kv-block-size", type=int, default=16)
+    b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    b.set_defaults(func=_build)
+
+    r = sub.add_parser("run", help="generate text; launch with `mpirun -n TP*PP` for multi-rank engines")
+    r.add_argument("--engine", required=True)
+    r.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    r.add_argument("--prompts-file", help="text file (one prompt per line), .jsonl ({'prompt'} or "
+                                          "{'input_ids'} per line), or - for stdin")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    r.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
+    r.add_argument("--no-chat-template", action="store_true", help="tokenize prompts as plain text")
+    r.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files at load")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.set_defaults(func=_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dist_infer.log import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except DistInferError as exc:
+        log.error("%s", exc)
+        if not getattr(exc, "collective", False):
+            _abort_job(exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # a bug: keep the traceback, and do not leave other ranks hanging
+        log.error("unexpected failure:\n%s", traceback.format_exc())
+        _abort_job(1)
+        return 1
+
+
+def _abort_job(code: int) -> None:
+    """In a multi-rank MPI job, a failure on one rank must take the others down."""
+    from dist_infer.comm.bootstrap import launched_by_mpi
+
+    if launched_by_mpi():
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

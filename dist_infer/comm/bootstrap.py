@@ -1,0 +1,40 @@
+"""Join the job's world from however the processes were launched.
+
+Under `mpirun`/`srun --mpi=pmix` the MPI environment variables are set and the
+world is MPI.COMM_WORLD. A plain `python`/`dist-infer` start is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dist_infer.comm.base import Communicator, LocalCommunicator
+from dist_infer.errors import LaunchError
+
+# Variables an MPI launcher sets in each rank's environment (OpenMPI, PMIx, MPICH/Hydra).
+MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE")
+
+
+def launched_by_mpi() -> bool:
+    return any(v in os.environ for v in (*MPI_SIZE_VARS, "PMIX_RANK"))
+
+
+def world_from_launch() -> Communicator:
+    world: Communicator = LocalCommunicator()
+    if launched_by_mpi():
+        from mpi4py import MPI
+
+        from dist_infer.comm.mpi import MpiCommunicator
+
+        world = MpiCommunicator(MPI.COMM_WORLD)
+    check_slurm_world(world.size)
+    return world
+
+
+def check_slurm_world(mpi_size: int) -> None:
+    """Under srun with the wrong --mpi plugin every rank silently starts alone."""
+    tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS")
+    if "SLURM_STEP_ID" in os.environ and tasks and int(tasks) != mpi_size:
+        raise LaunchError(f"Slurm started {tasks} tasks but MPI sees a world of {mpi_size}: srun's MPI plugin "
+                          "does not match this MPI library. Use `srun --mpi=pmix` for OpenMPI, "
+                          "`srun --mpi=pmi2` for MPICH, or start the ranks with mpirun inside the allocation.")

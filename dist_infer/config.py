@@ -1,0 +1,308 @@
+"""Typed configuration: the model, the parallel layout (`Mapping`) and the build.
+
+All rank math lives in `Mapping`. Every config is a frozen dataclass that
+validates itself on construction and round-trips through a plain dict (that is
+what checkpoint `config.json` and `engine.json` store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from dist_infer.errors import CheckpointError, LayoutError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# RoPE variants whose frequencies do not depend on the sequence length, so they
+# can be computed once at partition time.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise CheckpointError(f"{cls.__name__}: unknown fields {sorted(unknown)}; "
+                              "the file was written by a newer dist_infer — upgrade dist_infer.")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Where one rank sits in a TP x PP grid. TP is innermost:
+    ranks 0..tp-1 form pipeline stage 0, and so on."""
+
+    tp: int = 1
+    pp: int = 1
+    rank: int = 0
+
+    def __post_init__(self):
+        for name in ("tp", "pp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LayoutError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise LayoutError(f"rank {self.rank} is outside world size {self.world_size} (tp={self.tp} x pp={self.pp})")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def tp_group_ranks(self) -> list[int]:
+        return [self.pp_rank * self.tp + i for i in range(self.tp)]
+
+    @property
+    def pp_group_ranks(self) -> list[int]:
+        return [stage * self.tp + self.tp_rank for stage in range(self.pp)]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def prev_stage_rank(self) -> int | None:
+        """The same TP rank in the previous stage (it sends us hidden states)."""
+        return None if self.is_first_stage else self.rank - self.tp
+
+    @property
+    def next_stage_rank(self) -> int | None:
+        return None if self.is_last_stage else self.rank + self.tp
+
+    @property
+    def sampler_rank(self) -> int:
+        """TP rank 0 of the last stage samples and sends tokens to rank 0."""
+        return (self.pp - 1) * self.tp
+
+    def with_rank(self, rank: int) -> Mapping:
+        return Mapping(self.tp, self.pp, rank)
+
+    def stage_layers(self, num_layers: int, stage: int | None = None) -> range:
+        """Contiguous, balanced layer range of a stage; the first
+        `num_layers % pp` stages take one extra layer."""
+        stage = self.pp_rank if stage is None else stage
+        base, extra = divmod(num_layers, self.pp)
+        start = stage * base + min(stage, extra)
+        return range(start, start + base + (1 if stage < extra else 0))
+
+    def to_dict(self) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], rank: int = 0) -> Mapping:
+        return cls(tp=int(data["tp"]), pp=int(data["pp"]), rank=rank)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Llama-family shape dist_infer needs, read from a HF config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # RoPE frequencies [head_dim/2] and the cos/sin scale (llama3/yarn change both).
+    rope_inv_freq: tuple[float, ...] = ()
+    rope_attention_scaling: float = 1.0
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(f"model type {self.architecture!r} is not supported; "
+                                  f"dist_infer runs {', '.join(SUPPORTED_ARCHITECTURES)}.")
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(f"{self.num_heads} attention heads are not a multiple of "
+                                  f"{self.num_kv_heads} KV heads; the checkpoint config is inconsistent.")
+        if len(self.rope_inv_freq) != self.head_dim // 2:
+            raise CheckpointError(f"rope_inv_freq has {len(self.rope_inv_freq)} entries, expected head_dim/2 = {self.head_dim // 2}")
+        object.__setattr__(self, "rope_inv_freq", tuple(float(f) for f in self.rope_inv_freq))
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+
+    @classmethod
+    def from_hf(cls, hf_config) -> ModelConfig:
+        """From a `transformers.PretrainedConfig` (Llama, Mistral or Qwen2)."""
+        arch = hf_config.model_type
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(f"model type {arch!r} is not supported; dist_infer runs "
+                                  f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama family).")
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise CheckpointError(f"activation {hf_config.hidden_act!r} is not supported (only silu).")
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        inv_freq, attention_scaling = _rope_frequencies(hf_config)
+        eos = hf_config.eos_token_id
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        attention_bias = bool(getattr(hf_config, "attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=hf_config.num_attention_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+            # Qwen2 always has q/k/v bias and no o bias; Llama's attention_bias covers all four.
+            qkv_bias=arch == "qwen2" or attention_bias,
+            o_bias=attention_bias and arch != "qwen2",
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            rope_inv_freq=tuple(inv_freq.tolist()),
+            rope_attention_scaling=float(attention_scaling),
+            sliding_window=_sliding_window(hf_config),
+            bos_token_id=hf_config.bos_token_id,
+            eos_token_ids=eos_ids,
+        )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rope_inv_freq"] = list(self.rope_inv_freq)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+
+def _rope_frequencies(hf_config):
+    """RoPE inverse frequencies exactly as transformers computes them."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    import torch
+
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise CheckpointError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}.")
+    if rope_type == "default":
+        base = params["rope_theta"]
+        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config)
+
+
+def _sliding_window(hf_config) -> int | None:
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None or (hf_config.model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False)):
+        return None
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    if layer_types and len(set(layer_types)) > 1:
+        raise CheckpointError("models that mix sliding-window and full-attention layers are not supported yet.")
+    if layer_types and layer_types[0] == "full_attention":
+        return None
+    return int(window)
+
+
+# ---------------------------------------------------------------- layouts
+
+def tp_problems(model: ModelConfig, tp: int) -> list[str]:
+    """Why this TP size cannot shard the model (empty when it can)."""
+    problems = []
+    if model.num_heads % tp:
+        problems.append(f"tp={tp} does not divide the {model.num_heads} attention heads")
+    if model.num_kv_heads % tp and tp % model.num_kv_heads:
+        problems.append(f"tp={tp} neither divides the {model.num_kv_heads} KV heads nor is a multiple of them "
+                        "(KV heads are split, or replicated when tp is a multiple of them)")
+    if model.intermediate_size % tp:
+        problems.append(f"tp={tp} does not divide the MLP size {model.intermediate_size}")
+    return problems
+
+
+def valid_tp_sizes(model: ModelConfig, limit: int = 64) -> list[int]:
+    return [t for t in range(1, limit + 1) if not tp_problems(model, t)]
+
+
+def check_layout(model: ModelConfig, tp: int, pp: int) -> None:
+    """Refuse, before any work, a layout that cannot run this model."""
+    Mapping(tp, pp)  # positive sizes
+    problems = tp_problems(model, tp)
+    if pp > model.num_layers:
+        problems.append(f"pp={pp} is more pipeline stages than the model's {model.num_layers} layers")
+    if not problems:
+        return
+    valid = valid_tp_sizes(model)
+    world = tp * pp
+    hint = [f"Valid TP sizes for this model: {', '.join(map(str, valid))}.",
+            f"Valid PP sizes: 1..{model.num_layers}."]
+    alternatives = [(t, world // t) for t in valid if world % t == 0 and world // t <= model.num_layers]
+    if alternatives:
+        hint.append(f"For {world} GPUs use " + " or ".join(f"--tp {t} --pp {p}" for t, p in alternatives) + ".")
+    raise LayoutError("Layout tp={} pp={} cannot run this model: {}. {}".format(tp, pp, "; ".join(problems), " ".join(hint)))
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Options fixed when an engine is built."""
+
+    dtype: str = "float32"
+    max_batch_size: int = 8
+    max_seq_len: int | None = None  # None: the model's max_position_embeddings, capped at DEFAULT_MAX_SEQ_LEN
+    kv_block_size: int = 16
+
+    DTYPES = ("float32", "bfloat16", "float16")
+    DEFAULT_MAX_SEQ_LEN = 4096
+
+    def __post_init__(self):
+        if self.dtype not in self.DTYPES:
+            raise LayoutError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(self.DTYPES)}.")
+        for name in ("max_batch_size", "max_seq_len", "kv_block_size"):
+            value = getattr(self, name)
+            if value is None and name == "max_seq_len":
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+
+    def resolved(self, model: ModelConfig) -> BuildConfig:
+        """Concrete limits for this model; refuses a max_seq_len the model cannot position."""
+        if self.max_seq_len is None:
+            return dataclasses.replace(self, max_seq_len=min(model.max_position_embeddings, self.DEFAULT_MAX_SEQ_LEN))
+        if self.max_seq_len > model.max_position_embeddings:
+            raise LayoutError(f"--max-seq-len {self.max_seq_len} exceeds the model's max_position_embeddings "
+                              f"{model.max_position_embeddings}; use at most {model.max_position_embeddings}.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        return _from_dict(cls, data)

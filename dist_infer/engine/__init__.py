@@ -1,0 +1,1 @@
+"""Model, parallel layers, KV cache, sampling; engine build and load."""

@@ -1,0 +1,99 @@
+"""Paged KV cache and the ragged step batch that indexes it.
+
+The cache is a pool of fixed-size blocks per layer; each sequence owns a list
+of blocks (its block table), assigned by the coordinator's block manager. A
+step mixes sequences in prefill (many tokens) and decode (one token); their
+tokens are concatenated into one [N] batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class StepBatch:
+    """One ragged step. N = tokens in the step, B = sequences."""
+
+    input_ids: torch.Tensor        # [N] int64 (used by the first stage only)
+    positions: torch.Tensor        # [N] int64, position of each token in its sequence
+    slot_mapping: torch.Tensor     # [N] int64, flat cache slot (block * block_size + offset) each token writes
+    block_tables: torch.Tensor     # [B, max_blocks] int64, padded with 0
+    query_starts: list[int]        # B+1 offsets of each sequence's tokens in [N]
+    context_lens: list[int]        # B, tokens in cache after this step
+    last_token_index: torch.Tensor  # [B] int64, the token whose logits are sampled
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_starts[-1]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @classmethod
+    def build(cls, seqs: list[tuple[list[int], int, list[int]]], block_size: int,
+              device: torch.device | str = "cpu") -> StepBatch:
+        """seqs: (new token ids, position of the first of them, block table) per sequence."""
+        ids, positions, slots, starts, ctx = [], [], [], [0], []
+        max_blocks = max(len(table) for _, _, table in seqs)
+        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int64)
+        for i, (tokens, start, table) in enumerate(seqs):
+            end = start + len(tokens)
+            if end > len(table) * block_size:
+                raise ValueError(f"sequence {i}: {end} tokens but only {len(table)} blocks of {block_size}")
+            ids.extend(tokens)
+            positions.extend(range(start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            starts.append(starts[-1] + len(tokens))
+            ctx.append(end)
+            tables[i, : len(table)] = torch.tensor(table)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        return cls(as_long(ids), as_long(positions), as_long(slots), tables.to(device), starts, ctx,
+                   as_long([s - 1 for s in starts[1:]]))
+
+
+class PagedKVCache:
+    """K and V pools per local layer: [num_blocks * block_size, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
+        # torch.empty: pages the OS never touches cost no memory on the CPU.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        # k, v: [N, kv_heads, hd]
+        self.k[layer].index_copy_(0, slot_mapping, k)
+        self.v[layer].index_copy_(0, slot_mapping, v)
+
+    def sequence_slots(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
+        offsets = torch.arange(self.block_size, device=block_table.device)
+        return (block_table[:, None] * self.block_size + offsets).reshape(-1)[:length]
+
+
+def paged_attention_reference(q: torch.Tensor, cache: PagedKVCache, layer: int, batch: StepBatch,
+                              scale: float, sliding_window: int | None) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached keys.
+    q [N, heads, hd] -> [N, heads, hd]. Portable (CPU and GPU), one sequence at a time."""
+    out = torch.empty_like(q)
+    for i in range(batch.num_seqs):
+        qs, qe, ctx = batch.query_starts[i], batch.query_starts[i + 1], batch.context_lens[i]
+        blocks = batch.block_tables[i, : -(-ctx // cache.block_size)]
+        slots = cache.sequence_slots(blocks, ctx)
+        k, v = cache.k[layer, slots], cache.v[layer, slots]  # [ctx, kv_heads, hd]
+        q_pos = batch.positions[qs:qe, None]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        mask = k_pos <= q_pos  # [n, ctx]
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        o = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
+        out[qs:qe] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,122 @@
+"""Load a built engine for one rank and run its part of a step."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dist_infer.comm.groups import ParallelGroups
+from dist_infer.config import BuildConfig, Mapping, ModelConfig
+from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
+from dist_infer.engine.kv_cache import PagedKVCache, StepBatch, paged_attention_reference
+from dist_infer.engine.model import StageModel, local_heads
+from dist_infer.errors import CheckpointError, EngineError, LaunchError
+from dist_infer.partition.checkpoint import verify_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """engine.json, validated."""
+
+    directory: Path
+    model: ModelConfig
+    mapping: Mapping
+    build: BuildConfig
+    vocab_size_padded: int
+    files: dict
+
+    @classmethod
+    def read(cls, directory: Path) -> EngineSpec:
+        directory = Path(directory)
+        path = directory / "engine.json"
+        if not path.is_file():
+            hint = (" It looks like a partitioned checkpoint: build it with `dist-infer build --checkpoint "
+                    f"{directory} --out ENGINE_DIR`." if (directory / "manifest.json").is_file() else "")
+            raise EngineError(f"{directory} is not a dist_infer engine (no engine.json).{hint}")
+        try:
+            spec = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise EngineError(f"{path} is not valid JSON ({exc}); rebuild the engine.") from exc
+        if spec.get("format") != ENGINE_FORMAT:
+            raise EngineError(f"{path} is not a dist_infer engine description.")
+        if spec["format_version"] > ENGINE_FORMAT_VERSION:
+            raise EngineError(f"{directory} was built with engine format {spec['format_version']} "
+                              f"(dist_infer {spec.get('dist_infer_version', '?')}); this dist_infer loads up to "
+                              f"format {ENGINE_FORMAT_VERSION}. Upgrade dist_infer or rebuild the engine.")
+        return cls(directory, ModelConfig.from_dict(spec["model"]), Mapping.from_dict(spec["mapping"]),
+                   BuildConfig.from_dict(spec["build"]), spec["vocab_size_padded"], spec["files"])
+
+    def check_world(self, world_size: int) -> None:
+        n = self.mapping.world_size
+        if world_size != n:
+            raise LaunchError(f"engine {self.directory} was built for tp={self.mapping.tp} x pp={self.mapping.pp} "
+                              f"= {n} ranks but this job has {world_size}. Launch it with "
+                              f"`mpirun -n {n} dist-infer run --engine {self.directory} ...`"
+                              + (" (or plain `dist-infer run` for one rank)." if n == 1 else "."))
+
+    @property
+    def num_kv_blocks(self) -> int:
+        per_seq = -(-self.build.max_seq_len // self.build.kv_block_size)
+        return self.build.max_batch_size * per_seq
+
+
+class RankEngine:
+    """One rank's model shard + its KV cache."""
+
+    def __init__(self, spec: EngineSpec, groups: ParallelGroups, device: str = "cpu", verify: bool = True):
+        spec.check_world(groups.world.size)
+        self.spec = spec
+        self.mapping = groups.mapping
+        self.device = torch.device(device)
+        self.dtype = DTYPES[spec.build.dtype]
+        weights = self._load_weights(verify)
+        self.model = StageModel(spec.model, self.mapping, groups.tp, spec.vocab_size_padded, self.dtype)
+        self._assign(weights)
+        self.model.to(self.device)
+        _, kv_heads = local_heads(spec.model, self.mapping.tp)
+        self.cache = PagedKVCache(len(self.model.layer_ids), spec.num_kv_blocks, spec.build.kv_block_size,
+                                  kv_heads, spec.model.head_dim, self.dtype, self.device)
+        self.attention = paged_attention_reference
+
+    def _load_weights(self, verify: bool) -> dict[str, torch.Tensor]:
+        rank = self.mapping.rank
+        name = rank_weights_file(rank)
+        path = self.spec.directory / name
+        fix = f"Rebuild the engine: `dist-infer build --checkpoint CKPT --out {self.spec.directory} --force`."
+        try:
+            if verify:
+                verify_file(path, self.spec.files[name], f"engine rank {rank}", fix)
+            elif not path.is_file():
+                raise EngineError(f"engine rank {rank}: {path} is missing. {fix}")
+            return load_file(path)
+        except CheckpointError as exc:
+            raise EngineError(str(exc)) from exc
+        except Exception as exc:  # safetensors' own errors on a damaged file
+            raise EngineError(f"engine rank {rank}: cannot read {path}: {exc}. {fix}") from exc
+
+    def _assign(self, weights: dict[str, torch.Tensor]) -> None:
+        expected = {n for n, _ in self.model.named_parameters()}
+        if self.model.ties_lm_head:
+            expected.discard("lm_head.weight")
+        missing, unexpected = expected - set(weights), set(weights) - expected
+        if missing or unexpected:
+            raise EngineError(f"engine rank {self.mapping.rank} weights do not match the model: missing "
+                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}. Rebuild the engine.")
+        self.model.load_state_dict(weights, strict=False, assign=True)
+        if self.model.ties_lm_head:
+            self.model.lm_head.weight = self.model.embed.weight
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        return self.model(x, batch, self.cache, self.attention)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        return self.model.logits(hidden, batch)

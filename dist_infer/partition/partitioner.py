@@ -1,0 +1,151 @@
+"""`dist-infer partition`: HF checkpoint -> per-rank shards + manifest.
+
+Two passes over the source: the first reads only metadata and plans every
+shard (so the layout is refused before any data moves, and each rank file's
+header can be written first); the second streams one tensor slice at a time
+into its rank file. Output goes to a hidden temp directory that is renamed
+into place only when complete, so a crash never leaves a directory that looks
+like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dist_infer.config import Mapping, ModelConfig, check_layout
+from dist_infer.errors import CheckpointError
+from dist_infer.partition.checkpoint import FORMAT, FORMAT_VERSION, rank_file
+from dist_infer.partition.rules import REPLICATED, Shard, padded_vocab, plan_tensor
+from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, dtype_from_code, file_sha256
+from dist_infer.partition.sources import SourceCheckpoint, open_source
+
+log = logging.getLogger(__name__)
+
+LAYER_WEIGHTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                 "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
+
+
+def required_weights(model: ModelConfig) -> set[str]:
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not model.tie_word_embeddings:
+        names.add("lm_head.weight")
+    for i in range(model.num_layers):
+        names.update(f"model.layers.{i}.{w}" for w in LAYER_WEIGHTS)
+        if model.qkv_bias:
+            names.update(f"model.layers.{i}.self_attn.{p}_proj.bias" for p in "qkv")
+    return names
+
+
+def shard_shape(shard: Shard, source_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if shard.dim == REPLICATED:
+        return source_shape
+    shape = list(source_shape)
+    shape[shard.dim] = shard.length
+    return tuple(shape)
+
+
+def plan_partition(source: SourceCheckpoint, model: ModelConfig, tp: int, pp: int) -> dict[int, list[Shard]]:
+    missing = required_weights(model) - set(source.tensors)
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} weights the config needs, e.g. "
+                              f"{sorted(missing)[:3]}; it is incomplete or not a {model.architecture} model.")
+    per_rank: dict[int, list[Shard]] = defaultdict(list)
+    for name, meta in source.tensors.items():
+        for shard in plan_tensor(name, meta.shape, model, tp, pp):
+            per_rank[shard.rank].append(shard)
+    return per_rank
+
+
+def _read_shard(source: SourceCheckpoint, shard: Shard) -> torch.Tensor:
+    if shard.dim == REPLICATED:
+        return source.read(shard.source)
+    part = source.read(shard.source, shard.dim, shard.start, shard.stop)
+    pad = shard.length - (shard.stop - shard.start)
+    if pad:  # vocab padding: rows past the real vocabulary are zeros
+        part = torch.cat([part, part.new_zeros((pad, *part.shape[1:]))])
+    return part
+
+
+def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = False, progress: bool = True) -> Path:
+    out = Path(out)
+    source = open_source(model)
+    config = ModelConfig.from_hf(source.hf_config())
+    check_layout(config, tp, pp)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --force to replace it.")
+    plan = plan_partition(source, config, tp, pp)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_shards(source, plan, tmp, tp * pp, progress)
+        _write_metadata(source, config, plan, tmp, tp, pp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %d rank files to %s", tp * pp, out)
+    return out
+
+
+def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], directory: Path, world: int, progress: bool):
+    writers = {}
+    for rank in range(world):
+        specs = [(s.name, dtype_from_code(source.tensors[s.source].dtype),
+                  shard_shape(s, source.tensors[s.source].shape)) for s in plan[rank]]
+        writers[rank] = StreamingSafetensorsWriter(directory / rank_file(rank), specs, {"format": "pt"})
+    # Visit source tensors in file order so reads are sequential; each shard is
+    # read, written and dropped before the next.
+    by_source: dict[str, list[Shard]] = defaultdict(list)
+    for shards in plan.values():
+        for shard in shards:
+            by_source[shard.source].append(shard)
+    order = sorted(by_source, key=lambda n: (str(source.tensors[n].file), n))
+    total = sum(torch.Size(source.tensors[n].shape).numel() for n in order)
+    with tqdm(total=total, unit="param", unit_scale=True, desc="partition", disable=not progress) as bar:
+        for name in order:
+            cached_key, cached = None, None
+            for shard in by_source[name]:
+                key = (shard.dim, shard.start, shard.stop, shard.length)
+                if key != cached_key:  # replicas of the same slice are read once
+                    cached_key, cached = key, _read_shard(source, shard)
+                writers[shard.rank].write(shard.name, cached)
+            cached = None
+            bar.update(torch.Size(source.tensors[name].shape).numel())
+    for writer in writers.values():
+        writer.close()
+
+
+def _write_metadata(source: SourceCheckpoint, config: ModelConfig, plan: dict[int, list[Shard]],
+                    directory: Path, tp: int, pp: int) -> None:
+    files = {}
+    for rank in range(tp * pp):
+        path = directory / rank_file(rank)
+        files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = {"files": files,
+                "shards": {str(r): [dataclasses.asdict(s) for s in plan[r]] for r in range(tp * pp)}}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": config.to_dict(),
+        "mapping": Mapping(tp, pp).to_dict(),
+        "vocab_size_padded": padded_vocab(config, tp),
+        "source": str(source.directory),
+    }
+    (directory / "config.json").write_text(json.dumps(meta, indent=1))
+    for f in source.tokenizer_files():
+        shutil.copy2(f, directory / f.name)

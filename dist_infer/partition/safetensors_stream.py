@@ -1,0 +1,72 @@
+"""A safetensors writer that takes tensors one at a time.
+
+`safetensors.torch.save_file` needs every tensor of a file in memory at once.
+The format is a little-endian u64 header length, a JSON header with each
+tensor's dtype, shape and byte range, then the raw bytes. Since the partitioner
+knows every shard's shape before reading any data, it writes the header first
+and each tensor's bytes at its offset as the tensor streams by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+DTYPE_CODES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+def dtype_from_code(code: str) -> torch.dtype:
+    return CODE_DTYPES[code]
+
+
+class StreamingSafetensorsWriter:
+    """Declare every tensor (name, dtype, shape) up front, then `write` them in any order."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict[str, object] = {"__metadata__": metadata or {}}
+        self._layout: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        offset = 0
+        for name, dtype, shape in specs:
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._layout[name] = (dtype, tuple(shape), offset)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format wants the data 8-byte aligned
+        self._data_start = 8 + len(raw)
+        self._pending = set(self._layout)
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._file.truncate(self._data_start + offset)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        dtype, shape, offset = self._layout[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        self._file.seek(self._data_start + offset)
+        self._file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        if self._pending:
+            self._file.close()
+            raise ValueError(f"{self.path.name}: tensors never written: {sorted(self._pending)[:5]}")
+        self._file.close()
+
+
+def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

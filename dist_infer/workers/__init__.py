@@ -1,0 +1,1 @@
+"""Per-rank worker processes and rank 0's coordinator."""

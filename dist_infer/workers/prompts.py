@@ -1,0 +1,72 @@
+"""Rank 0's input side: prompts from flags, files or stdin, tokenized with the
+engine's tokenizer (chat template when the model has one)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dist_infer.errors import RequestError
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_tokenizer(engine_dir: Path):
+    """The tokenizer shipped in the engine directory, or None for token-id-only engines."""
+    if not any((Path(engine_dir) / m).is_file() for m in TOKENIZER_MARKERS):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(engine_dir)
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str | list[int]]:
+    """Text prompts, or token-id lists. A file is .jsonl ({"prompt": str} or
+    {"input_ids": [int]} per line) or plain text (one prompt per line); '-' is stdin."""
+    items: list[str | list[int]] = list(prompts)
+    if prompts_file:
+        if prompts_file == "-":
+            lines, jsonl = sys.stdin.read().splitlines(), False
+        else:
+            path = Path(prompts_file)
+            if not path.is_file():
+                raise RequestError(f"prompts file {path} does not exist.")
+            lines, jsonl = path.read_text().splitlines(), path.suffix == ".jsonl"
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            items.append(_parse_jsonl(line, n) if jsonl else line)
+    if not items:
+        raise RequestError("no prompts: pass --prompt TEXT, --prompts-file FILE, or --prompts-file - for stdin.")
+    return items
+
+
+def _parse_jsonl(line: str, n: int) -> str | list[int]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"prompts file line {n} is not JSON: {exc}") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+        return obj["prompt"]
+    if isinstance(obj, dict) and isinstance(obj.get("input_ids"), list) and all(isinstance(t, int) for t in obj["input_ids"]):
+        return obj["input_ids"]
+    raise RequestError(f'prompts file line {n}: expected {{"prompt": "text"}} or {{"input_ids": [ints]}}.')
+
+
+def tokenize(items: list[str | list[int]], tokenizer, chat_template: bool) -> list[list[int]]:
+    out = []
+    for item in items:
+        if isinstance(item, list):
+            out.append(item)
+            continue
+        if tokenizer is None:
+            raise RequestError("this engine has no tokenizer, so prompts must be token ids "
+                               '(a .jsonl prompts file with {"input_ids": [...]} lines).')
+        if chat_template and tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": item}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(item)["input_ids"]
+        out.append(list(ids))
+    return out

@@ -1,0 +1,94 @@
+"""`dist-infer run`: every rank loads its engine; rank 0 coordinates and prints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dist_infer.comm import ParallelGroups, world_from_launch
+from dist_infer.comm.base import collective_call
+from dist_infer.engine.runtime import EngineSpec, RankEngine
+from dist_infer.engine.sampling import SamplingParams
+from dist_infer.errors import DistInferError
+from dist_infer.workers.coordinator import Completion, Coordinator, Request
+from dist_infer.workers.prompts import load_tokenizer, read_prompts, tokenize
+from dist_infer.workers.worker import RankWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    engine: Path
+    prompts: list[str]
+    prompts_file: str | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    chat_template: bool = True
+    json_output: bool = False
+    verify: bool = True
+    device: str = "cpu"
+
+
+def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu") -> tuple[EngineSpec, RankWorker]:
+    """Join the launch's world and load this rank's engine (collectively: a
+    problem on any rank stops every rank with the same message)."""
+    world = world_from_launch()
+    spec = collective_call(world, lambda: EngineSpec.read(engine_dir))
+    collective_call(world, lambda: spec.check_world(world.size))
+    groups = ParallelGroups.build(world, spec.mapping)
+    engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify))
+    log.info("loaded engine rank %d (tp_rank %d, pp_rank %d, layers %d-%d)", groups.mapping.rank,
+             groups.mapping.tp_rank, groups.mapping.pp_rank, engine.model.layer_ids.start,
+             engine.model.layer_ids.stop - 1)
+    return spec, RankWorker(engine, groups)
+
+
+def run(opts: RunOptions) -> int:
+    spec, worker = start_worker(opts.engine, opts.verify, opts.device)
+    world = worker.groups.world
+    if world.rank != 0:
+        worker.serve()
+        return 0
+    coordinator = Coordinator(worker, spec)
+
+    def prepare() -> list[Request]:
+        coordinator.tokenizer = load_tokenizer(opts.engine)
+        sampling = SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.seed)
+        ids = tokenize(read_prompts(opts.prompts, opts.prompts_file), coordinator.tokenizer, opts.chat_template)
+        requests = [Request(p, opts.max_new_tokens, sampling, tuple(opts.stop), opts.ignore_eos) for p in ids]
+        coordinator.validate(requests)
+        return requests
+
+    # Rank 0 prepares; the other ranks are already in serve(), so a bad request
+    # must still release them: stop them before re-raising.
+    try:
+        requests = prepare()
+        completions = coordinator.generate(requests)
+    except DistInferError as exc:
+        exc.collective = True  # shutdown() below releases the other ranks: no abort needed
+        raise
+    finally:
+        coordinator.shutdown()
+    _print(completions, opts.json_output)
+    return 0
+
+
+def _print(completions: list[Completion], as_json: bool) -> None:
+    for c in completions:
+        if as_json:
+            print(json.dumps(asdict(c)), flush=True)
+        elif len(completions) == 1:
+            print(c.text if c.text is not None else " ".join(map(str, c.output_ids)), flush=True)
+        else:
+            body = c.text if c.text is not None else " ".join(map(str, c.output_ids))
+            print(f"[{c.index}] {body}", flush=True)
+    sys.stdout.flush()
