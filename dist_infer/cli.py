@@ -52,6 +52,13 @@ def _run(args) -> int:
     ))
 
 
+def _bench(args) -> int:
+    from dist_infer.bench import run_bench
+
+    return run_bench(args.model, args.tp, args.pp, args.batch_size, args.input_len, args.output_len,
+                     dtype=args.dtype, baseline=args.baseline, cuda_graphs=not args.no_cuda_graphs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-infer", description="Distributed LLM inference: "
                                      "partition -> build -> run (under mpirun, Ray or Slurm).")
@@ -96,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files at load")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.set_defaults(func=_run)
+
+    from dist_infer.presets import PRESETS
+
+    k = sub.add_parser("bench", help="GPU throughput/latency on a random-weight model at a real shape; "
+                                     "launch with `mpirun -n TP*PP`")
+    k.add_argument("--model", default="llama-3-8b", choices=sorted(PRESETS))
+    k.add_argument("--tp", type=int, default=1)
+    k.add_argument("--pp", type=int, default=1)
+    k.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 64])
+    k.add_argument("--input-len", type=int, default=128)
+    k.add_argument("--output-len", type=int, default=128)
+    k.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    k.add_argument("--baseline", choices=["hf"], help="also run transformers generate on rank 0's GPU")
+    k.add_argument("--no-cuda-graphs", action="store_true")
+    k.set_defaults(func=_bench)
     return parser
 
 

@@ -38,3 +38,19 @@ def check_slurm_world(mpi_size: int) -> None:
         raise LaunchError(f"Slurm started {tasks} tasks but MPI sees a world of {mpi_size}: srun's MPI plugin "
                           "does not match this MPI library. Use `srun --mpi=pmix` for OpenMPI, "
                           "`srun --mpi=pmi2` for MPICH, or start the ranks with mpirun inside the allocation.")
+
+
+# Per-node rank variables (OpenMPI, Slurm, torchrun/Ray conventions).
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK")
+
+
+def resolve_device(device: str, world_rank: int) -> str:
+    """'cuda' -> 'cuda:<local rank>': one GPU per rank on each node."""
+    if device != "cuda":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LaunchError("--device cuda was asked for but no CUDA GPU is visible to this rank.")
+    local = next((int(os.environ[v]) for v in LOCAL_RANK_VARS if v in os.environ), world_rank)
+    return f"cuda:{local % torch.cuda.device_count()}"

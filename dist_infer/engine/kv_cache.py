@@ -25,6 +25,12 @@ class StepBatch:
     query_starts: list[int]        # B+1 offsets of each sequence's tokens in [N]
     context_lens: list[int]        # B, tokens in cache after this step
     last_token_index: torch.Tensor  # [B] int64, the token whose logits are sampled
+    context_lens_tensor: torch.Tensor  # [B] int64, context_lens on the device (for kernels and graphs)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence brings exactly one new token."""
+        return self.num_tokens == self.num_seqs
 
     @property
     def num_tokens(self) -> int:
@@ -37,10 +43,11 @@ class StepBatch:
     @classmethod
     def build(cls, seqs: list[tuple[list[int], int, list[int]]], block_size: int,
               device: torch.device | str = "cpu") -> StepBatch:
-        """seqs: (new token ids, position of the first of them, block table) per sequence."""
+        """seqs: (new token ids, position of the first of them, block table) per sequence.
+        Every index tensor travels to the device in one host-to-device copy."""
         ids, positions, slots, starts, ctx = [], [], [], [0], []
         max_blocks = max(len(table) for _, _, table in seqs)
-        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int64)
+        tables: list[int] = []
         for i, (tokens, start, table) in enumerate(seqs):
             end = start + len(tokens)
             if end > len(table) * block_size:
@@ -50,10 +57,20 @@ class StepBatch:
             slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
             starts.append(starts[-1] + len(tokens))
             ctx.append(end)
-            tables[i, : len(table)] = torch.tensor(table)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-        return cls(as_long(ids), as_long(positions), as_long(slots), tables.to(device), starts, ctx,
-                   as_long([s - 1 for s in starts[1:]]))
+            tables.extend(table + [0] * (max_blocks - len(table)))
+        n, b = len(ids), len(seqs)
+        packed = torch.tensor(ids + positions + slots + [s - 1 for s in starts[1:]] + ctx + tables, dtype=torch.int64)
+        if torch.device(device).type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        parts = packed.split([n, n, n, b, b, b * max_blocks])
+        return cls(parts[0], parts[1], parts[2], parts[5].view(b, max_blocks), starts, ctx, parts[3], parts[4])
+
+    def select(self, i: int) -> StepBatch:
+        """Sequence i alone (its tokens re-based to start at 0)."""
+        qs, qe = self.query_starts[i], self.query_starts[i + 1]
+        return StepBatch(self.input_ids[qs:qe], self.positions[qs:qe], self.slot_mapping[qs:qe],
+                         self.block_tables[i : i + 1], [0, qe - qs], [self.context_lens[i]],
+                         self.last_token_index.new_tensor([qe - qs - 1]), self.context_lens_tensor[i : i + 1])
 
 
 class PagedKVCache:

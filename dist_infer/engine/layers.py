@@ -92,11 +92,18 @@ class RMSNorm(nn.Module):
         self.weight = _empty(hidden, dtype=dtype)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual); the sum is the new residual stream."""
+        if x.is_cuda:
+            from dist_infer.engine.fused_gpu import add_rmsnorm
+
+            return add_rmsnorm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
         # Normalize in float32 and cast back before the scale, as transformers does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * x32.to(x.dtype), x
 
 
 class Rotary(nn.Module):

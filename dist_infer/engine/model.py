@@ -42,12 +42,21 @@ class Attention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, q + 2 * kv, cfg.qkv_bias, dtype)
         self.o_proj = RowParallelLinear(q, cfg.hidden_size, cfg.o_bias, dtype, tp)
 
-    def forward(self, x, cos, sin, batch: StepBatch, cache: PagedKVCache, attention: AttentionFn):
+    def forward(self, x, rope: Rotary, cos_sin, batch: StepBatch, cache: PagedKVCache, attention: AttentionFn):
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)  # [N, heads*hd], [N, kv*hd] x2
-        q = Rotary.apply(q.view(n, self.heads, self.head_dim), cos, sin)
-        k = Rotary.apply(k.view(n, self.kv_heads, self.head_dim), cos, sin)
-        cache.write(self.layer_slot, k, v.view(n, self.kv_heads, self.head_dim), batch.slot_mapping)
+        q = q.view(n, self.heads, self.head_dim)
+        k = k.view(n, self.kv_heads, self.head_dim)
+        v = v.view(n, self.kv_heads, self.head_dim)
+        if x.is_cuda:  # one kernel: RoPE on q in place, RoPE'd k and v into the cache
+            from dist_infer.engine.fused_gpu import rope_write_kv
+
+            rope_write_kv(q, k, v, batch.positions, rope.inv_freq, rope.scaling, cache.k[self.layer_slot],
+                          cache.v[self.layer_slot], batch.slot_mapping)
+        else:
+            cos, sin = cos_sin
+            q = Rotary.apply(q, cos, sin)
+            cache.write(self.layer_slot, Rotary.apply(k, cos, sin), v, batch.slot_mapping)
         o = attention(q, cache, self.layer_slot, batch, self.scale, self.sliding_window)  # [N, heads, hd]
         return self.o_proj(o.reshape(n, -1))
 
@@ -60,7 +69,12 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, tp)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [N, inter/T] each
+        gate_up = self.gate_up_proj(x)  # [N, 2 * inter/T]
+        if gate_up.is_cuda:
+            from dist_infer.engine.fused_gpu import silu_mul
+
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -72,9 +86,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, tp, dtype)
 
-    def forward(self, x, cos, sin, batch, cache, attention):
-        x = x + self.self_attn(self.input_norm(x), cos, sin, batch, cache, attention)
-        return x + self.mlp(self.post_attention_norm(x))
+    def forward(self, x, residual, rope, cos_sin, batch, cache, attention):
+        """x: this layer's input [N, H] (the previous layer's MLP output); residual: the
+        stream before it (None for a stage's first layer). Returns (mlp output, residual)."""
+        h, residual = self.input_norm(x, residual)
+        h = self.self_attn(h, rope, cos_sin, batch, cache, attention)
+        h, residual = self.post_attention_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class StageModel(nn.Module):
@@ -106,11 +124,14 @@ class StageModel(nn.Module):
         """First stage: x = token ids [N]; later stages: hidden [N, H]. Returns hidden [N, H]."""
         if self.embed is not None:
             x = self.embed(x)
-        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        # CPU computes cos/sin once per step; the CUDA path fuses RoPE into one kernel per layer.
+        cos_sin = None if x.is_cuda else self.rotary.cos_sin(batch.positions, x.dtype)
+        residual = None
         for layer in self.layers.values():
-            x = layer(x, cos, sin, batch, cache, attention)
-        return x
+            x, residual = layer(x, residual, self.rotary, cos_sin, batch, cache, attention)
+        return x if residual is None else x + residual
 
     def logits(self, hidden: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """Last stage: float32 logits [B, vocab] at each sequence's last token."""
-        return self.lm_head(self.norm(hidden[batch.last_token_index]))
+        normed, _ = self.norm(hidden[batch.last_token_index])
+        return self.lm_head(normed)

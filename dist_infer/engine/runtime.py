@@ -62,28 +62,52 @@ class EngineSpec:
                               + (" (or plain `dist-infer run` for one rank)." if n == 1 else "."))
 
     @property
+    def blocks_per_seq(self) -> int:
+        return -(-self.build.max_seq_len // self.build.kv_block_size)
+
+    @property
     def num_kv_blocks(self) -> int:
-        per_seq = -(-self.build.max_seq_len // self.build.kv_block_size)
-        return self.build.max_batch_size * per_seq
+        """Enough for max_batch_size full-length sequences, plus the scratch block 0."""
+        return self.build.max_batch_size * self.blocks_per_seq + 1
 
 
 class RankEngine:
-    """One rank's model shard + its KV cache."""
+    """One rank's model shard, its KV cache and (on CUDA) its decode graphs."""
 
-    def __init__(self, spec: EngineSpec, groups: ParallelGroups, device: str = "cpu", verify: bool = True):
+    def __init__(self, spec: EngineSpec, groups: ParallelGroups, device: str = "cpu", verify: bool = True,
+                 cuda_graphs: bool = True, weights: dict[str, torch.Tensor] | None = None):
         spec.check_world(groups.world.size)
         self.spec = spec
         self.mapping = groups.mapping
         self.device = torch.device(device)
         self.dtype = DTYPES[spec.build.dtype]
-        weights = self._load_weights(verify)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        weights = self._load_weights(verify) if weights is None else weights
         self.model = StageModel(spec.model, self.mapping, groups.tp, spec.vocab_size_padded, self.dtype)
         self._assign(weights)
         self.model.to(self.device)
+        del weights
         _, kv_heads = local_heads(spec.model, self.mapping.tp)
         self.cache = PagedKVCache(len(self.model.layer_ids), spec.num_kv_blocks, spec.build.kv_block_size,
                                   kv_heads, spec.model.head_dim, self.dtype, self.device)
         self.attention = paged_attention_reference
+        self.graphs = None
+        if self.device.type == "cuda":
+            from dist_infer.engine.attention_gpu import gpu_attention
+
+            self.attention = gpu_attention
+            if cuda_graphs:
+                self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        from dist_infer.engine.cuda_graphs import DecodeGraphs, default_buckets
+
+        hidden = None if self.mapping.is_first_stage else self.spec.model.hidden_size
+        self.graphs = DecodeGraphs(self._eager_step, default_buckets(self.spec.build.max_batch_size),
+                                   self.spec.blocks_per_seq, hidden, self.dtype, self.device)
+        with torch.inference_mode():
+            self.graphs.capture()
 
     def _load_weights(self, verify: bool) -> dict[str, torch.Tensor]:
         rank = self.mapping.rank
@@ -113,10 +137,21 @@ class RankEngine:
         if self.model.ties_lm_head:
             self.model.lm_head.weight = self.model.embed.weight
 
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        return self.model(x, batch, self.cache, self.attention)
+    def _eager_step(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        hidden = self.model(x, batch, self.cache, self.attention)
+        return self.model.logits(hidden, batch) if self.mapping.is_last_stage else hidden
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        return self.model.logits(hidden, batch)
+    def step(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """This rank's part of a step. x: token ids [N] (first stage) or hidden [N, H].
+        Returns float32 logits [B, vocab] on the last stage, hidden [N, H] elsewhere."""
+        bucket = self.graphs.bucket(batch) if self.graphs is not None else None
+        if bucket is not None:
+            return self.graphs.replay(x, batch, bucket)
+        return self._eager_step(x, batch)
+
+    def close(self) -> None:
+        """Release CUDA graphs first: NCCL communicators they captured are destroyed after."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None

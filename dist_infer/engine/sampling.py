@@ -48,14 +48,15 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 class Sampler:
     """Lives on the rank that samples (TP rank 0 of the last stage)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self._generators: dict[int, torch.Generator] = {}
         self._params: dict[int, SamplingParams] = {}
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
         self._params[seq_id] = params
         if not params.greedy:
-            self._generators[seq_id] = torch.Generator().manual_seed(params.seed)
+            self._generators[seq_id] = torch.Generator(self.device).manual_seed(params.seed)
 
     def drop(self, seq_id: int) -> None:
         self._params.pop(seq_id, None)
@@ -68,6 +69,6 @@ class Sampler:
             params = self._params[seq_id]
             if params.greedy:
                 continue
-            probs = filter_logits(logits[row], params).softmax(-1).cpu()
-            tokens[row] = torch.multinomial(probs, 1, generator=self._generators[seq_id]).item()
+            probs = filter_logits(logits[row], params).softmax(-1)
+            tokens[row] = torch.multinomial(probs, 1, generator=self._generators[seq_id])[0]
         return tokens

@@ -57,15 +57,20 @@ class _Sequence:
 
 
 class BlockManager:
+    """Hands out KV blocks. Block 0 is the engine's scratch block (CUDA-graph
+    padding writes there) and is never given to a sequence. A sequence
+    reserves blocks for its whole budget (prompt + max_new_tokens) when it is
+    admitted, so a running sequence can never run out of KV mid-generation."""
+
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
-        self.free = deque(range(num_blocks))
+        self.free = deque(range(1, num_blocks))
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def grow(self, seq: _Sequence, tokens: int) -> bool:
-        """Make `seq` hold `tokens` tokens; False if the pool is exhausted."""
+    def reserve(self, seq: _Sequence, tokens: int) -> bool:
+        """Give `seq` blocks for `tokens` tokens; False (and nothing taken) if the pool is short."""
         need = self.blocks_for(tokens) - len(seq.blocks)
         if need > len(self.free):
             return False
@@ -84,10 +89,11 @@ class Coordinator:
         self.tokenizer = tokenizer
         self.max_batch = spec.build.max_batch_size
         self.max_seq_len = spec.build.max_seq_len
-        self.blocks = BlockManager(spec.num_kv_blocks, spec.build.kv_block_size)
+        self.blocks = BlockManager(worker.engine.cache.num_blocks, spec.build.kv_block_size)
         self.eos_ids = set(spec.model.eos_token_ids)
         self._finished_ids: list[int] = []
         self._seq_ids = itertools.count()
+        self.step_times: list[tuple[int, float]] = []  # (tokens in step, seconds) of the last generate()
 
     def validate(self, requests: list[Request]) -> None:
         for i, r in enumerate(requests):
@@ -114,13 +120,16 @@ class Coordinator:
         running: list[_Sequence] = []
         done: dict[int, Completion] = {}
         steps = 0
+        self.step_times = []
         while waiting or running:
-            while waiting and len(running) < self.max_batch and self.blocks.grow(waiting[0], len(waiting[0].request.prompt_ids)):
+            while waiting and len(running) < self.max_batch and self.blocks.reserve(waiting[0], self._budget(waiting[0])):
                 running.append(waiting.popleft())
             plan = self._plan(running)
+            step_start = time.perf_counter()
             result = self.worker.step(plan)
             steps += 1
             now = time.perf_counter() - started
+            self.step_times.append((sum(len(w.token_ids) for w in plan.seqs), time.perf_counter() - step_start))
             for seq, token in zip(list(running), result.tokens):
                 seq.cached += len(seq.next_tokens)
                 if not seq.started:
@@ -138,12 +147,14 @@ class Coordinator:
                  elapsed, generated / max(elapsed, 1e-9))
         return [done[i] for i in range(len(requests))]
 
+    def _budget(self, seq: _Sequence) -> int:
+        """Most tokens the sequence can ever hold in the KV cache."""
+        return min(len(seq.request.prompt_ids) + seq.request.max_new_tokens, self.max_seq_len)
+
     def _plan(self, running: list[_Sequence]) -> StepPlan:
         work = []
         for seq in running:
             tokens = seq.next_tokens
-            if not self.blocks.grow(seq, seq.cached + len(tokens)):
-                raise RuntimeError("KV block pool exhausted; the pool is sized for max_batch full sequences")
             work.append(SeqWork(seq.seq_id, list(tokens), seq.cached, list(seq.blocks),
                                 None if seq.started else seq.request.sampling))
         finished, self._finished_ids = self._finished_ids, []

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dist_infer.comm import ParallelGroups, world_from_launch
 from dist_infer.comm.base import collective_call
+from dist_infer.comm.bootstrap import resolve_device
 from dist_infer.engine.runtime import EngineSpec, RankEngine
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import DistInferError
@@ -38,14 +39,16 @@ class RunOptions:
     device: str = "cpu"
 
 
-def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu") -> tuple[EngineSpec, RankWorker]:
+def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu",
+                 cuda_graphs: bool = True) -> tuple[EngineSpec, RankWorker]:
     """Join the launch's world and load this rank's engine (collectively: a
     problem on any rank stops every rank with the same message)."""
     world = world_from_launch()
+    device = collective_call(world, lambda: resolve_device(device, world.rank))
     spec = collective_call(world, lambda: EngineSpec.read(engine_dir))
     collective_call(world, lambda: spec.check_world(world.size))
-    groups = ParallelGroups.build(world, spec.mapping)
-    engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify))
+    groups = ParallelGroups.build(world, spec.mapping, device)
+    engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify, cuda_graphs))
     log.info("loaded engine rank %d (tp_rank %d, pp_rank %d, layers %d-%d)", groups.mapping.rank,
              groups.mapping.tp_rank, groups.mapping.pp_rank, engine.model.layer_ids.start,
              engine.model.layer_ids.stop - 1)
@@ -54,8 +57,17 @@ def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu") -> 
 
 def run(opts: RunOptions) -> int:
     spec, worker = start_worker(opts.engine, opts.verify, opts.device)
-    world = worker.groups.world
-    if world.rank != 0:
+    try:
+        code = _run_rank(opts, spec, worker)
+    except DistInferError:
+        worker.close()  # every rank got here in step (the error was collective): an orderly shutdown
+        raise
+    worker.close()  # on any other failure the job is aborted instead: closing could wait on dead peers
+    return code
+
+
+def _run_rank(opts: RunOptions, spec: EngineSpec, worker: RankWorker) -> int:
+    if worker.groups.world.rank != 0:
         worker.serve()
         return 0
     coordinator = Coordinator(worker, spec)

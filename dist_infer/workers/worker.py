@@ -51,7 +51,7 @@ class RankWorker:
         self.engine = engine
         self.groups = groups
         self.mapping = groups.mapping
-        self.sampler = Sampler() if self.mapping.rank == self.mapping.sampler_rank else None
+        self.sampler = Sampler(engine.device) if self.mapping.rank == self.mapping.sampler_rank else None
 
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Run this rank's part of a step. Returns the result on rank 0 only."""
@@ -63,12 +63,12 @@ class RankWorker:
         else:
             x = torch.empty(batch.num_tokens, engine.spec.model.hidden_size, dtype=engine.dtype, device=engine.device)
             self.groups.pp.recv(x, src=m.pp_rank - 1)
-        hidden = engine.forward(x, batch)
+        out = engine.step(x, batch)  # hidden [N, H], or logits [B, V] on the last stage
         if not m.is_last_stage:
-            self.groups.pp.send(hidden, dst=m.pp_rank + 1)
+            self.groups.pp.send(out, dst=m.pp_rank + 1)
         result = None
         if m.is_last_stage:
-            logits = engine.logits(hidden, batch)
+            logits = out
             if self.sampler is not None:
                 result = StepResult(self._sample(plan, logits).tolist(), logits if plan.return_logits else None)
         return self._deliver(plan, result)
@@ -114,3 +114,10 @@ class RankWorker:
     def stop(self) -> None:
         """Rank 0: release the other ranks from `serve`."""
         self.groups.world.broadcast_object(None)
+
+    def close(self) -> None:
+        """Shut down in order: CUDA graphs, then device communicators (MPI finalizes at exit)."""
+        self.engine.close()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.groups.close()

