@@ -32,9 +32,11 @@ def world_from_launch() -> Communicator:
 
 
 def check_slurm_world(mpi_size: int) -> None:
-    """Under srun with the wrong --mpi plugin every rank silently starts alone."""
+    """Under srun with the wrong --mpi plugin every rank silently starts alone
+    (MPI size 1 while Slurm started several tasks). Only that case is refused:
+    under mpirun inside an allocation, SLURM_NTASKS counts OpenMPI's daemons."""
     tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_NPROCS")
-    if "SLURM_STEP_ID" in os.environ and tasks and int(tasks) != mpi_size:
+    if "SLURM_STEP_ID" in os.environ and tasks and int(tasks) > 1 and mpi_size == 1:
         raise LaunchError(f"Slurm started {tasks} tasks but MPI sees a world of {mpi_size}: srun's MPI plugin "
                           "does not match this MPI library. Use `srun --mpi=pmix` for OpenMPI, "
                           "`srun --mpi=pmi2` for MPICH, or start the ranks with mpirun inside the allocation.")
@@ -53,4 +55,6 @@ def resolve_device(device: str, world_rank: int) -> str:
     if not torch.cuda.is_available():
         raise LaunchError("--device cuda was asked for but no CUDA GPU is visible to this rank.")
     local = next((int(os.environ[v]) for v in LOCAL_RANK_VARS if v in os.environ), world_rank)
-    return f"cuda:{local % torch.cuda.device_count()}"
+    device = f"cuda:{local % torch.cuda.device_count()}"
+    torch.cuda.set_device(device)  # before any NCCL communicator: NCCL binds to the current device
+    return device

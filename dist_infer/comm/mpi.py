@@ -21,10 +21,11 @@ class MpiCommunicator:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         from mpi4py import MPI
 
-        if x.dtype in (torch.float32, torch.float64, torch.int64, torch.int32, torch.float16):
+        if x.is_contiguous() and x.dtype in (torch.float32, torch.float64, torch.int64, torch.int32, torch.float16):
             self.comm.Allreduce(MPI.IN_PLACE, x.numpy(), op=MPI.SUM)
             return x
-        wide = x.float()
+        # bf16 (no MPI sum for it) and strided views: reduce a contiguous copy, write back in place.
+        wide = x.float() if x.dtype == torch.bfloat16 else x.contiguous()
         self.comm.Allreduce(MPI.IN_PLACE, wide.numpy(), op=MPI.SUM)
         return x.copy_(wide)
 

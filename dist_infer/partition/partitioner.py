@@ -76,13 +76,23 @@ def _read_shard(source: SourceCheckpoint, shard: Shard) -> torch.Tensor:
     return part
 
 
+def check_output_dir(out: Path, source_dir: Path, force: bool) -> None:
+    """Refuse outputs that would destroy data: the source itself, a folder holding it, a file."""
+    if source_dir.resolve().is_relative_to(out.resolve()):
+        raise CheckpointError(f"--out {out} is (or contains) the source model directory {source_dir}; "
+                              "choose an output directory outside it.")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file, not a directory; choose another path.")
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists; choose another --out or pass --force to replace it.")
+
+
 def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = False, progress: bool = True) -> Path:
     out = Path(out)
     source = open_source(model)
     config = ModelConfig.from_hf(source.hf_config())
     check_layout(config, tp, pp)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} already exists; choose another --out or pass --force to replace it.")
+    check_output_dir(out, source.directory, force)
     plan = plan_partition(source, config, tp, pp)
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
