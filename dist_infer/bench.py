@@ -84,6 +84,7 @@ class CaseResult:
     step_ms: list[float]
     tokens: int
     mbu: float
+    gpu_step_ms: float  # rank 0's device time of a decode step (the rest of a step is host work)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -143,15 +144,19 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         for _ in range(warmup):
             coordinator.generate(requests)
         torch.cuda.reset_peak_memory_stats(device)
+        engine.step_events = []
         t0 = time.perf_counter()
         completions = coordinator.generate(requests)
         latency = time.perf_counter() - t0
+        gpu_ms = engine.decode_gpu_ms()
+        engine.step_events = None
         decode = [s for n, s in coordinator.step_times if n == batch]  # pure decode steps
         mean_ctx = input_len + output_len / 2
         step_bytes = weight_bytes + batch * mean_ctx * kv_bytes_per_token
         mbu = step_bytes / statistics.median(decode) / bandwidth if decode else 0.0
         results.append(CaseResult(batch, latency, max(c.first_token_s for c in completions),
-                                  [s * 1e3 for s in decode], sum(len(c.output_ids) for c in completions), mbu))
+                                  [s * 1e3 for s in decode], sum(len(c.output_ids) for c in completions), mbu,
+                                  statistics.median(gpu_ms) if gpu_ms else 0.0))
     coordinator.shutdown()
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
     worker.close()
@@ -177,7 +182,8 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
                       compute_cap=cap, **{"generation_time(ms)": f"{gen_time * 1e3:.2f}"},
                       total_generated_tokens=r.tokens,
                       generation_tokens_per_second=f"{(r.tokens - r.batch) / gen_time:.2f}",
-                      mbu=f"{r.mbu:.3f}", **{"copy_bw(gb/s)": f"{bandwidth / 1e9:.0f}"})
+                      mbu=f"{r.mbu:.3f}", **{"copy_bw(gb/s)": f"{bandwidth / 1e9:.0f}",
+                                             "gpu_step_p50(ms)": f"{r.gpu_step_ms:.3f}"})
         if r.batch in hf_results:
             hf_tps = hf_results[r.batch]
             fields.update(hf_tokens_per_sec=f"{hf_tps:.2f}", speedup_vs_hf=f"{r.tokens / r.latency_s / hf_tps:.2f}")

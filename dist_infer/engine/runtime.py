@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,12 +94,26 @@ class RankEngine:
                                   kv_heads, spec.model.head_dim, self.dtype, self.device)
         self.attention = paged_attention_reference
         self.graphs = None
+        self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] | None = None  # set [] to time steps
         if self.device.type == "cuda":
+            self._use_kernel_cache()
             from dist_infer.engine.attention_gpu import gpu_attention
 
             self.attention = gpu_attention
             if cuda_graphs:
                 self._capture_graphs()
+
+    def _use_kernel_cache(self) -> None:
+        """Keep this rank's compiled Triton kernels inside the engine directory, so
+        reloading the engine (on any node sharing the directory) compiles nothing."""
+        if self.spec.directory is None or "TRITON_CACHE_DIR" in os.environ:
+            return
+        cache = self.spec.directory / f"rank{self.mapping.rank}" / "triton-cache"
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only engine directory: Triton's default per-user cache applies
+            return
+        os.environ["TRITON_CACHE_DIR"] = str(cache)
 
     def _capture_graphs(self) -> None:
         from dist_infer.engine.cuda_graphs import DecodeGraphs, default_buckets
@@ -146,9 +161,19 @@ class RankEngine:
         """This rank's part of a step. x: token ids [N] (first stage) or hidden [N, H].
         Returns float32 logits [B, vocab] on the last stage, hidden [N, H] elsewhere."""
         bucket = self.graphs.bucket(batch) if self.graphs is not None else None
-        if bucket is not None:
-            return self.graphs.replay(x, batch, bucket)
-        return self._eager_step(x, batch)
+        if self.step_events is None:
+            return self.graphs.replay(x, batch, bucket) if bucket is not None else self._eager_step(x, batch)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.graphs.replay(x, batch, bucket) if bucket is not None else self._eager_step(x, batch)
+        end.record()
+        self.step_events.append((start, end, batch.is_decode))
+        return out
+
+    def decode_gpu_ms(self) -> list[float]:
+        """Device time of each timed decode step (needs step_events = [] before the steps)."""
+        torch.cuda.synchronize(self.device)
+        return [s.elapsed_time(e) for s, e, decode in self.step_events or [] if decode]
 
     def close(self) -> None:
         """Release CUDA graphs first: NCCL communicators they captured are destroyed after."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,10 +49,11 @@ def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu",
     spec = collective_call(world, lambda: EngineSpec.read(engine_dir))
     collective_call(world, lambda: spec.check_world(world.size))
     groups = ParallelGroups.build(world, spec.mapping, device)
+    started = time.perf_counter()
     engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify, cuda_graphs))
-    log.info("loaded engine rank %d (tp_rank %d, pp_rank %d, layers %d-%d)", groups.mapping.rank,
+    log.info("loaded engine rank %d (tp_rank %d, pp_rank %d, layers %d-%d) on %s in %.2f s", groups.mapping.rank,
              groups.mapping.tp_rank, groups.mapping.pp_rank, engine.model.layer_ids.start,
-             engine.model.layer_ids.stop - 1)
+             engine.model.layer_ids.stop - 1, device, time.perf_counter() - started)
     return spec, RankWorker(engine, groups)
 
 

@@ -131,20 +131,44 @@ def _gpu_run(engine, prompts_file, world, new_tokens=32):
 def test_gpu_float32_matches_transformers(tiny_gpu_engines):
     """Paged KV + Triton decode + CUDA graphs on one GPU give transformers' greedy tokens."""
     model, engines, prompts_file, prompts = tiny_gpu_engines
-    got = [c["output_ids"] for c in completions(_gpu_run(engines[1, 1, "float32"], prompts_file, 1))]
+    engine = engines[1, 1, "float32"]
+    got = [c["output_ids"] for c in completions(_gpu_run(engine, prompts_file, 1))]
     assert got == [hf_greedy(model, p, 32) for p in prompts]
+    # The rank's compiled kernels are kept in the engine, so a reload compiles nothing.
+    assert any((engine / "rank0" / "triton-cache").rglob("*.cubin"))
+
+
+# bf16 greedy decoding can only legitimately differ between layouts where the
+# reference's top-2 logits are closer than bf16 noise: TP sums partial products
+# in another order. Logit tolerance: 0.1 absolute (this model's logits have a
+# spread of ~1.2; bf16 rounding moves them by ~0.01-0.03).
+LOGIT_TOLERANCE = 0.1
+
+
+def _assert_same_tokens_up_to_near_ties(model, prompts, reference, other):
+    for prompt, ref, got in zip(prompts, reference, other):
+        k = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+        if k is None:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ref[:k]])).logits[0, -1]
+        margin = (logits[ref[k]] - logits[got[k]]).abs().item()
+        assert margin < LOGIT_TOLERANCE, (f"tokens differ at step {k} where the float32 reference's margin is "
+                                          f"{margin:.3f} (> {LOGIT_TOLERANCE}): not a bf16 near-tie")
 
 
 @needs_2_gpus
 @pytest.mark.parametrize("layout", [(2, 1), (1, 2)])
 def test_two_gpus_match_one_gpu_bf16(tiny_gpu_engines, layout):
     """TP=2 and PP=2 over NCCL (all-reduce captured in the decode graphs) give the
-    same bf16 greedy tokens as TP=1 for the first 32 tokens of every prompt."""
-    _, engines, prompts_file, _ = tiny_gpu_engines
+    same bf16 greedy tokens as TP=1 for the first 32 tokens of every prompt,
+    except at near-ties of the float32 reference (LOGIT_TOLERANCE)."""
+    model, engines, prompts_file, prompts = tiny_gpu_engines
     one = [c["output_ids"] for c in completions(_gpu_run(engines[1, 1, "bfloat16"], prompts_file, 1))]
     started = time.perf_counter()
     proc = _gpu_run(engines[(*layout, "bfloat16")], prompts_file, 2)
     two = [c["output_ids"] for c in completions(proc)]
-    assert two == one
+    assert [len(t) for t in two] == [32] * len(prompts)
+    _assert_same_tokens_up_to_near_ties(model, prompts, one, two)
     # The job exits by itself after graphs and communicators are torn down.
     assert time.perf_counter() - started < 240
