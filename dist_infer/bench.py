@@ -22,7 +22,7 @@ from dist_infer.comm.bootstrap import resolve_device
 from dist_infer.config import BuildConfig, Mapping, ModelConfig, check_layout
 from dist_infer.engine.build import DTYPES
 from dist_infer.engine.model import StageModel
-from dist_infer.engine.runtime import EngineSpec, RankEngine
+from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import LaunchError
 from dist_infer.presets import PRESETS
@@ -119,7 +119,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     with torch.device("meta"):
         shapes = StageModel(model_cfg, groups.mapping, groups.tp, spec.vocab_size_padded, DTYPES[dtype])
     weights = random_rank_weights(shapes, device, seed=groups.mapping.rank)
-    engine = RankEngine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs, weights=weights)
+    engine = load_rank_engine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs, weights=weights)
     del weights
     torch.cuda.synchronize(device)
     build_time = collective_call(world, lambda: time.perf_counter() - started, gather=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from dist_infer.comm.base import collective_call
 from dist_infer.comm.groups import ParallelGroups
 from dist_infer.config import BuildConfig, Mapping, ModelConfig
 from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
@@ -73,10 +74,13 @@ class EngineSpec:
 
 
 class RankEngine:
-    """One rank's model shard, its KV cache and (on CUDA) its decode graphs."""
+    """One rank's model shard, its KV cache and (on CUDA) its decode graphs.
+    Construct with `load_rank_engine`, which sizes the KV pool across ranks."""
+
+    kv_memory_fraction = 0.9  # of the GPU memory free after loading weights
 
     def __init__(self, spec: EngineSpec, groups: ParallelGroups, device: str = "cpu", verify: bool = True,
-                 cuda_graphs: bool = True, weights: dict[str, torch.Tensor] | None = None):
+                 weights: dict[str, torch.Tensor] | None = None):
         spec.check_world(groups.world.size)
         self.spec = spec
         self.mapping = groups.mapping
@@ -89,9 +93,8 @@ class RankEngine:
         self._assign(weights)
         self.model.to(self.device)
         del weights
-        _, kv_heads = local_heads(spec.model, self.mapping.tp)
-        self.cache = PagedKVCache(len(self.model.layer_ids), spec.num_kv_blocks, spec.build.kv_block_size,
-                                  kv_heads, spec.model.head_dim, self.dtype, self.device)
+        _, self.kv_heads = local_heads(spec.model, self.mapping.tp)
+        self.cache: PagedKVCache | None = None
         self.attention = paged_attention_reference
         self.graphs = None
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] | None = None  # set [] to time steps
@@ -100,8 +103,34 @@ class RankEngine:
             from dist_infer.engine.attention_gpu import gpu_attention
 
             self.attention = gpu_attention
-            if cuda_graphs:
-                self._capture_graphs()
+
+    def kv_blocks_that_fit(self) -> int:
+        """Blocks for max_batch_size full sequences, or what fits in `kv_memory_fraction`
+        of the GPU memory left after the weights, whichever is smaller (this rank only)."""
+        wanted = self.spec.num_kv_blocks
+        if self.device.type != "cuda":
+            return wanted
+        block_bytes = (2 * len(self.model.layer_ids) * self.spec.build.kv_block_size * self.kv_heads
+                       * self.spec.model.head_dim * torch.empty((), dtype=self.dtype).element_size())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # Headroom for activations and logits of the largest step, and the graphs' pool.
+        headroom = 2 * 1024**3 + 4 * self.spec.build.max_batch_size * self.spec.model.vocab_size * 4
+        return min(wanted, max(int((free * self.kv_memory_fraction - headroom) // block_bytes), 0))
+
+    def allocate(self, num_blocks: int, cuda_graphs: bool = True) -> None:
+        """Allocate the KV pool (the same size on every rank) and capture the decode graphs."""
+        if num_blocks < self.spec.blocks_per_seq + 1:
+            raise EngineError(f"GPU memory left after the weights holds {num_blocks} KV blocks of "
+                              f"{self.spec.build.kv_block_size} tokens, fewer than one {self.spec.build.max_seq_len}-"
+                              "token sequence needs. Rebuild with a smaller --max-seq-len, or spread the model over "
+                              "more GPUs (larger tp or pp).")
+        if num_blocks < self.spec.num_kv_blocks:
+            log.warning("KV pool holds %d blocks (%d tokens), less than max_batch_size x max_seq_len; the scheduler "
+                        "admits requests as blocks free up", num_blocks, num_blocks * self.spec.build.kv_block_size)
+        self.cache = PagedKVCache(len(self.model.layer_ids), num_blocks, self.spec.build.kv_block_size,
+                                  self.kv_heads, self.spec.model.head_dim, self.dtype, self.device)
+        if self.device.type == "cuda" and cuda_graphs:
+            self._capture_graphs()
 
     def _use_kernel_cache(self) -> None:
         """Keep this rank's compiled Triton kernels inside the engine directory, so
@@ -180,3 +209,15 @@ class RankEngine:
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+
+
+def load_rank_engine(spec: EngineSpec, groups: ParallelGroups, device: str = "cpu", verify: bool = True,
+                     cuda_graphs: bool = True, weights: dict[str, torch.Tensor] | None = None) -> RankEngine:
+    """Collective over groups.world: load every rank's weights, agree on one KV
+    pool size (the smallest that fits anywhere), allocate, capture graphs. A
+    user error on any rank is raised on every rank."""
+    world = groups.world
+    engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify, weights))
+    blocks = min(collective_call(world, engine.kv_blocks_that_fit, gather=True))
+    collective_call(world, lambda: engine.allocate(blocks, cuda_graphs))
+    return engine

@@ -124,6 +124,8 @@ class Coordinator:
         while waiting or running:
             while waiting and len(running) < self.max_batch and self.blocks.reserve(waiting[0], self._budget(waiting[0])):
                 running.append(waiting.popleft())
+            if not running:  # the engine guarantees a pool of at least one max_seq_len sequence
+                raise RuntimeError(f"KV pool ({len(self.blocks.free)} free blocks) cannot hold one request")
             plan = self._plan(running)
             step_start = time.perf_counter()
             result = self.worker.step(plan)

@@ -12,7 +12,7 @@ from pathlib import Path
 from dist_infer.comm import ParallelGroups, world_from_launch
 from dist_infer.comm.base import collective_call
 from dist_infer.comm.bootstrap import resolve_device
-from dist_infer.engine.runtime import EngineSpec, RankEngine
+from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import DistInferError
 from dist_infer.workers.coordinator import Completion, Coordinator, Request
@@ -50,7 +50,7 @@ def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu",
     collective_call(world, lambda: spec.check_world(world.size))
     groups = ParallelGroups.build(world, spec.mapping, device)
     started = time.perf_counter()
-    engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify, cuda_graphs))
+    engine = load_rank_engine(spec, groups, device, verify, cuda_graphs)
     log.info("loaded engine rank %d (tp_rank %d, pp_rank %d, layers %d-%d) on %s in %.2f s", groups.mapping.rank,
              groups.mapping.tp_rank, groups.mapping.pp_rank, engine.model.layer_ids.start,
              engine.model.layer_ids.stop - 1, device, time.perf_counter() - started)
