@@ -1,0 +1,61 @@
+"""Per-kernel device time of one decode step (eager, so the profiler sees each
+kernel; the CUDA-graph replay runs the same kernels). One GPU, TP=1.
+
+    python3 scripts/profile_step.py --model llama-3-8b --batch 1 --context 192
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dist_infer.bench import preset_config, random_rank_weights
+from dist_infer.comm import LocalCommunicator, ParallelGroups
+from dist_infer.config import BuildConfig, Mapping, ModelConfig
+from dist_infer.engine.build import DTYPES
+from dist_infer.engine.kv_cache import StepBatch
+from dist_infer.engine.model import StageModel
+from dist_infer.engine.runtime import EngineSpec, load_rank_engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama-3-8b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=192)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+
+    device = torch.device("cuda:0")
+    torch.cuda.set_device(device)
+    cfg = ModelConfig.from_hf(preset_config(args.model))
+    build = BuildConfig(dtype="bfloat16", max_batch_size=args.batch, max_seq_len=args.context + 16)
+    spec = EngineSpec(None, cfg, Mapping(), build, cfg.vocab_size, {})
+    groups = ParallelGroups.build(LocalCommunicator(), Mapping(), "cuda:0")
+    with torch.device("meta"):
+        shapes = StageModel(cfg, groups.mapping, groups.tp, cfg.vocab_size, DTYPES["bfloat16"])
+    engine = load_rank_engine(spec, groups, "cuda:0", verify=False, cuda_graphs=False,
+                              weights=random_rank_weights(shapes, device, 0))
+    per_seq = spec.blocks_per_seq
+    seqs = [([1], args.context - 1, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))) for i in range(args.batch)]
+    batch = StepBatch.build(seqs, build.kv_block_size, device)
+    x = batch.input_ids
+    for _ in range(3):
+        engine.step(x, batch)
+    torch.cuda.synchronize()
+    steps = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step(x, batch)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top)
+    print(table)
+    total_us = sum(e.device_time_total for e in prof.key_averages()) / steps
+    print(f"device time per decode step (eager, sum of kernels): {total_us / 1e3:.3f} ms; "
+          f"weights {sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
