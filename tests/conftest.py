@@ -55,8 +55,10 @@ def make_tiny_model(directory: Path, arch: str, seed: int = 0, max_shard_size: s
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy tokens for one prompt (the correctness reference)."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
+    ids = torch.tensor([prompt])
+    # An explicit mask: without one transformers masks every prompt token equal to pad_token_id.
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
@@ -80,6 +82,15 @@ def completions(proc: subprocess.CompletedProcess) -> list[dict]:
     """The JSON lines `dist-infer run --json` printed."""
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def flip_middle_bytes(path: Path, n: int = 16) -> None:
+    """Corrupt a file in place without changing its size (only a checksum can tell)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    for i in range(mid, mid + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def write_prompts(path: Path, prompts: list[list[int]]) -> Path:

@@ -27,6 +27,12 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str | lis
     items: list[str | list[int]] = list(prompts)
     if prompts_file:
         if prompts_file == "-":
+            from dist_infer.comm.bootstrap import launched_by_mpi
+
+            if launched_by_mpi():
+                # Open MPI 5's launcher forwards stdin's data but not its end: reading would hang.
+                raise RequestError("--prompts-file - (stdin) cannot be used under mpirun, which does not forward "
+                                   "the end of stdin; write the prompts to a file and pass --prompts-file FILE.")
             lines, jsonl = sys.stdin.read().splitlines(), False
         else:
             path = Path(prompts_file)
