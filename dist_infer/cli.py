@@ -59,6 +59,14 @@ def _bench(args) -> int:
                      dtype=args.dtype, baseline=args.baseline, cuda_graphs=not args.no_cuda_graphs)
 
 
+def _launch(args) -> int:
+    from dist_infer.launchers import launch
+
+    # A --log-level other than the default is passed on to every rank.
+    level = None if args.log_level == "INFO" else args.log_level
+    return launch(args.cluster, args.args, dry_run=args.dry_run, log_level=level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-infer", description="Distributed LLM inference: "
                                      "partition -> build -> run (under mpirun, Ray or Slurm).")
@@ -118,19 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--baseline", choices=["hf"], help="also run transformers generate on rank 0's GPU")
     k.add_argument("--no-cuda-graphs", action="store_true")
     k.set_defaults(func=_bench)
+
+    la = sub.add_parser("launch", help="start a job from a cluster file (clusters/*.yaml): mpirun, sbatch or Ray",
+                        description="dist-infer launch --cluster FILE [--dry-run] [-- run|serve ARGS]")
+    la.add_argument("--cluster", required=True, help="cluster YAML (see clusters/)")
+    la.add_argument("--dry-run", action="store_true", help="print the command (and hostfile / batch script) only")
+    la.add_argument("args", nargs=argparse.REMAINDER, help="-- then the sub-command every rank runs "
+                                                           "(default: run) and its arguments")
+    la.set_defaults(func=_launch)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dist_infer.log import setup_logging
+    from dist_infer.log import launch_rank, setup_logging
 
     setup_logging(args.log_level)
     try:
         return args.func(args)
     except DistInferError as exc:
-        log.error("%s", exc)
-        if not getattr(exc, "collective", False):
+        collective = getattr(exc, "collective", False)
+        if not collective or launch_rank() == 0:  # every rank has the same message: rank 0 says it
+            log.error("%s", exc)
+        if not collective:
             _abort_job(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -27,4 +27,34 @@ if [[ $what == bench2 ]]; then
     mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench --model llama-3-8b --tp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_h200_tp2.log"
     mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench --model llama-3-8b --pp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_h200_pp2.log"
 fi
+if [[ $what == engine ]]; then
+    # A real partition -> build -> load -> run on GPU (random 1B-shape Llama saved by transformers):
+    # build time, first load (Triton compiles), second load (kernels from the engine's cache).
+    W=/tmp/engine-check; rm -rf $W; mkdir -p $W
+    python3 - <<'PY' 2>&1 | tee "$OUT/engine.log"
+import json, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+with torch.device("cuda"):
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+model.save_pretrained("/tmp/engine-check/hf")
+open("/tmp/engine-check/p.jsonl", "w").write("".join(json.dumps({"input_ids": list(range(5 + i, 60 + 7 * i))}) + "\n" for i in range(8)))
+print("saved", sum(p.numel() for p in model.parameters()) / 1e9, "B params")
+PY
+    ARGS=(--allow-run-as-root -x PYTHONPATH -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x PYTHONUNBUFFERED)
+    for TP in 1 2; do
+        { time python3 -m dist_infer partition --model $W/hf --tp $TP --out $W/ckpt$TP --quiet; } 2>&1 | tee -a "$OUT/engine.log"
+        { time mpirun "${ARGS[@]}" -n $TP python3 -m dist_infer build --checkpoint $W/ckpt$TP --out $W/engine$TP --dtype bfloat16 --max-batch-size 8; } 2>&1 | tee -a "$OUT/engine.log"
+        for attempt in first second; do
+            echo "== TP=$TP $attempt load" | tee -a "$OUT/engine.log"
+            { time mpirun "${ARGS[@]}" -n $TP python3 -m dist_infer run --engine $W/engine$TP --device cuda --prompts-file $W/p.jsonl --max-new-tokens 64 --ignore-eos --json > $W/out$TP-$attempt.jsonl; } 2>&1 | grep -v "^$" | tee -a "$OUT/engine.log"
+        done
+        cmp $W/out$TP-first.jsonl $W/out$TP-second.jsonl && echo "TP=$TP outputs identical across loads" | tee -a "$OUT/engine.log"
+    done
+    python3 -c "
+import json
+a=[json.loads(l)['output_ids'] for l in open('$W/out1-first.jsonl')]; b=[json.loads(l)['output_ids'] for l in open('$W/out2-first.jsonl')]
+print('TP=2 vs TP=1 first-32-token agreement:', sum(x[:32]==y[:32] for x,y in zip(a,b)), 'of', len(a))" | tee -a "$OUT/engine.log"
+fi
 grep -h "BENCHMARK\|passed\|failed" "$OUT"/*.log 2>/dev/null

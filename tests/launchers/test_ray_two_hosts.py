@@ -1,0 +1,40 @@
+"""A two-node Ray cluster: the head in one namespace host, a worker in the
+other; `ray job submit` from outside. Each pipeline stage's TP ranks are
+packed on one node, the two stages land on different nodes."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import PP, TP, launch, ok, require, tokens
+from .daemons import RayCluster
+from .test_ray import rank_nodes, ray_yaml
+
+try:
+    import ray
+except ImportError:
+    ray = None
+
+
+@pytest.fixture(autouse=True)
+def _ray_installed():
+    require(None if ray is not None else 'Ray is not installed: pip install "ray[default]"')
+
+
+@pytest.fixture(scope="module")
+def ray_two(tmp_path_factory, two_hosts):
+    # TP CPUs per node: a stage fits on a node, two stages do not.
+    cluster = RayCluster(tmp_path_factory.mktemp("ray2"), list(two_hosts.hosts), cpus=[TP, TP])
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_two_hosts(tmp_path, engine, ray_two, two_hosts):
+    cluster = ray_yaml(tmp_path, engine, f"address: '{ray_two.job_url}', submit: true")
+    proc = ok(launch(cluster, engine.run_args, timeout=300))
+    assert tokens(proc) == engine.reference
+    h0, h1 = two_hosts.hosts
+    nodes = rank_nodes(proc.stdout + proc.stderr)
+    assert sorted(nodes[:TP]) == sorted(nodes[:TP]) and len(set(nodes[:TP])) == 1  # a TP group on one node
+    assert set(nodes) == {h0.addr, h1.addr} and nodes[0] != nodes[TP]             # stages on different nodes
