@@ -50,7 +50,10 @@ PY
             echo "== TP=$TP $attempt load" | tee -a "$OUT/engine.log"
             { time mpirun "${ARGS[@]}" -n $TP python3 -m dist_infer run --engine $W/engine$TP --device cuda --prompts-file $W/p.jsonl --max-new-tokens 64 --ignore-eos --json > $W/out$TP-$attempt.jsonl; } 2>&1 | grep -v "^$" | tee -a "$OUT/engine.log"
         done
-        cmp $W/out$TP-first.jsonl $W/out$TP-second.jsonl && echo "TP=$TP outputs identical across loads" | tee -a "$OUT/engine.log"
+        python3 -c "
+import json, sys
+ids = [[json.loads(l)['output_ids'] for l in open(f)] for f in sys.argv[1:]]
+print('TP=$TP tokens identical across the two loads:', ids[0] == ids[1])" $W/out$TP-first.jsonl $W/out$TP-second.jsonl | tee -a "$OUT/engine.log"
     done
     python3 -c "
 import json
