@@ -8,7 +8,7 @@ what checkpoint `config.json` and `engine.json` store).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dist_infer.errors import CheckpointError, LayoutError

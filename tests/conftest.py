@@ -78,6 +78,22 @@ def run_cli(*args: str, world: int = 1, mpi: bool | None = None, timeout: float 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input, env=full_env, cwd=REPO)
 
 
+def run_bounded(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own session; if it outlives `timeout`, kill it and everything it
+    started (mpirun's ranks, daemons) and fail the test with its output."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"`{' '.join(cmd)}` did not finish within {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def completions(proc: subprocess.CompletedProcess) -> list[dict]:
     """The JSON lines `dist-infer run --json` printed."""
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"

@@ -96,7 +96,7 @@ def _wait(ray, actors, refs, timeout: float | None):
         if not done:
             failing = "timed out" if not codes else "failed"
             raise LaunchError(f"ranks {sorted(rank_of[r] for r in pending)} {failing}: still running after "
-                              + (f"{timeout:g}s (ray.timeout_s)" if not codes else f"another rank failed"))
+                              + (f"{timeout:g}s (ray.timeout_s)" if not codes else "another rank failed"))
         for ref in done:
             rank = rank_of[ref]
             try:

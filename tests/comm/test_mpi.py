@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, mpirun_prefix
+from conftest import REPO, mpirun_prefix, run_bounded
 from dist_infer.comm import Communicator, LocalCommunicator, world_from_launch
 from dist_infer.comm.base import collective_call
 from dist_infer.comm.bootstrap import MPI_SIZE_VARS, check_slurm_world
 from dist_infer.config import Mapping
-from dist_infer.errors import CheckpointError, LaunchError, LayoutError
+from dist_infer.errors import LaunchError, LayoutError
 
 WORLD = 4
 LAYOUTS = [(2, 2), (4, 1), (1, 4)]
@@ -34,19 +33,12 @@ def run_mpi(tmp_path: Path, source: str, n: int = WORLD, timeout: float = 120, e
     out = tmp_path / "out"
     out.mkdir()
     cmd = mpirun_prefix(n) + [sys.executable, str(script), str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"mpirun -n {n} did not exit within {timeout}s (a rank hung)\nstdout:\n{stdout}\nstderr:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr[-4000:]}"
+    proc = run_bounded(cmd, timeout, env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     results = {}
     for r in range(n):
         path = out / f"rank{r}.json"
-        assert path.is_file(), f"rank {r} wrote no result\nstderr:\n{stderr[-4000:]}"
+        assert path.is_file(), f"rank {r} wrote no result\nstderr:\n{proc.stderr[-4000:]}"
         results[r] = json.loads(path.read_text())
     return results
 

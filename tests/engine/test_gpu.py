@@ -3,8 +3,6 @@ no CUDA GPU is visible. Multi-GPU cases need 2 GPUs and nccl4py."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import pytest

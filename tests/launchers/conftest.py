@@ -5,16 +5,14 @@ single-process run, two namespace "hosts", and a runner for
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, completions, make_tiny_model, run_cli, write_prompts
+from conftest import completions, make_tiny_model, run_bounded, run_cli, write_prompts
 
 from .hosts import TwoHosts, netns_available
 
@@ -85,15 +83,7 @@ def launch(cluster: Path, args: list[str], timeout: float = 240, env: dict | Non
     cmd = [sys.executable, "-m", "dist_infer", "launch", "--cluster", str(cluster)]
     cmd += ["--dry-run"] if dry_run else []
     cmd += ["--", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"`dist-infer launch` did not finish within {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_bounded(cmd, timeout, env)
 
 
 def write_cluster(path: Path, text: str) -> Path:

@@ -6,19 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import PP, TP, launch, ok, require, tokens
+from .conftest import TP, launch, ok, tokens
 from .daemons import RayCluster
-from .test_ray import rank_nodes, ray_yaml
-
-try:
-    import ray
-except ImportError:
-    ray = None
-
-
-@pytest.fixture(autouse=True)
-def _ray_installed():
-    require(None if ray is not None else 'Ray is not installed: pip install "ray[default]"')
+from .test_ray import _ray_installed, rank_nodes, ray_yaml  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ compared token for token with transformers' greedy `generate` (float32)."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
