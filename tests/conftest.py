@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,50 @@ def run_bounded(cmd: list[str], timeout: float, env: dict | None = None) -> subp
         out, err = proc.communicate()
         pytest.fail(f"`{' '.join(cmd)}` did not finish within {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+LOADED_LINE = re.compile(r"\[rank (\d+)\].*loaded engine rank \d+ .* pid (\d+) in")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, merely not reaped yet
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+def kill_rank_mid_run(args: list[str], world: int, victim: int, deadline_s: float,
+                      env: dict | None = None) -> tuple[int, float, list[int]]:
+    """Start `mpirun -n world dist-infer ARGS`, SIGKILL rank `victim` once every rank
+    has loaded and decoding is under way, and wait at most `deadline_s` for the job to
+    end. Returns (exit code, seconds from the kill to the exit, ranks still alive)."""
+    import signal
+    import time
+
+    cmd = mpirun_prefix(world) + [sys.executable, "-m", "dist_infer", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+    pids: dict[int, int] = {}
+    try:
+        load_deadline = time.monotonic() + 240
+        while len(pids) < world and time.monotonic() < load_deadline and (line := proc.stderr.readline()):
+            if m := LOADED_LINE.search(line):
+                pids[int(m.group(1))] = int(m.group(2))
+        assert len(pids) == world, f"ranks did not all load: {pids}"
+        time.sleep(1.0)
+        assert proc.poll() is None, "the job finished before the rank could be killed; make it longer"
+        killed_at = time.monotonic()
+        os.kill(pids[victim], signal.SIGKILL)
+        proc.communicate(timeout=deadline_s)
+        took = time.monotonic() - killed_at
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the job was still running {deadline_s}s after rank {victim} was killed")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, took, [r for r, pid in pids.items() if r != victim and _alive(pid)]
 
 
 def completions(proc: subprocess.CompletedProcess) -> list[dict]:

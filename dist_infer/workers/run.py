@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -51,9 +53,9 @@ def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu",
     groups = ParallelGroups.build(world, spec.mapping, device)
     started = time.perf_counter()
     engine = load_rank_engine(spec, groups, device, verify, cuda_graphs)
-    log.info("loaded engine rank %d (tp_rank %d, pp_rank %d, layers %d-%d) on %s in %.2f s", groups.mapping.rank,
-             groups.mapping.tp_rank, groups.mapping.pp_rank, engine.model.layer_ids.start,
-             engine.model.layer_ids.stop - 1, device, time.perf_counter() - started)
+    log.info("loaded engine rank %d (tp_rank %d, pp_rank %d, layers %d-%d) on %s:%s pid %d in %.2f s",
+             groups.mapping.rank, groups.mapping.tp_rank, groups.mapping.pp_rank, engine.model.layer_ids.start,
+             engine.model.layer_ids.stop - 1, socket.gethostname(), device, os.getpid(), time.perf_counter() - started)
     return spec, RankWorker(engine, groups)
 
 

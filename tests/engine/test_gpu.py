@@ -170,3 +170,22 @@ def test_two_gpus_match_one_gpu_bf16(tiny_gpu_engines, layout):
     _assert_same_tokens_up_to_near_ties(model, prompts, one, two)
     # The job exits by itself after graphs and communicators are torn down.
     assert time.perf_counter() - started < 240
+
+
+@needs_2_gpus
+def test_killed_rank_ends_two_gpu_job(tmp_path):
+    """A TP=2 rank killed while its peer waits inside a graph-captured NCCL
+    all-reduce: the whole job still ends within 10 s, non-zero."""
+    from conftest import kill_rank_mid_run
+
+    make_tiny_model(tmp_path / "hf", "llama", max_position_embeddings=16384)
+    assert run_cli("partition", "--model", str(tmp_path / "hf"), "--tp", "2", "--out", str(tmp_path / "ckpt"),
+                   "--quiet").returncode == 0
+    assert run_cli("build", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "engine"), "--dtype",
+                   "bfloat16", "--max-seq-len", "16384", "--max-batch-size", "2").returncode == 0
+    prompts = write_prompts(tmp_path / "p.jsonl", [[5, 6, 7], [8, 9]])
+    args = ["run", "--engine", str(tmp_path / "engine"), "--prompts-file", str(prompts), "--device", "cuda",
+            "--max-new-tokens", "16000", "--ignore-eos", "--json"]  # ~16k decode steps: seconds of work
+    code, took, survivors = kill_rank_mid_run(args, 2, 1, 10, env=NCCL_ENV)
+    assert code != 0 and not survivors
+    print(f"killed rank 1 of a TP=2 GPU job: exited {code} after {took:.2f}s")
