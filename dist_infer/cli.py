@@ -160,15 +160,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _abort_job(code: int) -> None:
-    """In a multi-rank MPI job, a failure on one rank must take the others down."""
-    from dist_infer.comm.bootstrap import launched_by_mpi
+    """In a multi-rank job, a failure on one rank must take the others down
+    (MPI aborts the job; a gloo rank exits at once and its launcher ends the rest)."""
+    from dist_infer.comm.bootstrap import current_world
 
-    if launched_by_mpi():
-        from mpi4py import MPI
-
-        if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-            sys.stderr.flush()
-            MPI.COMM_WORLD.Abort(code)
+    world = current_world()
+    if world is not None and world.size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        world.abort(code)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,16 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in (*MPI_SIZE_VARS, "PMIX_RANK"))
 
 
+_world: Communicator | None = None  # the world this process joined last
+
+
+def current_world() -> Communicator | None:
+    """The world this process joined (for aborting the job on a failure), if any."""
+    return _world
+
+
 def world_from_launch() -> Communicator:
+    global _world
     world: Communicator = LocalCommunicator()
     if launched_by_env():
         world = gloo_world_from_env()
@@ -33,6 +42,7 @@ def world_from_launch() -> Communicator:
 
         world = MpiCommunicator(MPI.COMM_WORLD)
     check_slurm_world(world.size)
+    _world = world
     return world
 
 
