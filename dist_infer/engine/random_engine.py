@@ -1,0 +1,251 @@
+"""A random-weight engine at a real model shape, with a real tokenizer.
+
+`build_random_engine("llama-3-8b", out, ...)` writes an ordinary engine
+directory, the same format `dist-infer build` writes (engine.json with sizes
+and sha256 of every rank file, `rank{N}/weights.safetensors` in the engine's
+fused names, the tokenizer files beside them), so that `dist-infer run`,
+`dist-infer serve` and `dist-infer bench` load it like any other engine and an
+HTTP benchmark (aiperf) can send text prompts to it. Weights follow
+`dist-infer bench`: normal(0, 0.02), norms 1.0.
+
+Memory: each rank's file is streamed tensor by tensor (made on the GPU when
+there is one, copied to the host, written and hashed), so neither a rank nor
+the full model is ever held in memory at once: one tensor at a time. One
+process can write every rank in turn, or each process of an `mpirun` job
+writes its own (pass `world`).
+
+Vocabulary. Llama-3-8B has 128,256 token ids; the tokenizer we can ship (the
+embedded SmolLM2's) has 49,152. With the real vocabulary a random model
+samples ids the tokenizer does not know ~62 % of the time, and transformers'
+`decode` silently drops them: the server would stream mostly empty text, and a
+client that counts output tokens by re-tokenizing the text (aiperf does by
+default) would report about a third of the tokens actually generated. So by
+default the engine's vocabulary is the tokenizer's length (`vocab_size=None`):
+every generated id decodes, prompts and outputs count the same on both sides.
+The price is a smaller embedding and LM head (2 x 49,152 x 4,096 instead of
+2 x 128,256 x 4,096: 14.96 GB of bf16 weights instead of 16.06 GB, ~7 % fewer
+bytes per decode step), so tokens/s on such an engine are a few percent higher
+than on the true 8B shape. Compare the server and `dist-infer bench` on the
+same engine directory, and state the vocabulary with the numbers (engine.json
+records it, and `random_weights` there records preset, seed and tokenizer).
+Pass `vocab_size=128256` to keep the true shape (ids past the tokenizer then
+decode to nothing). The bos/eos ids come from the tokenizer, so EOS can end a
+request as with a real model; benchmarks ask for `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from dist_infer import __version__
+from dist_infer.comm.base import Communicator, LocalCommunicator, collective_call
+from dist_infer.config import BuildConfig, Mapping, ModelConfig, check_layout
+from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
+from dist_infer.errors import EngineError, LayoutError
+from dist_infer.partition.sources import TOKENIZER_FILES
+from dist_infer.presets import preset_hf_config
+
+log = logging.getLogger(__name__)
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+class _ShapeGroup:
+    """What the parallel layers read from their TP group when sized: its size and rank."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+
+def default_tokenizer_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, imported once from its GGUF into a cached HF dir."""
+    from dist_infer.partition.sources import default_gguf_path, import_gguf
+
+    return import_gguf(default_gguf_path())
+
+
+def tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    files = [Path(tokenizer_dir) / n for n in TOKENIZER_FILES if (Path(tokenizer_dir) / n).is_file()]
+    if not any(f.name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json") for f in files):
+        raise EngineError(f"{tokenizer_dir} holds no tokenizer (tokenizer.json, tokenizer.model or "
+                          "tokenizer_config.json); pass a Hugging Face model or tokenizer directory.")
+    return files
+
+
+def random_model_config(preset: str, tokenizer_dir: Path | None, vocab_size: int | None = None) -> ModelConfig:
+    """The preset's shape; vocabulary = the tokenizer's length unless `vocab_size` is given;
+    bos/eos from the tokenizer."""
+    overrides: dict = {}
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        n = len(tok)
+        if vocab_size is not None and vocab_size < n:
+            raise LayoutError(f"vocab_size {vocab_size} is smaller than the tokenizer's {n} tokens: prompts would "
+                              f"index past the embedding. Use at least {n}, or leave it unset.")
+        overrides = dict(vocab_size=vocab_size or n, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    elif vocab_size is not None:
+        overrides = dict(vocab_size=vocab_size)
+    return ModelConfig.from_hf(preset_hf_config(preset, **overrides))
+
+
+def _tensor_specs(cfg: ModelConfig, mapping: Mapping, vocab_padded: int, dtype: torch.dtype):
+    """(name, shape, dtype) of every tensor one rank's weights file holds, as RankEngine expects."""
+    from dist_infer.engine.model import StageModel
+
+    with torch.device("meta"):
+        model = StageModel(cfg, mapping, _ShapeGroup(mapping.tp_rank, mapping.tp), vocab_padded, dtype)
+    return [(name, tuple(p.shape), p.dtype) for name, p in model.named_parameters()
+            if not (name == "lm_head.weight" and model.ties_lm_head)]
+
+
+def write_random_rank(path: Path, specs, device: torch.device, seed: int) -> dict:
+    """Stream one rank's safetensors file: each tensor made on `device`, copied to the host,
+    written and hashed while the next is made. Returns engine.json's {"size", "sha256"}."""
+    header, offset = {}, 0
+    for name, shape, dtype in specs:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors aligns the data start to 8 bytes
+    digest = hashlib.sha256()
+    gen = torch.Generator(device).manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One thread hashes (in order) while this one writes; hashlib and file writes release the GIL.
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as hasher:
+        for chunk in (struct.pack("<Q", len(head)), head):
+            f.write(chunk)
+            digest.update(chunk)
+        pending = None
+        for name, shape, dtype in specs:
+            t = torch.empty(shape, dtype=dtype, device=device)
+            if name.endswith("norm.weight"):
+                t.fill_(1.0)
+            else:
+                t.normal_(0.0, 0.02, generator=gen)
+            data = t.reshape(-1).view(torch.uint8).cpu().numpy()
+            del t
+            hashed = hasher.submit(digest.update, data)
+            f.write(data)
+            if pending is not None:
+                pending.result()
+            pending = hashed
+        if pending is not None:
+            pending.result()
+    size = path.stat().st_size
+    if size != 8 + len(head) + offset:
+        raise EngineError(f"{path} is {size} bytes, expected {8 + len(head) + offset}; the disk may be full.")
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def build_random_engine(preset: str, out: Path, tp: int = 1, pp: int = 1, build: BuildConfig | None = None,
+                        tokenizer_dir: Path | None = None, seed: int = 0, *, vocab_size: int | None = None,
+                        with_tokenizer: bool = True, device: str | None = None,
+                        world: Communicator | None = None, force: bool = False) -> Path:
+    """Write a random-weight engine of `preset`'s shape (dist_infer.presets.PRESETS) to `out`.
+
+    tokenizer_dir: HF dir whose tokenizer files are copied in (default: the embedded SmolLM2);
+        with_tokenizer=False makes a token-id-only engine with the preset's vocabulary.
+    vocab_size: None = the tokenizer's length (see the module docstring), else this many ids.
+    seed: rank r's weights come from seed + r (same seed, same files on the same device type).
+    device: where weights are made: 'cuda' (default when a GPU is visible) or 'cpu'.
+    world: None or a world of size 1 writes every rank here; under mpirun pass the world
+        (size tp*pp) and each process writes its own rank (collective: call on every rank).
+    Returns `out`. Refuses an existing `out` unless force=True.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    world = world or LocalCommunicator()
+    build = build or BuildConfig(dtype="bfloat16")
+    mapping = Mapping(tp, pp)
+    n = mapping.world_size
+    if world.size not in (1, n):
+        raise LayoutError(f"tp={tp} x pp={pp} has {n} ranks; build it with `mpirun -n {n}` or in one process, "
+                          f"not with {world.size} processes.")
+    if with_tokenizer and tokenizer_dir is None:
+        tokenizer_dir = collective_call(world, default_tokenizer_dir)
+    tok_dir = Path(tokenizer_dir) if with_tokenizer else None
+
+    def configure():
+        files = tokenizer_files(tok_dir) if tok_dir is not None else []
+        cfg = random_model_config(preset, tok_dir, vocab_size)
+        check_layout(cfg, tp, pp)
+        return files, cfg, build.resolved(cfg)
+
+    tok_files, cfg, build = collective_call(world, configure)
+    vocab_padded = -(-cfg.vocab_size // tp) * tp
+    dtype = DTYPES[build.dtype]
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        from dist_infer.comm.bootstrap import resolve_device
+
+        device = resolve_device("cuda", world.rank)
+    tmp = out.with_name(f".{out.name}.tmp-build")
+
+    def prepare():
+        if out.exists() and not force:
+            raise EngineError(f"{out} already exists; choose another --out or pass --force to replace it.")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    collective_call(world, prepare if world.rank == 0 else lambda: None)
+    my_ranks = range(n) if world.size == 1 else [world.rank]
+
+    def write_mine():
+        files = {}
+        for rank in my_ranks:
+            t0 = time.perf_counter()
+            specs = _tensor_specs(cfg, mapping.with_rank(rank), vocab_padded, dtype)
+            entry = write_random_rank(tmp / rank_weights_file(rank), specs, torch.device(device), seed + rank)
+            files[rank_weights_file(rank)] = entry
+            log.info("random rank %d: %d tensors, %.2f GB in %.1f s (%s)", rank, len(specs), entry["size"] / 1e9,
+                     time.perf_counter() - t0, device)
+        return files
+
+    try:
+        per_rank = collective_call(world, write_mine, gather=True)
+        if world.rank == 0:
+            files = {k: v for part in per_rank for k, v in part.items()}
+            spec = {
+                "format": ENGINE_FORMAT,
+                "format_version": ENGINE_FORMAT_VERSION,
+                "dist_infer_version": __version__,
+                "model": cfg.to_dict(),
+                "mapping": mapping.to_dict(),
+                "build": build.to_dict(),
+                "vocab_size_padded": vocab_padded,
+                "files": files,
+                "build_time_s": round(time.perf_counter() - started, 3),
+                "host": os.uname().nodename,
+                "random_weights": {"preset": preset, "seed": seed,
+                                   "tokenizer": str(tok_dir) if tok_dir is not None else None},
+            }
+            (tmp / "engine.json").write_text(json.dumps(spec, indent=1))
+            for f in tok_files:
+                shutil.copy2(f, tmp / f.name)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+            log.info("random %s engine (vocab %d, tp=%d pp=%d, %s) written to %s in %.1f s", preset, cfg.vocab_size,
+                     tp, pp, build.dtype, out, time.perf_counter() - started)
+        world.barrier()
+    except BaseException:
+        if world.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
