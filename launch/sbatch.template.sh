@@ -8,10 +8,14 @@
 #SBATCH --job-name=@JOB_NAME@
 #SBATCH --nodes=@NODES@
 #SBATCH --ntasks-per-node=@NTASKS_PER_NODE@
+#SBATCH --ntasks=@NTASKS@
 #SBATCH --output=@OUTPUT@
 @SBATCH_LINES@
 set -euo pipefail
 
+# Site setup (slurm.setup in the cluster file), e.g. `source /shared/venv/bin/activate`
+# or `module load ...`: it puts dist_infer (and mpirun) on the compute node's PATH.
+@SETUP@
 DIST_INFER=(@COMMAND@)    # how a rank starts dist_infer
 RUN_ARGS=(@RUN_ARGS@)     # the dist-infer sub-command and its arguments
 RANKS=@RANKS@             # srun: srun starts one task per rank | mpirun: mpirun inside the allocation
@@ -27,6 +31,7 @@ export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export PMIX_MCA_psec=${PMIX_MCA_psec:-native}
 
 echo "dist_infer: job $SLURM_JOB_ID, $SLURM_NTASKS ranks on $SLURM_JOB_NODELIST ($RANKS)" >&2
+@SERVE_LINE@
 case "$RANKS" in
     srun)
         # A wrong --mpi plugin does not fail: every rank would start alone.

@@ -6,12 +6,15 @@ engine: out/engine          # built engine dir (shared storage on multi-node clu
 parallel: {tp: 2, pp: 1}    # optional: checked against the engine; sizes dry runs without one
 gpus_per_node: 0            # 0: CPU ranks; N: one rank per GPU, ranks run with --device cuda
 env: {NCCL_NVLS_ENABLE: "0"}
-command: [dist-infer]       # optional: how a rank starts dist_infer (default: this Python -m dist_infer)
+command: [dist-infer]       # optional: how a rank starts dist_infer (default: mpirun: this Python -m dist_infer;
+                            # slurm: python3 -m dist_infer on the compute node, after slurm.setup)
 nodes: [{host: localhost, slots: 2}]       # mpirun only
 mpirun: {extra_args: [], rsh_agent: null, binary: null}
 slurm: {nodes: 1, ntasks_per_node: 2, partition: null, time: null, account: null, job_name: dist-infer,
-        ranks: srun, mpi: pmix, srun_args: [], mpirun_args: [], sbatch_args: [], output: null, wait: true}
-ray: {address: http://127.0.0.1:8265, submit: true, cpus_per_rank: 1, timeout_s: null}
+        ranks: srun, mpi: pmix, srun_args: [], mpirun_args: [], sbatch_args: [], output: null, wait: true,
+        gpus_per_task: 1, cpus_per_task: null, setup: "source /shared/venv/bin/activate"}
+ray: {address: http://127.0.0.1:8265, submit: true, cpus_per_rank: 1, timeout_s: null, python: python3,
+      runtime_env: {working_dir: ., env_vars: {PYTHONPATH: /shared/dist_infer}}}
 ```
 
 `load_cluster` validates every key and value and raises `ClusterConfigError`
@@ -65,7 +68,10 @@ class SlurmOptions:
     mpirun_args: tuple[str, ...] = ()   # with ranks: mpirun
     sbatch_args: tuple[str, ...] = ()
     output: str | None = None           # default: <launch_dir>/<job_name>-%j.out
-    wait: bool = True                   # sbatch --wait, then print the job's output
+    wait: bool = True                   # follow the job, print its output as it runs
+    gpus_per_task: int | None = None    # default: 1 when gpus_per_node is set (one GPU per rank)
+    cpus_per_task: int | None = None    # default: Slurm's (1)
+    setup: str | None = None            # shell lines run on the node before the ranks (e.g. activate a venv)
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,10 @@ class RayOptions:
     submit: bool = True                 # True: `ray job submit`; False: this process is the driver
     cpus_per_rank: float = 1
     timeout_s: float | None = None
+    # `ray job submit` runs the driver on the head, not here: its Python comes from
+    # the head's PATH and its code/env from the runtime_env, never from this machine's paths.
+    python: str = "python3"
+    runtime_env: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -203,6 +213,21 @@ class _Section:
         return tuple(str(s) for s in v)
 
 
+def _env_vars(section: _Section, raw: Any, key: str) -> dict[str, str]:
+    """A NAME: value mapping of environment variables (values become strings)."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        section.fail(f"{key} must be a mapping of NAME: value, got {_kind(raw)}")
+    env = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or not k.replace("_", "a").isalnum() or k[0].isdigit():
+            section.fail(f"{key} name {k!r} is not a valid environment variable name")
+        if isinstance(v, (dict, list)) or v is None:
+            section.fail(f"{key}.{k} must be a string or number, got {_kind(v)}")
+        env[k] = str(v).lower() if isinstance(v, bool) else str(v)
+    return env
+
+
 def _kind(v) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}.get(type(v), type(v).__name__)
 
@@ -245,17 +270,7 @@ def parse_cluster(data: Any, path: Path = Path("<cluster>")) -> ClusterConfig:
     tp, pp = (par.int("tp", 1), par.int("pp", 1)) if "parallel" in top.data else (None, None)
     gpus = top.int("gpus_per_node", 0, minimum=0)
 
-    env_raw = top.get("env") or {}
-    if not isinstance(env_raw, dict):
-        top.fail(f"env must be a mapping of NAME: value, got {_kind(env_raw)}")
-    env = {}
-    for k, v in env_raw.items():
-        if not isinstance(k, str) or not k.replace("_", "a").isalnum() or k[0].isdigit():
-            top.fail(f"env name {k!r} is not a valid environment variable name")
-        if isinstance(v, (dict, list)) or v is None:
-            top.fail(f"env.{k} must be a string or number, got {_kind(v)}")
-        env[k] = str(v).lower() if isinstance(v, bool) else str(v)
-
+    env = _env_vars(top, top.get("env"), "env")
     command = top.strings("command") or None
     cfg = dict(path=path, launcher=launcher, engine=top.str("engine"), tp=tp, pp=pp, gpus_per_node=gpus,
                env=env, command=command, launch_dir=top.str("launch_dir", "out/launch"))
@@ -288,9 +303,10 @@ def parse_cluster(data: Any, path: Path = Path("<cluster>")) -> ClusterConfig:
             nodes=s.int("nodes", 1), ntasks_per_node=s.int("ntasks_per_node"), partition=s.str("partition"),
             time=s.str("time"), account=s.str("account"), job_name=s.str("job_name", "dist-infer"),
             ranks=ranks, mpi=mpi, srun_args=s.strings("srun_args"), mpirun_args=s.strings("mpirun_args"), sbatch_args=s.strings("sbatch_args"),
-            output=s.str("output"), wait=s.bool("wait", True))
+            output=s.str("output"), wait=s.bool("wait", True), gpus_per_task=_gpus_per_task(s, gpus),
+            cpus_per_task=s.int("cpus_per_task"), setup=_setup(s))
     else:
-        r = _Section(path, top.get("ray"), "ray", ("address", "submit", "cpus_per_rank", "timeout_s"))
+        r = _Section(path, top.get("ray"), "ray", RAY_KEYS)
         submit = r.bool("submit", True)
         address = r.str("address", "http://127.0.0.1:8265" if submit else "auto")
         is_url = address.startswith(("http://", "https://"))
@@ -300,5 +316,80 @@ def parse_cluster(data: Any, path: Path = Path("<cluster>")) -> ClusterConfig:
         if not submit and is_url:
             r.fail(f"ray.address {address!r}: with ray.submit: false this process is the driver and joins the "
                    "cluster's GCS: use HEAD:6379 or auto (or set ray.submit: true for a job-server URL).")
-        cfg["ray"] = RayOptions(address, submit, r.number("cpus_per_rank", 1), r.number("timeout_s"))
+        python = r.str("python", "python3")
+        if not python.strip():
+            r.fail("ray.python is empty; give the head's Python that runs the driver (e.g. python3 or "
+                   "/shared/venv/bin/python).")
+        cfg["ray"] = RayOptions(address, submit, r.number("cpus_per_rank", 1), r.number("timeout_s"), python,
+                                _runtime_env(r))
     return ClusterConfig(**cfg)
+
+
+def _gpus_per_task(s: _Section, gpus_per_node: int) -> int | None:
+    """GPUs Slurm binds to each rank: one per rank on a GPU cluster unless the file says otherwise."""
+    n = s.int("gpus_per_task")
+    if n is None:
+        return 1 if gpus_per_node else None
+    if not gpus_per_node:
+        s.fail(f"slurm.gpus_per_task={n} asks for GPUs but gpus_per_node is 0, so the ranks would run on CPU; "
+               "set gpus_per_node: N (GPUs per node) or remove slurm.gpus_per_task.")
+    if n > gpus_per_node:
+        s.fail(f"slurm.gpus_per_task={n} is more than gpus_per_node={gpus_per_node}; a rank cannot span nodes, "
+               "so lower slurm.gpus_per_task.")
+    return n
+
+
+def _setup(s: _Section) -> str | None:
+    """slurm.setup: shell line(s) run in the batch script before the ranks start
+    (a string, possibly multi-line, or a list of lines)."""
+    v = s.get("setup")
+    if v is None:
+        return None
+    if isinstance(v, str):
+        lines = v.strip().splitlines()
+    elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+        lines = list(v)
+    else:
+        s.fail(f"slurm.setup must be a shell line or a list of lines (e.g. setup: \"source /shared/venv/bin/activate\"), "
+               f"got {_kind(v)}")
+    if not any(line.strip() for line in lines):
+        s.fail("slurm.setup is empty; remove it or give the line(s) that prepare a compute node "
+               "(e.g. source /shared/venv/bin/activate).")
+    return "\n".join(lines)
+
+
+RAY_KEYS = ("address", "submit", "cpus_per_rank", "timeout_s", "python", "runtime_env")
+# The runtime_env fields Ray knows (ray.runtime_env.RuntimeEnv); a typo would otherwise
+# only show up as an error from the job server after submission.
+RUNTIME_ENV_KEYS = ("working_dir", "py_modules", "py_executable", "excludes", "env_vars", "pip", "uv", "conda",
+                    "container", "image_uri", "config", "java_jars", "nsight")
+
+
+def _runtime_env(r: _Section) -> dict[str, Any]:
+    """ray.runtime_env: passed to `ray job submit --runtime-env-json`. Local paths
+    (working_dir, py_modules) are uploaded by Ray from this machine, so they are made absolute here."""
+    raw = r.get("runtime_env")
+    rt = _Section(r.path, raw, "ray.runtime_env", RUNTIME_ENV_KEYS)
+    out = dict(rt.data)
+    if "env_vars" in out:
+        out["env_vars"] = _env_vars(rt, out["env_vars"], "ray.runtime_env.env_vars")
+    if "working_dir" in out:
+        out["working_dir"] = _local_path(rt, rt.str("working_dir"), "ray.runtime_env.working_dir")
+    if "py_modules" in out:
+        out["py_modules"] = [_local_path(rt, m, "ray.runtime_env.py_modules") for m in rt.strings("py_modules")]
+    try:
+        json.dumps(out)
+    except TypeError as exc:
+        rt.fail(f"ray.runtime_env must hold only strings, numbers, lists and mappings ({exc}); quote the value.")
+    return out
+
+
+def _local_path(section: _Section, value: str, key: str) -> str:
+    """An absolute path for a local directory Ray uploads; URIs (s3://, https://...) pass as given."""
+    if "://" in value:
+        return value
+    path = Path(value).absolute()
+    if not path.exists():
+        section.fail(f"{key} {value!r} does not exist here ({path}); `ray job submit` uploads it from this machine, "
+                     "so give an existing directory or a remote URI.")
+    return str(path)

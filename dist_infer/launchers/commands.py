@@ -7,6 +7,7 @@ what `launch` then runs.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -20,6 +21,11 @@ from dist_infer.launchers.cluster import ClusterConfig, ClusterConfigError
 REPO = Path(__file__).resolve().parents[2]
 SBATCH_TEMPLATE = REPO / "launch" / "sbatch.template.sh"
 SUBCOMMANDS = ("run", "serve", "build", "bench")
+SERVE_PORT = 8000                   # `dist-infer serve`'s default --port
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")  # bind addresses, not addresses a client can reach
+# Batch jobs and the Ray head run on other machines: they find dist_infer on their own
+# PATH (after slurm.setup / the runtime_env), never at this machine's venv path.
+REMOTE_RANK_COMMAND = ("python3", "-m", "dist_infer")
 
 
 @dataclass
@@ -30,9 +36,12 @@ class LaunchPlan:
     files: dict[Path, str] = field(default_factory=dict)  # written before argv runs (hostfile, batch script)
     output: Path | None = None                            # Slurm: the job's output file (%j = job id)
     wait: bool = False                                    # Slurm: wait for the job, print its output
+    serving: str | None = None                            # `serve`: the URL the server listens on
 
     def render(self) -> str:
         lines = [f"# {self.launcher}: {self.world_size} ranks"]
+        if self.serving:
+            lines.append(f"# dist_infer: serving at {self.serving}")
         for path, text in self.files.items():
             lines += [f"# --- {path}", text.rstrip("\n"), f"# --- end of {path}"]
         lines.append(shlex.join(self.argv))
@@ -48,9 +57,34 @@ class LaunchPlan:
                 path.chmod(0o755)
 
 
-def rank_command(cluster: ClusterConfig) -> list[str]:
-    """How one rank starts dist_infer: the cluster's `command`, else this Python."""
-    return list(cluster.command) if cluster.command else [sys.executable, "-m", "dist_infer"]
+def rank_command(cluster: ClusterConfig, default: tuple[str, ...] | None = None) -> list[str]:
+    """How one rank starts dist_infer: the cluster's `command`, else `default`, else this
+    Python (mpirun: the hosts share this machine's install, as mpirun itself assumes)."""
+    if cluster.command:
+        return list(cluster.command)
+    return list(default) if default else [sys.executable, "-m", "dist_infer"]
+
+
+def serve_address(run_args: list[str]) -> tuple[str | None, int] | None:
+    """For `serve`: (host a client should use, or None for rank 0's node; port).
+    None for other sub-commands."""
+    sub = _subcommand(run_args)
+    if sub != "serve":
+        return None
+    port = _flag_value(run_args, "--port")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ClusterConfigError(f"`serve --port {port}`: the port must be a number from 1 to 65535 "
+                                 f"(default {SERVE_PORT}).")
+    host = _flag_value(run_args, "--host")
+    return (None if host is None or host in WILDCARD_HOSTS else host), int(port) if port else SERVE_PORT
+
+
+def _subcommand(run_args: list[str]) -> str | None:
+    """The sub-command in the ranks' args (after global flags such as --log-level L)."""
+    i = 0
+    while i < len(run_args) and run_args[i].startswith("-"):
+        i += 1 if "=" in run_args[i] else 2
+    return run_args[i] if i < len(run_args) else None
 
 
 def dist_infer_args(cluster: ClusterConfig, args: list[str], log_level: str | None = None) -> tuple[list[str], str | None]:
@@ -147,12 +181,40 @@ def _plan_mpirun(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) 
     for name, value in cluster.env.items():
         argv += ["-x", f"{name}={value}"]
     argv += [*opts.extra_args, *rank_command(cluster), *run_args]
-    return LaunchPlan("mpirun", argv, n, {hostfile: text})
+    serve = serve_address(run_args)
+    # mpirun fills the hostfile's slots in order, so rank 0 runs on the first node.
+    serving = f"http://{serve[0] or cluster.nodes[0].host}:{serve[1]}" if serve else None
+    return LaunchPlan("mpirun", argv, n, {hostfile: text}, serving=serving)
 
 
 # ----------------------------------------------------------------- slurm
 
 def _plan_slurm(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) -> LaunchPlan:
+    n, s = mapping.world_size, cluster.slurm
+    per_node = _tasks_per_node(cluster, mapping)
+    launch_dir = _launch_dir(cluster)
+    output = Path(s.output).absolute() if s.output else launch_dir / f"{s.job_name}-%j.out"
+    serve = serve_address(run_args)
+    mpirun_args = (["--allow-run-as-root"] if _is_root() else []) + list(s.mpirun_args)
+    fields = {
+        "JOB_NAME": s.job_name, "NODES": str(s.nodes), "NTASKS_PER_NODE": str(per_node), "NTASKS": str(n),
+        "OUTPUT": str(output), "SBATCH_LINES": "\n".join(_sbatch_lines(cluster)),
+        "SETUP": _setup_block(s.setup), "COMMAND": shlex.join(rank_command(cluster, REMOTE_RANK_COMMAND)),
+        "RUN_ARGS": shlex.join(run_args), "RANKS": s.ranks, "SRUN_MPI": s.mpi,
+        "ENV_EXPORTS": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in cluster.env.items()),
+        "SERVE_LINE": _serve_echo(serve) if serve else "",
+        # mpirun inside the allocation: the compute node's own (on PATH after slurm.setup).
+        "SRUN_ARGS": shlex.join(s.srun_args), "MPIRUN": "mpirun", "MPIRUN_ARGS": shlex.join(mpirun_args),
+    }
+    script = fill_template(SBATCH_TEMPLATE.read_text(), fields)
+    path = launch_dir / f"{cluster.name}.sbatch"
+    # No `sbatch --wait`: it polls with a backoff of up to 30 s; `launch` polls the job itself.
+    argv = ["sbatch", "--parsable", str(path)]
+    serving = f"http://{serve[0] or '<rank 0 node>'}:{serve[1]}" if serve else None
+    return LaunchPlan("slurm", argv, n, {path: script}, output=output, wait=s.wait, serving=serving)
+
+
+def _tasks_per_node(cluster: ClusterConfig, mapping: Mapping) -> int:
     n, s = mapping.world_size, cluster.slurm
     per_node = s.ntasks_per_node or -(-n // s.nodes)
     if per_node * s.nodes != n:
@@ -160,32 +222,40 @@ def _plan_slurm(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) -
             f"{cluster.path}: slurm.nodes={s.nodes} x ntasks_per_node={per_node} = {per_node * s.nodes} tasks, but "
             f"the engine needs exactly {n} ranks (tp={mapping.tp} x pp={mapping.pp}); choose nodes and "
             "ntasks_per_node whose product is the rank count.")
-    if cluster.gpus_per_node and per_node > cluster.gpus_per_node:
-        raise ClusterConfigError(f"{cluster.path}: {per_node} ranks per node but gpus_per_node="
-                                 f"{cluster.gpus_per_node}; use more nodes.")
-    launch_dir = _launch_dir(cluster)
-    output = Path(s.output).absolute() if s.output else launch_dir / f"{s.job_name}-%j.out"
-    sbatch_lines = []
-    for flag, value in (("partition", s.partition), ("time", s.time), ("account", s.account)):
-        if value:
-            sbatch_lines.append(f"#SBATCH --{flag}={value}")
-    if cluster.gpus_per_node:
-        sbatch_lines.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
-    sbatch_lines += [f"#SBATCH {a}" for a in s.sbatch_args]
-    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in cluster.env.items())
-    mpirun_args = (["--allow-run-as-root"] if _is_root() else []) + list(s.mpirun_args)
-    fields = {
-        "JOB_NAME": s.job_name, "NODES": str(s.nodes), "NTASKS_PER_NODE": str(per_node), "OUTPUT": str(output),
-        "SBATCH_LINES": "\n".join(sbatch_lines), "COMMAND": shlex.join(rank_command(cluster)),
-        "RUN_ARGS": shlex.join(run_args), "RANKS": s.ranks, "SRUN_MPI": s.mpi, "ENV_EXPORTS": exports,
-        "SRUN_ARGS": shlex.join(s.srun_args), "MPIRUN": shlex.quote(mpirun_binary()),
-        "MPIRUN_ARGS": shlex.join(mpirun_args),
-    }
-    script = fill_template(SBATCH_TEMPLATE.read_text(), fields)
-    path = launch_dir / f"{cluster.name}.sbatch"
-    # No `sbatch --wait`: it polls with a backoff of up to 30 s; `launch` polls the job itself.
-    argv = ["sbatch", "--parsable", str(path)]
-    return LaunchPlan("slurm", argv, n, {path: script}, output=output, wait=s.wait)
+    gpus = per_node * (s.gpus_per_task or 0)
+    if cluster.gpus_per_node and gpus > cluster.gpus_per_node:
+        raise ClusterConfigError(
+            f"{cluster.path}: {per_node} ranks per node x slurm.gpus_per_task={s.gpus_per_task} = {gpus} GPUs, but "
+            f"gpus_per_node={cluster.gpus_per_node}; use more slurm.nodes (fewer ranks per node) or fewer "
+            "GPUs per task.")
+    return per_node
+
+
+def _sbatch_lines(cluster: ClusterConfig) -> list[str]:
+    """#SBATCH lines beyond the template's fixed ones, in sbatch's flag names."""
+    s = cluster.slurm
+    options = (("partition", s.partition), ("time", s.time), ("account", s.account),
+               # Per task, not per node: srun then binds each rank to its own GPU(s)
+               # (CUDA_VISIBLE_DEVICES per task) and gives it its CPU cores.
+               ("gpus-per-task", s.gpus_per_task), ("cpus-per-task", s.cpus_per_task))
+    lines = [f"#SBATCH --{flag}={value}" for flag, value in options if value]
+    return lines + [f"#SBATCH {a}" for a in s.sbatch_args]
+
+
+def _serve_echo(serve: tuple[str | None, int]) -> str:
+    """The batch script's line announcing the server's URL; rank 0's node is only known
+    once the job runs ($MASTER_ADDR, computed above it in the template)."""
+    host, port = serve
+    if host is None:
+        host = "$MASTER_ADDR"
+    else:  # --host came from the command line: inside double quotes it must stay literal
+        host = "".join("\\" + c if c in '"$`\\' else c for c in host)
+    return f'echo "dist_infer: serving at http://{host}:{port}" >&2'
+
+
+def _setup_block(setup: str | None) -> str:
+    # Site scripts (venv activate, `module load`) often read unset variables: -u is off while they run.
+    return f"set +u\n{setup}\nset -u" if setup else ""
 
 
 def fill_template(text: str, fields: dict[str, str]) -> str:
@@ -205,7 +275,10 @@ def fill_template(text: str, fields: dict[str, str]) -> str:
 
 def _plan_ray(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) -> LaunchPlan:
     r = cluster.ray
-    driver = [sys.executable, "-m", "dist_infer.launchers.ray_driver",
+    # submit: the driver runs on the head, with the head's Python (ray.python);
+    # otherwise it runs here, with this Python.
+    python = shlex.split(r.python) if r.submit else [sys.executable]
+    driver = [*python, "-m", "dist_infer.launchers.ray_driver",
               "--tp", str(mapping.tp), "--pp", str(mapping.pp),
               "--cpus-per-rank", f"{r.cpus_per_rank:g}", "--gpus-per-rank", "1" if cluster.gpus_per_node else "0"]
     if not r.submit:
@@ -215,8 +288,22 @@ def _plan_ray(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) -> 
     for name, value in cluster.env.items():
         driver += ["--env", f"{name}={value}"]
     driver += ["--", *run_args]
+    serve = serve_address(run_args)
+    serving = f"http://{serve[0] or '<rank 0 node>'}:{serve[1]}" if serve else None
     if not r.submit:
-        return LaunchPlan("ray", driver, mapping.world_size)
+        return LaunchPlan("ray", driver, mapping.world_size, serving=serving)
     ray = Path(sys.executable).parent / "ray"
-    argv = [str(ray) if ray.exists() else "ray", "job", "submit", "--address", r.address, "--", *driver]
-    return LaunchPlan("ray", argv, mapping.world_size)
+    argv = [str(ray) if ray.exists() else "ray", "job", "submit", "--address", r.address,
+            "--runtime-env-json", json.dumps(runtime_env(cluster), sort_keys=True), "--", *driver]
+    return LaunchPlan("ray", argv, mapping.world_size, serving=serving)
+
+
+def runtime_env(cluster: ClusterConfig) -> dict:
+    """The job's Ray runtime_env: ray.runtime_env with the cluster's `env` added to its
+    env_vars (its own env_vars win), so the driver on the head and every rank actor
+    (actors inherit the job's runtime_env) see them before anything is imported."""
+    env = dict(cluster.ray.runtime_env)
+    env_vars = {**cluster.env, **env.get("env_vars", {})}
+    if env_vars:
+        env["env_vars"] = env_vars
+    return env

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import shutil
@@ -31,6 +32,8 @@ def launch(cluster_file: str | Path, args: list[str], dry_run: bool = False, log
         raise LaunchError(f"{tool} is not installed here: {hint}.")
     plan.write_files()
     log.info("launching: %s", " ".join(plan.argv))
+    if plan.serving and plan.launcher == "mpirun":  # Slurm jobs and the Ray driver print it once placed
+        log.info("dist_infer: serving at %s", plan.serving)
     if plan.launcher == "slurm":
         return _sbatch(plan)
     sys.stdout.flush()
@@ -48,16 +51,15 @@ def _sbatch(plan: LaunchPlan) -> int:
     if not plan.wait:
         print(job_id)
         return 0
+    output = Path(str(plan.output).replace("%j", job_id))
+    follow = _Follower(output)
     try:
-        state, code = _wait_job(job_id)
+        state, code = _wait_job(job_id, on_poll=follow.pump)
     except KeyboardInterrupt:
         subprocess.run(["scancel", job_id], timeout=60)
         raise
-    output = Path(str(plan.output).replace("%j", job_id))
-    if output.is_file():
-        sys.stdout.write(output.read_text())
-        sys.stdout.flush()
-    else:
+    follow.pump()
+    if not output.is_file():
         log.warning("job %s wrote no output file at %s", job_id, output)
     if state != "COMPLETED" or code:
         log.error("Slurm job %s ended %s with exit code %d; its output is in %s", job_id, state, code, output)
@@ -69,9 +71,34 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "BOOT_FAIL", "DEADLINE"}
 
 
-def _wait_job(job_id: str, poll_s: float = 0.5) -> tuple[str, int]:
-    """(final state, exit code) from `scontrol show job` (needs no accounting database)."""
+class _Follower:
+    """Copies a job's output file to stdout as it grows: a `serve` job runs until it is
+    cancelled, so its output (the serving URL first) must show while it runs."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+        # Reads may end inside a multi-byte character: decode incrementally.
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:  # the job has not started yet
+            return
+        if data:
+            self.offset += len(data)
+            sys.stdout.write(self.decoder.decode(data))
+            sys.stdout.flush()
+
+
+def _wait_job(job_id: str, poll_s: float = 0.5, on_poll=None) -> tuple[str, int]:
+    """(final state, exit code) from `scontrol show job` (needs no accounting database);
+    on_poll() runs at every poll."""
     while True:
+        if on_poll:
+            on_poll()
         proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
         fields = dict(f.split("=", 1) for f in proc.stdout.split() if "=" in f)
         state = fields.get("JobState", "")

@@ -34,7 +34,8 @@ def run_on_ray(args: list[str], tp: int, pp: int, address: str | None = None, cp
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from dist_infer.workers.ray_actors import RankActor
+    from dist_infer.launchers.commands import serve_address
+    from dist_infer.launchers.ray_actors import RankActor
 
     world = tp * pp
     try:
@@ -66,6 +67,9 @@ def run_on_ray(args: list[str], tp: int, pp: int, address: str | None = None, cp
         except (ray.exceptions.RayError, TimeoutError) as exc:  # GetTimeoutError is a TimeoutError
             raise LaunchError(f"the rank actors did not start: {exc}") from None
         log.info("ranks on nodes %s; gloo world at %s:%d", nodes, *master)
+        serve = serve_address(args)
+        if serve:  # rank 0's actor runs the server: only now is its node known
+            log.info("dist_infer: serving at http://%s:%d", serve[0] or nodes[0], serve[1])
         codes, outputs, logs = _wait(ray, actors, [a.run.remote(list(args), *master) for a in actors], timeout)
     finally:
         for a in actors:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import pytest
 
@@ -37,6 +38,17 @@ def ray_local(tmp_path_factory):
 
 
 def ray_yaml(tmp_path, engine, ray_opts: str):
+    """For `ray job submit` the head finds its Python only through the job's runtime_env:
+    `ray.python` names a command that exists only in a directory that runtime_env's PATH
+    adds, so the job fails if the launcher drops either."""
+    if "submit: true" in ray_opts:
+        bin_dir = tmp_path / "head-bin"
+        bin_dir.mkdir(exist_ok=True)
+        python = bin_dir / "ditest-python"
+        python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+        python.chmod(0o755)
+        path = f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+        ray_opts += f", python: ditest-python, runtime_env: {{env_vars: {{PATH: '{path}'}}}}"
     return write_cluster(tmp_path / "ray.yaml", f"""
 launcher: ray
 engine: {engine.dir}

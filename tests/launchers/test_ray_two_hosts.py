@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import TP, launch, ok, tokens
+from .conftest import PP, TP, launch, ok, tokens
 from .daemons import RayCluster
 from .test_ray import _ray_installed, rank_nodes, ray_yaml  # noqa: F401 (autouse fixture)
 
@@ -26,5 +26,7 @@ def test_ray_job_submit_two_hosts(tmp_path, engine, ray_two, two_hosts):
     assert tokens(proc) == engine.reference
     h0, h1 = two_hosts.hosts
     nodes = rank_nodes(proc.stdout + proc.stderr)
-    assert sorted(nodes[:TP]) == sorted(nodes[:TP]) and len(set(nodes[:TP])) == 1  # a TP group on one node
-    assert set(nodes) == {h0.addr, h1.addr} and nodes[0] != nodes[TP]             # stages on different nodes
+    assert len(nodes) == TP * PP, nodes
+    stages = [set(nodes[stage * TP:(stage + 1) * TP]) for stage in range(PP)]
+    assert all(len(s) == 1 for s in stages), f"a TP group spans nodes: {nodes}"
+    assert set.union(*stages) == {h0.addr, h1.addr}, f"the stages share a node: {nodes}"

@@ -5,6 +5,7 @@ launch/sbatch.template.sh and submits it with `sbatch --wait`."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -28,14 +29,19 @@ def slurm(tmp_path_factory, two_hosts):
     cluster.stop()
 
 
-def slurm_yaml(tmp_path, engine, slurm_opts: str, ranks_dir=None) -> str:
-    command = f"command: [{RANK_WRAPPER}, {sys.executable}]\n" if ranks_dir else ""
+def slurm_yaml(tmp_path, engine, slurm_opts: str, ranks_dir=None, command=None) -> str:
+    """The job finds this venv through slurm.setup (the launcher names no local path itself);
+    rank commands default to `python3 -m dist_infer` on the activated PATH."""
+    if ranks_dir:
+        command = [str(RANK_WRAPPER), sys.executable]
     extra_env = f", DIST_INFER_TEST_RANK_DIR: {ranks_dir}" if ranks_dir else ""
     return write_cluster(tmp_path / "slurm.yaml", f"""
 launcher: slurm
 engine: {engine.dir}
 launch_dir: {tmp_path}
-{command}slurm: {{{slurm_opts}, time: "00:05:00", job_name: ditest}}
+{f"command: {json.dumps(command)}" if command else ""}
+slurm: {{{slurm_opts}, time: "00:05:00", job_name: ditest, cpus_per_task: 1,
+        setup: "source {sys.prefix}/bin/activate"}}
 env: {{OMP_NUM_THREADS: "1"{extra_env}}}
 """)
 
@@ -47,7 +53,21 @@ def test_slurm_one_node(tmp_path, engine, slurm, opts):
     cluster = slurm_yaml(tmp_path, engine, f"partition: local, nodes: 1, ntasks_per_node: {TP * PP}, {opts}")
     proc = ok(launch(cluster, engine.run_args, timeout=240, env=slurm.env))
     assert tokens(proc) == engine.reference
-    assert "#SBATCH --partition=local" in (tmp_path / "slurm.sbatch").read_text()
+    script = (tmp_path / "slurm.sbatch").read_text()
+    assert "#SBATCH --partition=local" in script and "#SBATCH --cpus-per-task=1" in script
+    assert "DIST_INFER=(python3 -m dist_infer)" in script  # found through slurm.setup on the node
+
+
+def test_slurm_serve_prints_url(tmp_path, engine, slurm):
+    """`-- serve`: the job announces rank 0's node address and the port before the
+    ranks start (the ranks here just echo their arguments instead of serving)."""
+    cluster = slurm_yaml(tmp_path, engine, f"partition: two, nodes: 2, ntasks_per_node: {TP}, mpi: none",
+                         command=["/bin/echo", "rank-args:"])
+    proc = ok(launch(cluster, ["serve", "--port", "8123"], timeout=120, env=slurm.env))
+    h0 = slurm.hosts.hosts[0]
+    out = proc.stdout
+    assert f"dist_infer: serving at http://{h0.addr}:8123" in out, out
+    assert out.index("serving at") < out.index("rank-args: serve --engine")
 
 
 @pytest.mark.slow
