@@ -26,7 +26,7 @@ from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import LaunchError
 from dist_infer.presets import PRESETS
-from dist_infer.workers.coordinator import Coordinator, Request
+from dist_infer.workers.llm_engine import EngineOptions, LLMEngine, Request
 from dist_infer.workers.worker import RankWorker
 
 log = logging.getLogger(__name__)
@@ -135,35 +135,37 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     kv_bytes_per_token = 2 * len(engine.model.layer_ids) * engine.cache.k.shape[2] * model_cfg.head_dim * \
         engine.cache.k.element_size()
-    coordinator = Coordinator(worker, spec)
+    # As before the step-wise engine: every prompt prefilled in one step, no prefix reuse between repeats.
+    options = EngineOptions(max_num_batched_tokens=max(batch_sizes) * input_len, enable_prefix_caching=False)
+    llm = LLMEngine(worker, spec, options=options)
     gen = torch.Generator().manual_seed(0)
     results = []
     for batch in batch_sizes:
         prompts = [torch.randint(0, model_cfg.vocab_size, (input_len,), generator=gen).tolist() for _ in range(batch)]
         requests = [Request(p, output_len, SamplingParams(), ignore_eos=True) for p in prompts]
         for _ in range(warmup):
-            coordinator.generate(requests)
+            llm.generate(requests)
         torch.cuda.reset_peak_memory_stats(device)
         engine.step_events = []
         t0 = time.perf_counter()
-        completions = coordinator.generate(requests)
+        completions = llm.generate(requests)
         latency = time.perf_counter() - t0
         gpu_ms = engine.decode_gpu_ms()
         engine.step_events = None
-        decode = [s for n, s in coordinator.step_times if n == batch]  # pure decode steps
+        decode = [s for n, s in llm.step_times if n == batch]  # pure decode steps
         mean_ctx = input_len + output_len / 2
         step_bytes = weight_bytes + batch * mean_ctx * kv_bytes_per_token
         mbu = step_bytes / statistics.median(decode) / bandwidth if decode else 0.0
         results.append(CaseResult(batch, latency, max(c.first_token_s for c in completions),
                                   [s * 1e3 for s in decode], sum(len(c.output_ids) for c in completions), mbu,
                                   statistics.median(gpu_ms) if gpu_ms else 0.0))
-    coordinator.shutdown()
+    llm.shutdown()
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
     worker.close()
 
     hf_results = {}
     if baseline == "hf":
-        del engine, worker, coordinator
+        del engine, worker, llm
         torch.cuda.empty_cache()
         hf_results = hf_baseline(hf_config, batch_sizes, input_len, output_len, dtype, device)
     cap = "%d.%d" % torch.cuda.get_device_capability(device)

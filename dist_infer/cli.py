@@ -48,7 +48,7 @@ def _run(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
         chat_template=not args.no_chat_template, json_output=args.json, verify=not args.no_verify,
-        device=args.device,
+        device=args.device, max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
     ))
 
 
@@ -65,6 +65,14 @@ def _launch(args) -> int:
     # A --log-level other than the default is passed on to every rank.
     level = None if args.log_level == "INFO" else args.log_level
     return launch(args.cluster, args.args, dry_run=args.dry_run, log_level=level)
+
+
+def _scheduler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens in one step, prefill chunks and decodes together (default: 2048, or the "
+                        "engine's max batch size if larger); long prompts are prefilled in chunks")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the KV of prompt prefixes shared between requests")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=None, help="prompt i samples with seed SEED+i (default: random)")
     r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     r.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
     r.add_argument("--no-chat-template", action="store_true", help="tokenize prompts as plain text")
     r.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files at load")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
+    _scheduler_args(r)
     r.set_defaults(func=_run)
 
     from dist_infer.presets import PRESETS

@@ -76,3 +76,15 @@ def tokenize(items: list[str | list[int]], tokenizer, chat_template: bool) -> li
             ids = tokenizer(item)["input_ids"]
         out.append(list(ids))
     return out
+
+
+def generation_eos_ids(engine_dir: Path) -> set[int]:
+    """EOS ids that only generation_config.json lists (Llama-3-Instruct ends a turn
+    with <|eot_id|>, which its config.json does not name)."""
+    path = Path(engine_dir) / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    eos = eos if isinstance(eos, list) else [eos]
+    return {int(t) for t in eos if isinstance(t, int)}

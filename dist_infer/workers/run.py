@@ -17,7 +17,7 @@ from dist_infer.comm.bootstrap import resolve_device
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import DistInferError
-from dist_infer.workers.coordinator import Completion, Coordinator, Request
+from dist_infer.workers.llm_engine import Completion, EngineOptions, LLMEngine, Request
 from dist_infer.workers.prompts import load_tokenizer, read_prompts, tokenize
 from dist_infer.workers.worker import RankWorker
 
@@ -33,13 +33,15 @@ class RunOptions:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None  # None: random; S: prompt i draws with seed S + i
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     chat_template: bool = True
     json_output: bool = False
     verify: bool = True
     device: str = "cpu"
+    max_num_batched_tokens: int | None = None
+    prefix_cache: bool = True
 
 
 def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu",
@@ -74,28 +76,34 @@ def _run_rank(opts: RunOptions, spec: EngineSpec, worker: RankWorker) -> int:
     if worker.groups.world.rank != 0:
         worker.serve()
         return 0
-    coordinator = Coordinator(worker, spec)
+    llm = None
 
     def prepare() -> list[Request]:
-        coordinator.tokenizer = load_tokenizer(opts.engine)
-        sampling = SamplingParams(opts.temperature, opts.top_k, opts.top_p, opts.seed)
-        ids = tokenize(read_prompts(opts.prompts, opts.prompts_file), coordinator.tokenizer, opts.chat_template)
-        requests = [Request(p, opts.max_new_tokens, sampling, tuple(opts.stop), opts.ignore_eos) for p in ids]
-        coordinator.validate(requests)
-        return requests
+        nonlocal llm
+        tokenizer = load_tokenizer(opts.engine)
+        llm = LLMEngine(worker, spec, tokenizer, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache))
+        ids = tokenize(read_prompts(opts.prompts, opts.prompts_file), tokenizer, opts.chat_template)
+        return [Request(p, opts.max_new_tokens, _sampling(opts, i), tuple(opts.stop), opts.ignore_eos)
+                for i, p in enumerate(ids)]
 
     # Rank 0 prepares; the other ranks are already in serve(), so a bad request
     # must still release them: stop them before re-raising.
     try:
         requests = prepare()
-        completions = coordinator.generate(requests)
+        completions = llm.generate(requests)
     except DistInferError as exc:
-        exc.collective = True  # shutdown() below releases the other ranks: no abort needed
+        exc.collective = True  # stop() below releases the other ranks: no abort needed
         raise
     finally:
-        coordinator.shutdown()
+        worker.stop()
     _print(completions, opts.json_output)
     return 0
+
+
+def _sampling(opts: RunOptions, index: int) -> SamplingParams:
+    """Each prompt its own stream: duplicate prompts give different samples."""
+    seed = None if opts.seed is None else opts.seed + index
+    return SamplingParams(opts.temperature, opts.top_k, opts.top_p, seed)
 
 
 def _print(completions: list[Completion], as_json: bool) -> None:

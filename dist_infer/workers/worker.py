@@ -2,9 +2,15 @@
 
 Step data flow (PP stages are TP groups; TP rank t talks to TP rank t of the
 neighbouring stages):
-    rank 0 broadcasts StepPlan -> first stage embeds tokens -> each stage runs
+    rank 0 broadcasts a StepPlan -> first stage embeds tokens -> each stage runs
     its layers, sends hidden [N, H] to the next -> last stage computes logits
-    [B, V] -> its TP rank 0 samples -> tokens [B] go to rank 0.
+    [B, V] -> its TP rank 0 samples -> tokens [S] (and logprobs) go to rank 0.
+
+Plans are deltas. Every rank keeps each sequence's block table; a sequence's
+sampling parameters travel once (with its first chunk), and after that a plan
+carries only the tokens to run, the blocks added since the last step, and the
+ids of sequences preempted (table dropped, sampler kept) or finished (both
+dropped).
 """
 
 from __future__ import annotations
@@ -17,32 +23,39 @@ import torch
 from dist_infer.comm.groups import ParallelGroups
 from dist_infer.engine.kv_cache import StepBatch
 from dist_infer.engine.runtime import RankEngine
-from dist_infer.engine.sampling import Sampler, SamplingParams
+from dist_infer.engine.sampling import Logprobs, Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SeqWork:
+class SeqChunk:
     """One sequence's share of a step."""
 
     seq_id: int
-    token_ids: list[int]   # new tokens: the prompt (prefill) or the last sampled token (decode)
+    token_ids: list[int]   # the tokens to run: a prompt (chunk), or the last sampled token
     start_pos: int         # position of token_ids[0]
-    block_table: list[int]
-    sampling: SamplingParams | None = None  # sent with the sequence's first step only
+    new_blocks: list[int]  # appended to the sequence's block table
+    sample: bool = True    # the chunk ends at the sequence's last token: sample the next one
+    sampling: SamplingParams | None = None  # with the sequence's first chunk only
 
 
 @dataclass
 class StepPlan:
-    seqs: list[SeqWork]
-    finished: list[int] = field(default_factory=list)  # seq ids whose sampler state to drop
-    return_logits: bool = False
+    chunks: list[SeqChunk] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)  # block tables to drop (recomputed later)
+    finished: list[int] = field(default_factory=list)   # sequences to forget
+    return_logits: bool = False                          # [B, V] logits of every chunk back to rank 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
 
 
 @dataclass
 class StepResult:
-    tokens: list[int]                   # one per sequence, in plan order
+    tokens: list[int]                   # one per sampling chunk, in plan order
+    logprobs: Logprobs | None = None    # for those chunks, when any of their sequences asked
     logits: torch.Tensor | None = None  # [B, V] float32 when the plan asked
 
 
@@ -52,11 +65,37 @@ class RankWorker:
         self.groups = groups
         self.mapping = groups.mapping
         self.sampler = Sampler(engine.device) if self.mapping.rank == self.mapping.sampler_rank else None
+        self.block_tables: dict[int, list[int]] = {}
+        self.params: dict[int, SamplingParams] = {}  # every rank: rank 0 sizes the logprobs it receives
+
+    def _apply(self, plan: StepPlan) -> None:
+        for seq_id in plan.finished:
+            self.block_tables.pop(seq_id, None)
+            self.params.pop(seq_id, None)
+            if self.sampler is not None:
+                self.sampler.drop(seq_id)
+        for seq_id in plan.preempted:
+            self.block_tables.pop(seq_id, None)
+        for c in plan.chunks:
+            if c.sampling is not None:
+                self.params[c.seq_id] = c.sampling
+                if self.sampler is not None:
+                    self.sampler.add(c.seq_id, c.sampling)
+            self.block_tables.setdefault(c.seq_id, []).extend(c.new_blocks)
+
+    def logprobs_width(self, plan: StepPlan) -> int | None:
+        """Top-k logprobs this step returns: None if no sampled sequence asked for logprobs."""
+        asks = [self.params[c.seq_id].logprobs for c in plan.chunks if c.sample]
+        asks = [k for k in asks if k is not None]
+        return max(asks) if asks else None
 
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Run this rank's part of a step. Returns the result on rank 0 only."""
+        self._apply(plan)
+        if not plan.chunks:
+            return StepResult([]) if self.groups.world.rank == 0 else None
         m, engine = self.mapping, self.engine
-        batch = StepBatch.build([(s.token_ids, s.start_pos, s.block_table) for s in plan.seqs],
+        batch = StepBatch.build([(c.token_ids, c.start_pos, self.block_tables[c.seq_id]) for c in plan.chunks],
                                 engine.spec.build.kv_block_size, engine.device)
         if m.is_first_stage:
             x = batch.input_ids
@@ -67,39 +106,53 @@ class RankWorker:
         if not m.is_last_stage:
             self.groups.pp.send(out, dst=m.pp_rank + 1)
         result = None
-        if m.is_last_stage:
-            logits = out
-            if self.sampler is not None:
-                result = StepResult(self._sample(plan, logits).tolist(), logits if plan.return_logits else None)
+        if self.sampler is not None:
+            result = self._sample(plan, out)
         return self._deliver(plan, result)
 
-    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> torch.Tensor:
-        for seq in plan.seqs:
-            if seq.sampling is not None:
-                self.sampler.add(seq.seq_id, seq.sampling)
-        tokens = self.sampler(logits, [s.seq_id for s in plan.seqs])
-        for seq_id in plan.finished:
-            self.sampler.drop(seq_id)
-        return tokens
+    def _sample(self, plan: StepPlan, logits: torch.Tensor) -> StepResult:
+        rows = [i for i, c in enumerate(plan.chunks) if c.sample]
+        sampled = logits[rows] if len(rows) < len(plan.chunks) else logits
+        tokens = self.sampler(sampled, [plan.chunks[i].seq_id for i in rows])
+        width = self.logprobs_width(plan)
+        logprobs = None if width is None else self.sampler.logprobs(sampled, tokens, width)
+        return StepResult(tokens.tolist(), logprobs, logits if plan.return_logits else None)
 
     def _deliver(self, plan: StepPlan, result: StepResult | None) -> StepResult | None:
-        """Tokens (and logits, if asked) from the sampler rank to rank 0."""
+        """Tokens (and logprobs, logits if asked) from the sampler rank to rank 0."""
         world, src = self.groups.world, self.mapping.sampler_rank
         if src == 0:
             return result
-        n = len(plan.seqs)
         if world.rank == src:
-            world.send(torch.tensor(result.tokens, dtype=torch.int64), dst=0)
-            if plan.return_logits:
-                world.send(result.logits.cpu(), dst=0)
+            for t in self._result_tensors(result):
+                world.send(t.cpu().contiguous(), dst=0)
             return None
         if world.rank != 0:
             return None
-        tokens = world.recv(torch.empty(n, dtype=torch.int64), src=src)
+        return self._receive(plan, src)
+
+    @staticmethod
+    def _result_tensors(result: StepResult) -> list[torch.Tensor]:
+        out = [torch.tensor(result.tokens, dtype=torch.int64)]
+        if result.logprobs is not None:
+            out += [result.logprobs.token, result.logprobs.top_ids, result.logprobs.top]
+        if result.logits is not None:
+            out.append(result.logits.float())
+        return out
+
+    def _receive(self, plan: StepPlan, src: int) -> StepResult:
+        world = self.groups.world
+        s = sum(c.sample for c in plan.chunks)
+        tokens = world.recv(torch.empty(s, dtype=torch.int64), src=src).tolist()
+        logprobs = None
+        if (k := self.logprobs_width(plan)) is not None:
+            logprobs = Logprobs(world.recv(torch.empty(s), src=src), world.recv(torch.empty(s, k, dtype=torch.int64),
+                                src=src), world.recv(torch.empty(s, k), src=src))
         logits = None
         if plan.return_logits:
-            logits = world.recv(torch.empty(n, self.engine.spec.model.vocab_size, dtype=torch.float32), src=src)
-        return StepResult(tokens.tolist(), logits)
+            shape = (len(plan.chunks), self.engine.spec.model.vocab_size)
+            logits = world.recv(torch.empty(shape, dtype=torch.float32), src=src)
+        return StepResult(tokens, logprobs, logits)
 
     def serve(self) -> None:
         """Ranks other than 0: run whatever rank 0 plans until it sends None."""

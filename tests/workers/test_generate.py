@@ -177,9 +177,14 @@ def test_seeded_sampling_reproducible_across_runs_and_layouts(engines, tiny, tmp
     e_tp2, e_tp1 = engines.get(llama, 2, 1), engines.get(llama, 1, 1)
     common = ["--max-new-tokens", str(NEW), "--ignore-eos", *SAMPLING]
     a = [c["output_ids"] for c in run_ids(e_tp2, PROMPTS, 2, tmp_path, *common, "--seed", "7")]
-    # A second run, with a different batch (subset, reversed order): same tokens per prompt.
-    b = [c["output_ids"] for c in run_ids(e_tp2, [PROMPTS[2], PROMPTS[0]], 2, tmp_path, *common, "--seed", "7")]
-    assert b == [a[2], a[0]]
+    # Prompt i samples with seed 7 + i. A second run with a different batch (prompt 0 alone, then
+    # prompt 2 alone as index 0 of a run seeded 9): the same tokens per (prompt, seed).
+    b0 = run_ids(e_tp2, [PROMPTS[0]], 2, tmp_path, *common, "--seed", "7")[0]["output_ids"]
+    b2 = run_ids(e_tp2, [PROMPTS[2]], 2, tmp_path, *common, "--seed", "9")[0]["output_ids"]
+    assert [b0, b2] == [a[0], a[2]]
+    # Duplicate prompts in one run draw from their own streams: different samples.
+    dup = [c["output_ids"] for c in run_ids(e_tp2, [PROMPTS[1]] * 2, 2, tmp_path, *common, "--seed", "7")]
+    assert dup[0] != dup[1]
     # TP=1 gives the same sampled tokens as TP=2.
     c = [c["output_ids"] for c in run_ids(e_tp1, PROMPTS, 1, tmp_path, *common, "--seed", "7")]
     assert c == a

@@ -28,15 +28,16 @@ SCRIPT = textwrap.dedent('''
     import torch
     from dist_infer.engine.sampling import SamplingParams
     from dist_infer.workers.run import start_worker
-    from dist_infer.workers.worker import SeqWork, StepPlan
+    from dist_infer.workers.worker import SeqChunk, StepPlan
 
     engine_dir, out, prompts, tables = sys.argv[1], sys.argv[2], eval(sys.argv[3]), eval(sys.argv[4])
     spec, worker = start_worker(engine_dir)
     if worker.groups.world.rank == 0:
-        first = worker.step(StepPlan([SeqWork(i, p, 0, t, SamplingParams())
+        # A delta plan: tables and sampling travel with the first step only.
+        first = worker.step(StepPlan([SeqChunk(i, p, 0, t, True, SamplingParams())
                                       for i, (p, t) in enumerate(zip(prompts, tables))], return_logits=True))
-        second = worker.step(StepPlan([SeqWork(i, [tok], len(p), t)
-                                       for i, (p, t, tok) in enumerate(zip(prompts, tables, first.tokens))],
+        second = worker.step(StepPlan([SeqChunk(i, [tok], len(p), [])
+                                       for i, (p, tok) in enumerate(zip(prompts, first.tokens))],
                                       return_logits=True))
         worker.stop()
         torch.save({"tokens": [first.tokens, second.tokens], "logits": [first.logits, second.logits],

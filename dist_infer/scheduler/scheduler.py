@@ -1,0 +1,156 @@
+"""In-flight batching under a per-step token budget.
+
+Each step:
+1. running sequences get their tokens, decodes (1 token) first and then the
+   rest of partly prefilled prompts, chunked to what the budget leaves; when
+   the KV pool runs dry, the most recently admitted sequence is preempted
+   (its blocks freed, its tokens kept; it is recomputed when readmitted);
+2. if nothing was preempted, waiting sequences are admitted while the batch
+   has room: first their cached prefix, then a prefill chunk within the budget.
+
+So a long prompt is spread over several steps and never stalls the decoding
+streams, and the tokens one step runs (hence its activation memory) are bounded
+by `max_num_batched_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from dist_infer.scheduler.block_manager import BlockManager
+from dist_infer.scheduler.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int              # sequences in one step (the engine's max batch size)
+    max_num_batched_tokens: int    # tokens in one step, prefill chunks and decodes together
+    max_model_len: int             # prompt + output of one sequence
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({self.max_num_seqs}) so that every running sequence can decode "
+                             "in one step.")
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int                    # position of the chunk's first token (= tokens already in the KV cache)
+    num_tokens: int
+    new_block_ids: list[int]      # blocks the ranks have not seen yet
+    first: bool                   # the ranks meet this sequence for the first time
+    samples: bool                 # the chunk reaches the sequence's last token: its logits give the next one
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start:self.start + self.num_tokens]
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence] = field(default_factory=list)
+    freed_ids: list[int] = field(default_factory=list)  # finished or aborted since the last step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._freed: list[int] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        chunks: dict[int, ScheduledChunk] = {}
+        preempted: list[Sequence] = []
+        budget = self._schedule_running(self.config.max_num_batched_tokens, chunks, preempted)
+        if not preempted:
+            self._admit_waiting(budget, chunks)
+        freed, self._freed = self._freed, []
+        return SchedulerOutput(list(chunks.values()), preempted, freed)
+
+    def _schedule_running(self, budget: int, chunks: dict[int, ScheduledChunk], preempted: list[Sequence]) -> int:
+        # Decodes first (stable sort keeps admission order within each group).
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim.seq_id in chunks:  # already scheduled this step: take its tokens back
+                    budget += chunks.pop(victim.seq_id).num_tokens
+                if victim is seq:
+                    break
+            else:
+                chunks[seq.seq_id] = self._chunk(seq, n)
+                budget -= n
+        return budget
+
+    def _admit_waiting(self, budget: int, chunks: dict[int, ScheduledChunk]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            self.blocks.take_cached_prefix(seq)
+            n = min(seq.num_uncomputed, budget)
+            if not self.blocks.allocate(seq, n):
+                self.blocks.free_sequence(seq)  # give the prefix hits back; retry next step
+                return
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks[seq.seq_id] = self._chunk(seq, n)
+            budget -= n
+
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        first, seq.announced = not seq.announced, True
+        samples = seq.num_computed + n == seq.num_tokens
+        return ScheduledChunk(seq, seq.num_computed, n, seq.take_new_blocks(), first, samples)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption: free the KV, keep the tokens, queue at the front."""
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def computed(self, chunk: ScheduledChunk) -> None:
+        """A step ran the chunk: its tokens' KV is in the cache."""
+        chunk.seq.num_computed = chunk.start + chunk.num_tokens
+        self.blocks.commit(chunk.seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished, aborted or failed) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            return
+        self.blocks.free_sequence(seq)
+        seq.status = SequenceStatus.FINISHED
+        if seq.announced:
+            self._freed.append(seq.seq_id)

@@ -1,0 +1,291 @@
+"""Rank 0's engine loop: add_request / abort / step() -> per-request deltas.
+
+Every step the scheduler picks the chunks to run (decodes, prefill chunks
+within the token budget, preemptions when the KV pool runs dry); they go to
+every rank as one delta StepPlan; the sampled tokens come back and each
+request's detokenizer and stop checks run on them. `generate(list)` is a
+thin loop over `step()` for `dist-infer run` and `bench`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+
+from dist_infer.engine.runtime import EngineSpec
+from dist_infer.engine.sampling import SamplingParams
+from dist_infer.errors import RequestError
+from dist_infer.scheduler import (BlockManager, IncrementalDetokenizer, ScheduledChunk, Scheduler, SchedulerConfig,
+                                  Sequence)
+from dist_infer.workers.prompts import generation_eos_ids
+from dist_infer.workers.worker import RankWorker, SeqChunk, StepPlan, StepResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int = 64
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    max_num_batched_tokens: int | None = None  # None: max(DEFAULT, max_batch_size)
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    """What one step added to one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length" | "abort" | "error"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    index: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None
+    finish_reason: str
+    first_token_s: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_usage: float
+    prefix_hit_rate: float
+    preemptions: int
+    steps: int
+
+
+@dataclass(eq=False)
+class _RequestState:
+    request_id: str
+    request: Request
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    finish_reason: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, worker: RankWorker, spec: EngineSpec, tokenizer=None, options: EngineOptions = EngineOptions()):
+        self.worker = worker
+        self.spec = spec
+        self.tokenizer = tokenizer
+        build = spec.build
+        self.max_seq_len = build.max_seq_len
+        tokens = options.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, build.max_batch_size)
+        try:
+            config = SchedulerConfig(build.max_batch_size, tokens, build.max_seq_len)
+        except ValueError as exc:
+            raise RequestError(f"--max-num-batched-tokens: {exc}") from exc
+        self.blocks = BlockManager(worker.engine.cache.num_blocks, build.kv_block_size, options.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.eos_ids = set(spec.model.eos_token_ids) | generation_eos_ids(spec.directory)
+        self.requests: dict[str, _RequestState] = {}
+        self._by_seq: dict[int, _RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._seeds = random.SystemRandom()
+        self.num_steps = 0
+        self.step_times: list[tuple[int, float]] = []  # (tokens in step, seconds); reset by generate()
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    def validate(self, request: Request, name: str = "prompt") -> None:
+        r, vocab = request, self.spec.model.vocab_size
+        if not r.prompt_ids:
+            raise RequestError(f"{name} is empty.")
+        if r.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}.")
+        if len(r.prompt_ids) + 1 > self.max_seq_len:
+            raise RequestError(f"{name} has {len(r.prompt_ids)} tokens but the engine's max_seq_len is "
+                               f"{self.max_seq_len} (room is needed for at least one new token). Shorten the "
+                               "prompt or rebuild the engine with a larger --max-seq-len.")
+        bad = [t for t in r.prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise RequestError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if r.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer, and this engine has none; use token-id prompts "
+                               "without stop strings.")
+
+    def add_request(self, request_id: str, request: Request) -> None:
+        """Queue a request (validated first: a RequestError leaves the engine untouched)."""
+        self._add(request_id, request)
+
+    def _add(self, request_id: str, request: Request) -> _RequestState:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use.")
+        self.validate(request)
+        if request.sampling.seed is None:  # a concrete seed, so a replay (after a restart) draws the same tokens
+            request = replace(request, sampling=replace(request.sampling, seed=self._seeds.getrandbits(63)))
+        seq = Sequence.from_prompt(next(self._seq_ids), request.prompt_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer is not None else None
+        state = _RequestState(request_id, request, seq, detok)
+        self.requests[request_id] = state
+        self._by_seq[seq.seq_id] = state
+        self.scheduler.add(seq)
+        return state
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its KV blocks (the ranks forget it with the next plan)."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return False
+        self._release(state, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
+                           self.blocks.hit_rate, self.scheduler.num_preemptions, self.num_steps)
+
+    # ---- the step -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step on every rank; returns a delta for each request that got a token."""
+        scheduled = self.scheduler.schedule()
+        plan = StepPlan([self._chunk_work(c) for c in scheduled.chunks], [s.seq_id for s in scheduled.preempted],
+                        scheduled.freed_ids)
+        if not plan.chunks and not plan.finished and not plan.preempted:
+            return []
+        started = time.perf_counter()
+        result = self.worker.step(plan)
+        self.num_steps += 1
+        self.step_times.append((plan.num_tokens, time.perf_counter() - started))
+        return self._process(scheduled.chunks, result)
+
+    def keepalive(self) -> None:
+        """An empty step: idle ranks stay inside their collective timeout, and the
+        ranks forget sequences that were aborted while nothing ran."""
+        freed = self.scheduler.schedule().freed_ids if not self.has_unfinished() else []
+        self.worker.step(StepPlan(finished=freed))
+
+    def _chunk_work(self, chunk: ScheduledChunk) -> SeqChunk:
+        sampling = self._by_seq[chunk.seq.seq_id].request.sampling if chunk.first else None
+        return SeqChunk(chunk.seq.seq_id, chunk.token_ids, chunk.start, chunk.new_block_ids, chunk.samples, sampling)
+
+    def _process(self, chunks: list[ScheduledChunk], result: StepResult) -> list[RequestOutput]:
+        outputs, row = [], 0
+        for chunk in chunks:
+            self.scheduler.computed(chunk)
+            if not chunk.samples:
+                continue
+            state = self._by_seq[chunk.seq.seq_id]
+            try:
+                outputs.append(self._append_token(state, result, row))
+            except Exception as exc:  # one request's failure (e.g. its detokenizer) must not stop the others
+                log.exception("request %s failed", state.request_id)
+                self._release(state, "error")
+                outputs.append(self._final(state, [], "", error=f"{type(exc).__name__}: {exc}"))
+            row += 1
+        return outputs
+
+    def _append_token(self, state: _RequestState, result: StepResult, row: int) -> RequestOutput:
+        token, seq = result.tokens[row], state.seq
+        seq.token_ids.append(token)
+        if state.first_token_s is None:
+            state.first_token_s = time.perf_counter() - state.arrival
+        if state.detok is not None:
+            state.detok.add(token)
+        logprobs = None if result.logprobs is None or state.request.sampling.logprobs is None else \
+            [self._token_logprob(result, row, token, state.request.sampling.logprobs)]
+        reason = self._finish_reason(state)
+        if reason:
+            self._release(state, reason)
+        text = state.detok.delta(finished=reason is not None) if state.detok is not None else ""
+        return RequestOutput(state.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
+                             len(seq.output_ids), seq.num_cached_tokens, logprobs)
+
+    @staticmethod
+    def _token_logprob(result: StepResult, row: int, token: int, k: int) -> TokenLogprob:
+        lp = result.logprobs
+        top = list(zip(lp.top_ids[row, :k].tolist(), lp.top[row, :k].tolist()))
+        return TokenLogprob(token, float(lp.token[row]), top)
+
+    def _finish_reason(self, state: _RequestState) -> str | None:
+        req, seq = state.request, state.seq
+        if not req.ignore_eos and seq.token_ids[-1] in self.eos_ids:
+            return "stop"
+        if state.detok is not None and state.detok.stopped_at is not None:
+            return "stop"
+        if len(seq.output_ids) >= req.max_new_tokens or seq.num_tokens >= self.max_seq_len:
+            return "length"
+        return None
+
+    def _release(self, state: _RequestState, reason: str) -> None:
+        state.finish_reason = reason
+        self.scheduler.finish(state.seq)
+        self.requests.pop(state.request_id, None)
+        self._by_seq.pop(state.seq.seq_id, None)
+
+    def _final(self, state: _RequestState, ids: list[int], text: str, error: str | None = None) -> RequestOutput:
+        seq = state.seq
+        return RequestOutput(state.request_id, ids, text, True, state.finish_reason, seq.num_prompt_tokens,
+                             len(seq.output_ids), seq.num_cached_tokens, None, error)
+
+    # ---- offline use --------------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Run a fixed list of requests to completion (in-flight batched)."""
+        for i, r in enumerate(requests):
+            self.validate(r, f"prompt {i}")
+        started = time.perf_counter()
+        self.step_times = []
+        states = [self._add(f"generate-{id(requests)}-{i}", r) for i, r in enumerate(requests)]
+        while self.has_unfinished():
+            outputs = self.step()
+            if not outputs and not self.scheduler.running:
+                raise RuntimeError(f"no request could be scheduled ({self.blocks.num_free} free KV blocks)")
+            for out in outputs:
+                if out.error:
+                    raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+        completions = [self._completion(i, s) for i, s in enumerate(states)]
+        self._log_throughput(completions, time.perf_counter() - started)
+        return completions
+
+    def _completion(self, index: int, state: _RequestState) -> Completion:
+        ids = state.seq.output_ids
+        text = None
+        if state.detok is not None:
+            ids, text = ids[:state.detok.ids_before_stop()], state.detok.text
+        return Completion(index, state.request.prompt_ids, ids, text, state.finish_reason, state.first_token_s or 0.0)
+
+    def _log_throughput(self, completions: list[Completion], elapsed: float) -> None:
+        generated = sum(len(c.output_ids) for c in completions)
+        log.info("%d requests, %d tokens in %d steps, %.2f s (%.1f tok/s)", len(completions), generated,
+                 len(self.step_times), elapsed, generated / max(elapsed, 1e-9))
+
+    def shutdown(self) -> None:
+        self.worker.stop()

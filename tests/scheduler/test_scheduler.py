@@ -1,0 +1,145 @@
+"""Scheduler: admission under a small pool, token budget and chunked prefill,
+preemption and resumption, prefix hits, abort, and the plan deltas."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_infer.scheduler import BlockManager, Scheduler, SchedulerConfig, Sequence, SequenceStatus
+
+BS = 4
+
+
+def _sched(blocks=64, seqs=8, tokens=64, max_len=64, prefix=True) -> Scheduler:
+    return Scheduler(SchedulerConfig(seqs, tokens, max_len), BlockManager(blocks, BS, prefix))
+
+
+def _add(s: Scheduler, seq_id: int, n: int, first_token: int = 0) -> Sequence:
+    seq = Sequence.from_prompt(seq_id, [first_token + seq_id * 1000 + i for i in range(n)])
+    s.add(seq)
+    return seq
+
+
+def _run(s: Scheduler, out, token: int = 7) -> None:
+    """As the engine does after a step: mark chunks computed, append a token where sampled."""
+    for c in out.chunks:
+        s.computed(c)
+        if c.samples:
+            c.seq.token_ids.append(token)
+
+
+def test_config_validated():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        SchedulerConfig(8, 4, 64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        SchedulerConfig(1, 4, 0)
+
+
+def test_prefill_then_decode_with_block_deltas():
+    s = _sched()
+    a = _add(s, 0, 6)
+    out = s.schedule()
+    (c,) = out.chunks
+    assert (c.start, c.num_tokens, c.first, c.samples) == (0, 6, True, True)
+    assert len(c.new_block_ids) == 2 and c.token_ids == a.token_ids[:6]
+    _run(s, out)
+    out = s.schedule()
+    (c,) = out.chunks
+    assert (c.start, c.num_tokens, c.first, c.new_block_ids) == (6, 1, False, [])  # fits the 2nd block
+    _run(s, out)
+    _run(s, out2 := s.schedule())
+    (c,) = s.schedule().chunks
+    assert c.start == 8 and len(c.new_block_ids) == 1 and out2.chunks[0].new_block_ids == []
+
+
+def test_chunked_prefill_under_budget_keeps_decodes_running():
+    s = _sched(tokens=8)
+    a = _add(s, 0, 3)
+    _run(s, s.schedule())                    # a decoding from now on
+    b = _add(s, 1, 20)                       # a long prompt
+    seen = []
+    for _ in range(4):
+        out = s.schedule()
+        assert out.num_tokens <= 8
+        assert out.chunks[0].seq is a and out.chunks[0].num_tokens == 1   # the decode goes first, every step
+        seen.append([(c.seq.seq_id, c.start, c.num_tokens, c.samples) for c in out.chunks[1:]])
+        _run(s, out)
+    assert seen == [[(1, 0, 7, False)], [(1, 7, 7, False)], [(1, 14, 6, True)], [(1, 20, 1, True)]]
+    assert b.num_computed == 21
+
+
+def test_max_num_seqs_limits_admission():
+    s = _sched(seqs=2)
+    seqs = [_add(s, i, 3) for i in range(3)]
+    out = s.schedule()
+    assert [c.seq for c in out.chunks] == seqs[:2] and seqs[2].status is SequenceStatus.WAITING
+    s.finish(seqs[0])
+    out = s.schedule()
+    assert seqs[2] in [c.seq for c in out.chunks] and out.freed_ids == [0]
+
+
+def test_admission_waits_for_blocks_under_a_small_pool():
+    s = _sched(blocks=5)                     # 4 usable blocks = 16 tokens
+    a, b = _add(s, 0, 12), _add(s, 1, 8)
+    out = s.schedule()
+    assert [c.seq for c in out.chunks] == [a] and b.status is SequenceStatus.WAITING and b.block_ids == []
+    s.finish(a)
+    assert [c.seq for c in s.schedule().chunks] == [b]
+
+
+def test_preemption_frees_latest_and_resumes_with_same_tokens():
+    s = _sched(blocks=5, prefix=False)       # 16 tokens of KV
+    a, b = _add(s, 0, 7), _add(s, 1, 7)
+    _run(s, s.schedule())                    # both prefilled: 2 blocks each, pool full
+    assert s.blocks.num_free == 0
+    a_tokens = list(a.token_ids)
+    out = s.schedule()                       # both fit position 7 in their 2nd block
+    _run(s, out)
+    out = s.schedule()                       # a needs a 3rd block: b (admitted last) is preempted
+    assert [p.seq_id for p in out.preempted] == [1] and [c.seq for c in out.chunks] == [a]
+    assert b.status is SequenceStatus.WAITING and b.block_ids == [] and b.num_computed == 0
+    assert s.waiting[0] is b and b.num_tokens == 9  # its tokens are kept
+    _run(s, out)
+    s.finish(a)
+    out = s.schedule()
+    (c,) = out.chunks
+    assert c.seq is b and (c.start, c.num_tokens, c.first, c.samples) == (0, 9, False, True)  # recompute all
+    assert len(c.new_block_ids) == 3 and a_tokens[:7] == a.token_ids[:7]
+
+
+def test_preempting_itself_when_alone_is_not_possible_but_last_yields():
+    """Two sequences that cannot both grow: the older keeps running to the end."""
+    s = _sched(blocks=4, max_len=12, prefix=False)   # 3 usable blocks
+    a, b = _add(s, 0, 4), _add(s, 1, 4)
+    for _ in range(8):
+        out = s.schedule()
+        _run(s, out)
+        if a.num_tokens >= 12:
+            break
+    assert a.status is SequenceStatus.RUNNING and a.num_tokens == 12
+    assert b.num_preemptions >= 1
+
+
+def test_prefix_hit_skips_cached_tokens():
+    s = _sched()
+    a = _add(s, 0, 10)
+    _run(s, s.schedule())
+    b = Sequence.from_prompt(1, a.token_ids[:8] + [5, 6])
+    s.add(b)
+    out = s.schedule()
+    cb = next(c for c in out.chunks if c.seq is b)
+    assert (cb.start, cb.num_tokens) == (8, 2) and b.num_cached_tokens == 8
+    assert cb.new_block_ids[:2] == a.block_ids[:2]   # the shared blocks are part of its table
+    assert s.blocks.hit_rate > 0
+
+
+def test_abort_waiting_and_running():
+    s = _sched(seqs=1)
+    a, b = _add(s, 0, 3), _add(s, 1, 3)
+    _run(s, s.schedule())
+    s.finish(b)                              # waiting, never announced: nothing to tell the ranks
+    s.finish(a)                              # running: blocks freed, the ranks are told
+    assert s.blocks.num_free == 63 and not s.has_work()
+    assert s.schedule().freed_ids == [0]
+    s.finish(a)                              # twice is harmless
+    assert s.schedule().freed_ids == []
