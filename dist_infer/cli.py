@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -50,6 +51,19 @@ def _run(args) -> int:
         chat_template=not args.no_chat_template, json_output=args.json, verify=not args.no_verify,
         device=args.device, max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
     ))
+
+
+def _serve(args) -> int:
+    from dist_infer.workers.serve import ServeOptions, check_serve_options, serve
+
+    opts = ServeOptions(
+        engine=Path(args.engine), host=args.host, port=args.port, served_model_name=args.served_model_name,
+        max_queue=args.max_queue, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
+        keepalive_s=args.keepalive, device=args.device, verify=not args.no_verify,
+        max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
+        frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None)
+    check_serve_options(opts)  # every rank, before any rank loads anything
+    return serve(opts)
 
 
 def _bench(args) -> int:
@@ -120,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     _scheduler_args(r)
     r.set_defaults(func=_run)
+
+    v = sub.add_parser("serve", help="OpenAI- and Triton-compatible HTTP server; launch with `mpirun -n TP*PP`")
+    v.add_argument("--engine", required=True)
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--served-model-name", help="the model name clients send (default: the engine directory's name)")
+    v.add_argument("--max-queue", type=int, default=1024,
+                   help="requests waiting beyond the running batch before new ones get 503")
+    v.add_argument("--api-key", default=os.environ.get("DIST_INFER_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default: $DIST_INFER_API_KEY)")
+    v.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM/SIGINT waits for running requests before aborting them")
+    v.add_argument("--device", default="cpu", help="cpu or cuda")
+    v.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files at load")
+    _scheduler_args(v)
+    v.add_argument("--keepalive", type=float, default=30.0, help=argparse.SUPPRESS)  # idle ranks' empty-step period
+    v.add_argument("--no-frontend", action="store_true", help=argparse.SUPPRESS)     # engine only (dist_infer.LLM)
+    v.add_argument("--ipc-dir", help=argparse.SUPPRESS)                              # its sockets' directory
+    v.set_defaults(func=_serve)
 
     from dist_infer.presets import PRESETS
 

@@ -64,6 +64,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    queue_s: float | None = None  # arrival to first scheduled, with the first token
 
 
 @dataclass
@@ -94,6 +95,7 @@ class _RequestState:
     detok: IncrementalDetokenizer | None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
+    scheduled_s: float | None = None
     finish_reason: str | None = None
 
 
@@ -164,6 +166,12 @@ class LLMEngine:
         self._release(state, "abort")
         return True
 
+    def abort_output(self, request_id: str) -> RequestOutput:
+        """Abort a request and return its final delta (finish_reason "abort")."""
+        state = self.requests[request_id]
+        self._release(state, "abort")
+        return self._final(state, [], "")
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -193,7 +201,10 @@ class LLMEngine:
         self.worker.step(StepPlan(finished=freed))
 
     def _chunk_work(self, chunk: ScheduledChunk) -> SeqChunk:
-        sampling = self._by_seq[chunk.seq.seq_id].request.sampling if chunk.first else None
+        state = self._by_seq[chunk.seq.seq_id]
+        sampling = None
+        if chunk.first:
+            sampling, state.scheduled_s = state.request.sampling, time.perf_counter() - state.arrival
         return SeqChunk(chunk.seq.seq_id, chunk.token_ids, chunk.start, chunk.new_block_ids, chunk.samples, sampling)
 
     def _process(self, chunks: list[ScheduledChunk], result: StepResult) -> list[RequestOutput]:
@@ -215,8 +226,9 @@ class LLMEngine:
     def _append_token(self, state: _RequestState, result: StepResult, row: int) -> RequestOutput:
         token, seq = result.tokens[row], state.seq
         seq.token_ids.append(token)
+        queue_s = None
         if state.first_token_s is None:
-            state.first_token_s = time.perf_counter() - state.arrival
+            state.first_token_s, queue_s = time.perf_counter() - state.arrival, state.scheduled_s
         if state.detok is not None:
             state.detok.add(token)
         logprobs = None if result.logprobs is None or state.request.sampling.logprobs is None else \
@@ -226,7 +238,7 @@ class LLMEngine:
             self._release(state, reason)
         text = state.detok.delta(finished=reason is not None) if state.detok is not None else ""
         return RequestOutput(state.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
-                             len(seq.output_ids), seq.num_cached_tokens, logprobs)
+                             len(seq.output_ids), seq.num_cached_tokens, logprobs, queue_s=queue_s)
 
     @staticmethod
     def _token_logprob(result: StepResult, row: int, token: int, k: int) -> TokenLogprob:

@@ -1,0 +1,143 @@
+"""Rank 0's serving loop: requests arrive on a ZeroMQ socket, steps run, deltas go back.
+
+The front-end (HTTP server or `dist_infer.LLM`) lives in another process, so
+tokenization, JSON and SSE never stall a step. Two local sockets, both bound
+here: the front-end PUSHes commands into `requests`, and PULLs step outputs
+and heartbeats from `outputs`.
+
+Commands (pickled tuples): ("add", request_id, Request) | ("abort", request_id)
+| ("drain", timeout_s) | ("shutdown",). Messages back: ("outputs", [RequestOutput])
+| ("rejected", request_id, message) | ("heartbeat", EngineStats, draining).
+
+While no request runs the loop blocks on the socket (no busy core) and sends
+the other ranks an empty keepalive step every `keepalive_s`, so their wait for
+the next plan never reaches a collective timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from dist_infer.errors import RequestError
+from dist_infer.workers.llm_engine import LLMEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineAddresses:
+    requests: str  # front-end -> engine
+    outputs: str   # engine -> front-end
+
+    @classmethod
+    def in_directory(cls, directory: Path) -> EngineAddresses:
+        return cls(f"ipc://{directory}/requests.sock", f"ipc://{directory}/outputs.sock")
+
+
+class EngineLoop:
+    heartbeat_s = 0.5
+
+    def __init__(self, engine: LLMEngine, addresses: EngineAddresses, keepalive_s: float = 30.0):
+        self.engine = engine
+        self.keepalive_s = keepalive_s
+        self.ctx = zmq.Context()
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.bind(addresses.requests)
+        self.outbox = self.ctx.socket(zmq.PUSH)
+        self.outbox.setsockopt(zmq.LINGER, 1000)
+        self.outbox.bind(addresses.outputs)
+        self.drain_deadline: float | None = None
+        self.stopping = False
+        self._last_heartbeat = 0.0
+        self._last_plan = time.monotonic()
+
+    def handle_signals(self, shutdown_timeout: float) -> None:
+        """SIGTERM / SIGINT drain: refuse new requests, finish the running ones within the timeout."""
+        def drain(signum, frame):
+            log.info("%s: draining (at most %.0f s)", signal.Signals(signum).name, shutdown_timeout)
+            self.start_drain(shutdown_timeout)
+        signal.signal(signal.SIGTERM, drain)
+        signal.signal(signal.SIGINT, drain)
+
+    def start_drain(self, timeout_s: float) -> None:
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + timeout_s
+
+    def run(self, should_stop=lambda: False) -> None:
+        """Serve until shut down, drained, or `should_stop()` (e.g. the front-end died)."""
+        while not self.stopping and not should_stop():
+            busy = self.engine.has_unfinished()
+            self._receive(0 if busy else min(self.heartbeat_s, self.keepalive_s) * 1000)
+            if self.engine.has_unfinished():
+                self._send(("outputs", self.engine.step()))
+                self._last_plan = time.monotonic()
+            elif time.monotonic() - self._last_plan > self.keepalive_s:
+                self.engine.keepalive()
+                self._last_plan = time.monotonic()
+            self._heartbeat()
+            self._check_drain()
+        self._heartbeat(force=True)
+
+    def _receive(self, timeout_ms: float) -> None:
+        if not self.inbox.poll(timeout_ms):
+            return
+        while True:
+            try:
+                message = pickle.loads(self.inbox.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self._handle(message)
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "add":
+            self._add(message[1], message[2])
+        elif kind == "abort":
+            self.engine.abort(message[1])
+        elif kind == "drain":
+            self.start_drain(message[1])
+        elif kind == "shutdown":
+            self.stopping = True
+
+    def _add(self, request_id: str, request) -> None:
+        if self.drain_deadline is not None:
+            self._send(("rejected", request_id, "the server is shutting down"))
+            return
+        try:
+            self.engine.add_request(request_id, request)
+        except RequestError as exc:
+            self._send(("rejected", request_id, str(exc)))
+
+    def _check_drain(self) -> None:
+        if self.drain_deadline is None:
+            return
+        if not self.engine.has_unfinished():
+            self.stopping = True
+        elif time.monotonic() > self.drain_deadline:
+            ids = list(self.engine.requests)
+            log.warning("shutdown timeout: aborting %d unfinished requests", len(ids))
+            self._send(("outputs", [self.engine.abort_output(i) for i in ids]))
+            self.stopping = True
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_heartbeat >= self.heartbeat_s:
+            self._send(("heartbeat", self.engine.stats(), self.drain_deadline is not None or self.stopping))
+            self._last_heartbeat = now
+
+    def _send(self, message: tuple) -> None:
+        if message[0] == "outputs" and not message[1]:
+            return
+        self.outbox.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def close(self) -> None:
+        self.inbox.close(linger=0)
+        self.outbox.close()
+        self.ctx.term()

@@ -1,0 +1,143 @@
+"""`dist-infer serve`, the rank side: every rank loads its engine; rank 0 runs
+the engine loop and starts the HTTP front-end as its own process.
+
+    mpirun -n N dist-infer serve --engine DIR --port 8000
+      rank 0: LLMEngine + EngineLoop (ZeroMQ) <-> front-end process (uvicorn/FastAPI)
+      ranks 1..N-1: RankWorker.serve(), the same step loop as `run`
+
+SIGTERM / SIGINT drain: rank 0 refuses new requests, finishes the running ones
+(at most --shutdown-timeout), releases the other ranks, stops the front-end,
+and every process exits 0. The other ranks ignore the signal (mpirun and
+scancel send it to every rank): rank 0 releases them when the drain is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dist_infer.errors import LaunchError
+from dist_infer.log import launch_rank
+from dist_infer.workers.engine_loop import EngineAddresses, EngineLoop
+from dist_infer.workers.llm_engine import EngineOptions, LLMEngine
+from dist_infer.workers.run import start_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    engine: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    max_queue: int = 1024
+    api_key: str | None = None
+    shutdown_timeout: float = 30.0
+    keepalive_s: float = 30.0
+    device: str = "cpu"
+    verify: bool = True
+    max_num_batched_tokens: int | None = None
+    prefix_cache: bool = True
+    frontend: bool = True              # False: engine only (dist_infer.LLM connects to --ipc-dir)
+    ipc_dir: Path | None = None
+    frontend_args: list[str] = field(default_factory=list)
+
+    def frontend_command(self, ipc_dir: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "dist_infer.serve.api_server", "--engine", str(self.engine), "--ipc-dir",
+               str(ipc_dir), "--host", self.host, "--port", str(self.port), "--max-queue", str(self.max_queue),
+               "--shutdown-timeout", str(self.shutdown_timeout)]
+        if self.served_model_name:
+            cmd += ["--served-model-name", self.served_model_name]
+        return cmd + self.frontend_args
+
+
+def serve(opts: ServeOptions) -> int:
+    spec, worker = start_worker(opts.engine, opts.verify, opts.device)
+    if worker.groups.world.rank != 0:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        worker.serve()
+        worker.close()
+        return 0
+    engine = LLMEngine(worker, spec, None, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache))
+    ipc_dir = Path(opts.ipc_dir or tempfile.mkdtemp(prefix="dist-infer-"))
+    loop = EngineLoop(engine, EngineAddresses.in_directory(ipc_dir), opts.keepalive_s)
+    loop.handle_signals(opts.shutdown_timeout)
+    frontend = _start_frontend(opts, ipc_dir) if opts.frontend else None
+    try:
+        loop.run(should_stop=lambda: frontend is not None and frontend.poll() is not None)
+    finally:
+        worker.stop()
+        loop.close()
+    code = _stop_frontend(frontend)
+    worker.close()
+    return code
+
+
+def _start_frontend(opts: ServeOptions, ipc_dir: Path) -> subprocess.Popen:
+    # The API key travels in the environment, not on a command line that `ps` shows.
+    env = {**os.environ, "DIST_INFER_API_KEY": opts.api_key or ""}
+    proc = subprocess.Popen(opts.frontend_command(ipc_dir), env=env)
+    log.info("HTTP front-end pid %d on http://%s:%d", proc.pid, opts.host, opts.port)
+    return proc
+
+
+def _stop_frontend(proc: subprocess.Popen | None) -> int:
+    """0 after a drain; the front-end's own code if it ended first (it failed to start, say)."""
+    if proc is None:
+        return 0
+    if proc.poll() is not None:
+        return proc.returncode or 0
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return 0
+
+
+def check_serve_options(opts: ServeOptions) -> None:
+    """Refuse bad knobs before any rank loads anything (exit 2, with the fix)."""
+    from dist_infer.engine.runtime import EngineSpec
+
+    if not 1 <= opts.port <= 65535:
+        raise LaunchError(f"--port must be in 1..65535, got {opts.port}.")
+    if opts.max_queue < 0:
+        raise LaunchError(f"--max-queue must be >= 0, got {opts.max_queue}.")
+    if opts.shutdown_timeout < 0:
+        raise LaunchError(f"--shutdown-timeout must be >= 0 seconds, got {opts.shutdown_timeout}.")
+    if opts.keepalive_s <= 0:
+        raise LaunchError(f"--keepalive must be > 0 seconds, got {opts.keepalive_s}.")
+    spec = EngineSpec.read(opts.engine)
+    tokens = opts.max_num_batched_tokens
+    if tokens is not None and tokens < spec.build.max_batch_size:
+        raise LaunchError(f"--max-num-batched-tokens {tokens} is below the engine's max batch size "
+                          f"({spec.build.max_batch_size}): every running sequence must fit one step. Use at least "
+                          f"{spec.build.max_batch_size}.")
+    if opts.frontend and launch_rank() == 0:
+        _check_port_free(opts.host, opts.port)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise LaunchError(f"--host {host!r} does not resolve ({exc}); use an address of this node, or 0.0.0.0.")
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise LaunchError(f"cannot listen on {host}:{port}: {exc.strerror}. Pick a free --port (or stop the "
+                              "server that holds it).") from exc
