@@ -13,6 +13,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -99,28 +100,36 @@ def bench_line(**fields) -> str:
 
 def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: int, output_len: int,
               dtype: str = "bfloat16", baseline: str | None = None, cuda_graphs: bool = True,
-              warmup: int = 1) -> int:
+              warmup: int = 1, engine_dir: Path | None = None) -> int:
     world = world_from_launch()
-    mapping = Mapping(tp, pp)
-    if world.size != mapping.world_size:
-        raise LaunchError(f"--tp {tp} --pp {pp} needs {mapping.world_size} processes; launch with "
-                          f"`mpirun -n {mapping.world_size} dist-infer bench ...` (got {world.size}).")
     device = torch.device(collective_call(world, lambda: resolve_device("cuda", world.rank)))
     torch.cuda.set_device(device)
-    hf_config = preset_config(preset)
-    model_cfg = ModelConfig.from_hf(hf_config)
-    check_layout(model_cfg, tp, pp)
-    build = BuildConfig(dtype=dtype, max_batch_size=max(batch_sizes),
-                        max_seq_len=input_len + output_len + 16, kv_block_size=16)
-    spec = EngineSpec(directory=None, model=model_cfg, mapping=mapping, build=build,
-                      vocab_size_padded=-(-model_cfg.vocab_size // tp) * tp, files={})
     started = time.perf_counter()
-    groups = ParallelGroups.build(world, mapping, str(device))
-    with torch.device("meta"):
-        shapes = StageModel(model_cfg, groups.mapping, groups.tp, spec.vocab_size_padded, DTYPES[dtype])
-    weights = random_rank_weights(shapes, device, seed=groups.mapping.rank)
-    engine = load_rank_engine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs, weights=weights)
-    del weights
+    if engine_dir is not None:  # a built engine (e.g. the one `serve` is measured on)
+        spec = collective_call(world, lambda: EngineSpec.read(engine_dir))
+        collective_call(world, lambda: spec.check_world(world.size))
+        hf_config, model_cfg, dtype, preset = None, spec.model, spec.build.dtype, str(engine_dir)
+        tp, pp = spec.mapping.tp, spec.mapping.pp
+        groups = ParallelGroups.build(world, spec.mapping, str(device))
+        engine = load_rank_engine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs)
+    else:
+        mapping = Mapping(tp, pp)
+        if world.size != mapping.world_size:
+            raise LaunchError(f"--tp {tp} --pp {pp} needs {mapping.world_size} processes; launch with "
+                              f"`mpirun -n {mapping.world_size} dist-infer bench ...` (got {world.size}).")
+        hf_config = preset_config(preset)
+        model_cfg = ModelConfig.from_hf(hf_config)
+        check_layout(model_cfg, tp, pp)
+        build = BuildConfig(dtype=dtype, max_batch_size=max(batch_sizes),
+                            max_seq_len=input_len + output_len + 16, kv_block_size=16)
+        spec = EngineSpec(directory=None, model=model_cfg, mapping=mapping, build=build,
+                          vocab_size_padded=-(-model_cfg.vocab_size // tp) * tp, files={})
+        groups = ParallelGroups.build(world, mapping, str(device))
+        with torch.device("meta"):
+            shapes = StageModel(model_cfg, groups.mapping, groups.tp, spec.vocab_size_padded, DTYPES[dtype])
+        weights = random_rank_weights(shapes, device, seed=groups.mapping.rank)
+        engine = load_rank_engine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs, weights=weights)
+        del weights
     torch.cuda.synchronize(device)
     build_time = collective_call(world, lambda: time.perf_counter() - started, gather=True)
     worker = RankWorker(engine, groups)
@@ -164,7 +173,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     worker.close()
 
     hf_results = {}
-    if baseline == "hf":
+    if baseline == "hf" and hf_config is not None:
         del engine, worker, llm
         torch.cuda.empty_cache()
         hf_results = hf_baseline(hf_config, batch_sizes, input_len, output_len, dtype, device)

@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from dist_infer.errors import DistInferError
+from dist_infer.errors import CheckpointError, DistInferError
 
 log = logging.getLogger("dist_infer")
 
@@ -35,6 +35,16 @@ def _build(args) -> int:
     config = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                          kv_block_size=args.kv_block_size)
     world = world_from_launch()
+    if args.random_weights:
+        from dist_infer.engine.random_engine import build_random_engine
+
+        build_random_engine(args.random_weights, Path(args.out), args.tp, args.pp, config,
+                            Path(args.tokenizer) if args.tokenizer else None, world=world, force=args.force)
+        if world.rank == 0:
+            print(f"engine written to {args.out}")
+        return 0
+    if not args.checkpoint:
+        raise CheckpointError("build needs --checkpoint DIR (a partitioned checkpoint), or --random-weights PRESET.")
     build(Path(args.checkpoint), Path(args.out), config, world, force=args.force)
     if world.rank == 0:
         print(f"engine written to {args.out}")
@@ -50,6 +60,7 @@ def _run(args) -> int:
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
         chat_template=not args.no_chat_template, json_output=args.json, verify=not args.no_verify,
         device=args.device, max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
+        num_kv_blocks=args.num_kv_blocks,
     ))
 
 
@@ -61,7 +72,7 @@ def _serve(args) -> int:
         max_queue=args.max_queue, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
         keepalive_s=args.keepalive, device=args.device, verify=not args.no_verify,
         max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
-        frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None)
+        num_kv_blocks=args.num_kv_blocks, frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None)
     check_serve_options(opts)  # every rank, before any rank loads anything
     return serve(opts)
 
@@ -70,7 +81,8 @@ def _bench(args) -> int:
     from dist_infer.bench import run_bench
 
     return run_bench(args.model, args.tp, args.pp, args.batch_size, args.input_len, args.output_len,
-                     dtype=args.dtype, baseline=args.baseline, cuda_graphs=not args.no_cuda_graphs)
+                     dtype=args.dtype, baseline=args.baseline, cuda_graphs=not args.no_cuda_graphs,
+                     engine_dir=Path(args.engine) if args.engine else None)
 
 
 def _launch(args) -> int:
@@ -87,6 +99,9 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
                         "engine's max batch size if larger); long prompts are prefilled in chunks")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse the KV of prompt prefixes shared between requests")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="cap the KV pool at this many blocks (default: what memory and the engine allow); "
+                        "a pool too small for every request at once preempts and recomputes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="build per-rank engines from a partitioned checkpoint "
                                      "(one process, or one process per rank under mpirun)")
-    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--checkpoint", help="partitioned checkpoint directory (from `dist-infer partition`)")
+    b.add_argument("--random-weights", metavar="PRESET", help="instead of a checkpoint: random weights at a "
+                   "preset's shape (e.g. llama-3-8b), for benchmarks; the tokenizer comes from --tokenizer")
+    b.add_argument("--tokenizer", help="with --random-weights: a HF tokenizer directory (default: SmolLM2's)")
+    b.add_argument("--tp", type=int, default=1, help="with --random-weights: tensor-parallel size")
+    b.add_argument("--pp", type=int, default=1, help="with --random-weights: pipeline-parallel size")
     b.add_argument("--out", required=True, help="engine directory")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     b.add_argument("--max-batch-size", type=int, default=8)
@@ -167,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     k.add_argument("--baseline", choices=["hf"], help="also run transformers generate on rank 0's GPU")
     k.add_argument("--no-cuda-graphs", action="store_true")
+    k.add_argument("--engine", help="measure this built engine instead of a random-weight preset (no --baseline)")
     k.set_defaults(func=_bench)
 
     la = sub.add_parser("launch", help="start a job from a cluster file (clusters/*.yaml): mpirun, sbatch or Ray",

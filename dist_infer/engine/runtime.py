@@ -212,12 +212,15 @@ class RankEngine:
 
 
 def load_rank_engine(spec: EngineSpec, groups: ParallelGroups, device: str = "cpu", verify: bool = True,
-                     cuda_graphs: bool = True, weights: dict[str, torch.Tensor] | None = None) -> RankEngine:
+                     cuda_graphs: bool = True, weights: dict[str, torch.Tensor] | None = None,
+                     max_kv_blocks: int | None = None) -> RankEngine:
     """Collective over groups.world: load every rank's weights, agree on one KV
     pool size (the smallest that fits anywhere), allocate, capture graphs. A
-    user error on any rank is raised on every rank."""
+    user error on any rank is raised on every rank. max_kv_blocks caps the pool
+    (to leave memory to others, or to exercise preemption)."""
     world = groups.world
     engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify, weights))
     blocks = min(collective_call(world, engine.kv_blocks_that_fit, gather=True))
+    blocks = min(blocks, max_kv_blocks or blocks)
     collective_call(world, lambda: engine.allocate(blocks, cuda_graphs))
     return engine

@@ -42,10 +42,11 @@ class RunOptions:
     device: str = "cpu"
     max_num_batched_tokens: int | None = None
     prefix_cache: bool = True
+    num_kv_blocks: int | None = None
 
 
-def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu",
-                 cuda_graphs: bool = True) -> tuple[EngineSpec, RankWorker]:
+def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu", cuda_graphs: bool = True,
+                 max_kv_blocks: int | None = None) -> tuple[EngineSpec, RankWorker]:
     """Join the launch's world and load this rank's engine (collectively: a
     problem on any rank stops every rank with the same message)."""
     world = world_from_launch()
@@ -54,7 +55,7 @@ def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu",
     collective_call(world, lambda: spec.check_world(world.size))
     groups = ParallelGroups.build(world, spec.mapping, device)
     started = time.perf_counter()
-    engine = load_rank_engine(spec, groups, device, verify, cuda_graphs)
+    engine = load_rank_engine(spec, groups, device, verify, cuda_graphs, max_kv_blocks=max_kv_blocks)
     log.info("loaded engine rank %d (tp_rank %d, pp_rank %d, layers %d-%d) on %s:%s pid %d in %.2f s",
              groups.mapping.rank, groups.mapping.tp_rank, groups.mapping.pp_rank, engine.model.layer_ids.start,
              engine.model.layer_ids.stop - 1, socket.gethostname(), device, os.getpid(), time.perf_counter() - started)
@@ -62,7 +63,7 @@ def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu",
 
 
 def run(opts: RunOptions) -> int:
-    spec, worker = start_worker(opts.engine, opts.verify, opts.device)
+    spec, worker = start_worker(opts.engine, opts.verify, opts.device, max_kv_blocks=opts.num_kv_blocks)
     try:
         code = _run_rank(opts, spec, worker)
     except DistInferError:

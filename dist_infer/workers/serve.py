@@ -45,6 +45,7 @@ class ServeOptions:
     verify: bool = True
     max_num_batched_tokens: int | None = None
     prefix_cache: bool = True
+    num_kv_blocks: int | None = None
     frontend: bool = True              # False: engine only (dist_infer.LLM connects to --ipc-dir)
     ipc_dir: Path | None = None
     frontend_args: list[str] = field(default_factory=list)
@@ -59,7 +60,7 @@ class ServeOptions:
 
 
 def serve(opts: ServeOptions) -> int:
-    spec, worker = start_worker(opts.engine, opts.verify, opts.device)
+    spec, worker = start_worker(opts.engine, opts.verify, opts.device, max_kv_blocks=opts.num_kv_blocks)
     if worker.groups.world.rank != 0:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
@@ -117,6 +118,9 @@ def check_serve_options(opts: ServeOptions) -> None:
     if opts.keepalive_s <= 0:
         raise LaunchError(f"--keepalive must be > 0 seconds, got {opts.keepalive_s}.")
     spec = EngineSpec.read(opts.engine)
+    if opts.num_kv_blocks is not None and opts.num_kv_blocks < spec.blocks_per_seq + 1:
+        raise LaunchError(f"--num-kv-blocks {opts.num_kv_blocks} cannot hold one {spec.build.max_seq_len}-token "
+                          f"sequence; use at least {spec.blocks_per_seq + 1}.")
     tokens = opts.max_num_batched_tokens
     if tokens is not None and tokens < spec.build.max_batch_size:
         raise LaunchError(f"--max-num-batched-tokens {tokens} is below the engine's max batch size "
