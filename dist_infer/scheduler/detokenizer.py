@@ -54,8 +54,19 @@ class IncrementalDetokenizer:
             self.stopped_at = min(hits)
             self.text = self.text[:self.stopped_at]
 
+    def _flush(self) -> None:
+        """At the end, tokens still waiting for the rest of a character are decoded as they are."""
+        if self.stopped_at is None and self.read < len(self.ids):
+            known = self._decode(self.ids[self.prefix:self.read])
+            before = len(self.text)
+            self.text += self._decode(self.ids[self.prefix:])[len(known):]
+            self.prefix = self.read = len(self.ids)
+            self._check_stop(before)
+
     def delta(self, finished: bool) -> str:
-        """New text for the stream since the last call."""
+        """New text for the stream since the last call (all of it once finished)."""
+        if finished:
+            self._flush()
         end = len(self.text) if finished else max(self.emitted, len(self.text) - self.holdback)
         out, self.emitted = self.text[self.emitted:end], end
         return out

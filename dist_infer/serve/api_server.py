@@ -456,7 +456,11 @@ def _install_auth(app: FastAPI, state: ServerState) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """First signal: drain (503 for new requests, running ones finish); second: exit now."""
+    """First signal: drain (503 for new requests, running ones finish); second: exit.
+    Either way /health answers 503 for `linger_s` before the port closes, so a load
+    balancer sees the server go unhealthy rather than vanish."""
+
+    linger_s = 1.5
 
     def __init__(self, config: uvicorn.Config, state: ServerState, shutdown_timeout: float):
         super().__init__(config)
@@ -464,7 +468,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         if self.state.draining:
-            self.should_exit = True
+            asyncio.get_event_loop().call_later(self.linger_s, setattr, self, "should_exit", True)
             return
         log.info("draining: new requests get 503; waiting up to %.0f s for %d running", self.shutdown_timeout,
                  self.state.client.num_streams)
@@ -476,6 +480,7 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.shutdown_timeout + 5
         while self.state.client.num_streams and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        await asyncio.sleep(self.linger_s)
         self.should_exit = True
 
 

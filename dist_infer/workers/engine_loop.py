@@ -52,6 +52,7 @@ class EngineLoop:
         self.inbox.bind(addresses.requests)
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, 1000)
+        self.outbox.setsockopt(zmq.SNDHWM, 0)  # never drop or block on a slow (but connected) front-end
         self.outbox.bind(addresses.outputs)
         self.drain_deadline: float | None = None
         self.stopping = False
@@ -135,7 +136,10 @@ class EngineLoop:
     def _send(self, message: tuple) -> None:
         if message[0] == "outputs" and not message[1]:
             return
-        self.outbox.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        try:
+            self.outbox.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), zmq.NOBLOCK)
+        except zmq.Again:  # no front-end connected (yet): nobody to tell; the engine loop must not block
+            pass
 
     def close(self) -> None:
         self.inbox.close(linger=0)

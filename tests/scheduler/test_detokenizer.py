@@ -48,6 +48,13 @@ def test_random_ids_stream_equals_full_decode(tokenizer):
         assert streamed == tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_incomplete_character_at_the_end_is_flushed(tokenizer):
+    ids = tokenizer("🚀")["input_ids"]
+    assert len(ids) > 1  # one character over several byte tokens
+    d, streamed = _stream(tokenizer, ids[:-1])  # ends mid-character
+    assert streamed == tokenizer.decode(ids[:-1]) and streamed.endswith("\ufffd")
+
+
 def test_stop_string_cut_from_text_and_ids(tokenizer):
     ids = tokenizer("Hello world. Stop here please")["input_ids"]
     d, streamed = _stream(tokenizer, ids, stop=("Stop here",))

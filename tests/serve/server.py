@@ -46,7 +46,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "dist_infer", "serve", "--engine", str(engine), "--port", str(self.port), *args]
         if world > 1:
-            cmd = mpirun_prefix(world) + [f"-x{v}" for v in (env or {})] + cmd
+            cmd = mpirun_prefix(world) + [a for v in (env or {}) for a in ("-x", v)] + cmd
         self.log_path = log or Path(f"/tmp/dist-infer-serve-{self.port}.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
