@@ -43,6 +43,7 @@ HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-600}
 AIPERF_TIMEOUT=${AIPERF_TIMEOUT:-300}
 SERVE_CMD=${SERVE_CMD:-$PYTHON -m dist_infer serve --engine $ENGINE --device cuda --port $PORT}
 ART=${ART:-/tmp/aiperf-runs}
+KEEP=${KEEP:-/tmp/bench-serve-keep}; mkdir -p "$KEEP"
 URL=http://127.0.0.1:$PORT
 
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -86,21 +87,24 @@ if has offline; then
         $PYTHON -m dist_infer bench --model "$PRESET" --batch-size $OFFLINE_BATCHES --input-len "$ISL" \
             --output-len "$OSL" 2>&1 | tee -a "$OUT/bench_offline.log"
     fi
+    cp "$OUT/bench_offline.log" "$KEEP/bench_offline.log"  # $OUT is emptied per call; /tmp stays while warm
 fi
 
 if has serve; then
     rm -rf "$ART"; mkdir -p "$ART"
-    say "start: $SERVE_CMD"
-    setsid $SERVE_CMD > "$OUT/serve.log" 2>&1 &
-    SERVER=$!
+    # The offline stage may have run in an earlier call (split calls): bring its log back into $OUT.
+    [[ -f $OUT/bench_offline.log || ! -f $KEEP/bench_offline.log ]] || cp "$KEEP/bench_offline.log" "$OUT/"
     stop_server() {
         kill -TERM -- -"$SERVER" 2>/dev/null || kill -TERM "$SERVER" 2>/dev/null
         for _ in $(seq 1 20); do kill -0 "$SERVER" 2>/dev/null || return 0; sleep 0.5; done
         kill -KILL -- -"$SERVER" 2>/dev/null || kill -KILL "$SERVER" 2>/dev/null
     }
-    trap stop_server EXIT
+    start_server() {  # start in the background (log appended), wait for /health 200, probe; sets SERVER, PROBE
+    say "start: $SERVE_CMD"
+    setsid $SERVE_CMD >> "$OUT/serve.log" 2>&1 &
+    SERVER=$!
     # Wait for /health 200, the probe request, the model name and whether streamed usage is reported.
-    if ! PROBE=$($PYTHON - "$URL" "$ENDPOINT" "$HEALTH_TIMEOUT" "$SERVER" "$ENGINE" <<'PY'
+    PROBE=$($PYTHON - "$URL" "$ENDPOINT" "$HEALTH_TIMEOUT" "$SERVER" "$ENGINE" <<'PY'
 import json, os, sys, time, urllib.request
 url, endpoint, timeout, pid, engine = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 t0 = time.time()
@@ -144,15 +148,22 @@ with urllib.request.urlopen(req, timeout=120) as r:
 print(f"probe {path}: {time.time() - t0:.2f} s, text {text!r}, usage {usage}", file=sys.stderr)
 print(model, "server" if usage and usage.get("completion_tokens") else "client")
 PY
-    ); then
+    )
+    }
+    healthy() { $PYTHON -c "import sys, urllib.request as u; sys.exit(u.urlopen(sys.argv[1] + '/health', timeout=5).status != 200)" "$URL" 2>/dev/null; }
+    : > "$OUT/serve.log"
+    trap stop_server EXIT
+    if ! start_server; then
         echo "server not ready; serve.log tail:"; tail -40 "$OUT/serve.log"; exit 1
     fi
+    SERVER_OK=1
     read -r MODEL COUNTING <<<"$PROBE"
     TOKEN_FLAGS=(); [[ $COUNTING == server ]] && TOKEN_FLAGS=(--use-server-token-count)
     say "model $MODEL; output tokens counted by the $COUNTING"
 
     run_aiperf() {  # NAME, then load flags
         local name=$1; shift
+        [[ $SERVER_OK == 1 ]] || { echo "aiperf $name skipped: no healthy server"; return; }
         say "aiperf $name: $*"
         timeout "$AIPERF_TIMEOUT" $PYTHON -m aiperf profile --model "$MODEL" --tokenizer "$TOKENIZER" --url "$URL" \
             --endpoint-type "$ENDPOINT" --streaming --isl "$ISL" --isl-stddev 0 --osl "$OSL" --osl-stddev 0 \
@@ -161,6 +172,12 @@ PY
         local rc=$?
         [[ $rc == 0 ]] || { echo "aiperf $name exited $rc; its log tail:"; tail -15 "$ART/$name.log"; }
         kill -0 "$SERVER" 2>/dev/null || { echo "the server died during $name; serve.log tail:"; tail -30 "$OUT/serve.log"; }
+        # One failing load level must not fail the ones after it: restart an unhealthy server (/health not 200).
+        if ! healthy; then
+            echo "the server is unhealthy after $name (/health not 200): restarting it" | tee -a "$OUT/serve.log"
+            stop_server
+            start_server || { SERVER_OK=0; echo "restart failed; serve.log tail:"; tail -30 "$OUT/serve.log"; }
+        fi
     }
     RUNS=()
     for c in $CONCURRENCIES; do

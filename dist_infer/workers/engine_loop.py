@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import pickle
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ class EngineLoop:
         def drain(signum, frame):
             log.info("%s: draining (at most %.0f s)", signal.Signals(signum).name, shutdown_timeout)
             self.start_drain(shutdown_timeout)
+        if threading.current_thread() is not threading.main_thread():
+            return  # e.g. inside a Ray actor's task thread: the launcher owns the signals there
         signal.signal(signal.SIGTERM, drain)
         signal.signal(signal.SIGINT, drain)
 

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -62,8 +63,9 @@ class ServeOptions:
 def serve(opts: ServeOptions) -> int:
     spec, worker = start_worker(opts.engine, opts.verify, opts.device, max_kv_blocks=opts.num_kv_blocks)
     if worker.groups.world.rank != 0:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
         worker.serve()
         worker.close()
         return 0
