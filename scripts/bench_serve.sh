@@ -11,6 +11,9 @@
 # 4. serve:   `dist-infer serve` in the background, /health, one probe request, then aiperf `profile`
 #             (synthetic prompts, $ISL in / $OSL out, ignore_eos, streaming) at each concurrency in
 #             $CONCURRENCIES and one Poisson request-rate run; prints the table of scripts/aiperf_summary.py.
+#             After each run a server whose /health is not 200 is restarted (noted in serve.log), so one
+#             failing load level leaves the later ones measurable. The offline log is kept in $KEEP
+#             (/tmp) so that a serve stage in a later call on the same warm machine still shows it.
 #
 # Files in $OUT (at most 8, as the device tool returns): gpu.txt build.log bench_offline.log serve.log
 # summary.txt aiperf_summary.json aiperf_exports.tar.gz (each run's JSON/CSV exports, records and logs).
@@ -100,11 +103,11 @@ if has serve; then
         kill -KILL -- -"$SERVER" 2>/dev/null || kill -KILL "$SERVER" 2>/dev/null
     }
     start_server() {  # start in the background (log appended), wait for /health 200, probe; sets SERVER, PROBE
-    say "start: $SERVE_CMD"
-    setsid $SERVE_CMD >> "$OUT/serve.log" 2>&1 &
-    SERVER=$!
-    # Wait for /health 200, the probe request, the model name and whether streamed usage is reported.
-    PROBE=$($PYTHON - "$URL" "$ENDPOINT" "$HEALTH_TIMEOUT" "$SERVER" "$ENGINE" <<'PY'
+        say "start: $SERVE_CMD"
+        setsid $SERVE_CMD >> "$OUT/serve.log" 2>&1 &
+        SERVER=$!
+        # Wait for /health 200, the probe request, the model name and whether streamed usage is reported.
+        PROBE=$($PYTHON - "$URL" "$ENDPOINT" "$HEALTH_TIMEOUT" "$SERVER" "$ENGINE" <<'PY'
 import json, os, sys, time, urllib.request
 url, endpoint, timeout, pid, engine = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 t0 = time.time()
@@ -148,7 +151,7 @@ with urllib.request.urlopen(req, timeout=120) as r:
 print(f"probe {path}: {time.time() - t0:.2f} s, text {text!r}, usage {usage}", file=sys.stderr)
 print(model, "server" if usage and usage.get("completion_tokens") else "client")
 PY
-    )
+        )
     }
     healthy() { $PYTHON -c "import sys, urllib.request as u; sys.exit(u.urlopen(sys.argv[1] + '/health', timeout=5).status != 200)" "$URL" 2>/dev/null; }
     : > "$OUT/serve.log"
