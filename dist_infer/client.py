@@ -81,12 +81,15 @@ class EngineClient:
         return len(self._streams)
 
     async def _pump(self) -> None:
+        # A missing heartbeat makes the client unhealthy (/health 503, new requests 503) but
+        # fails nothing: a long step is not a death. The process watching rank 0 calls
+        # `engine_died` when the engine is really gone.
         while True:
-            if await self._pull.poll(500):
-                self._dispatch(pickle.loads(await self._pull.recv()))
-            elif self._last_heartbeat is not None and not self.healthy and self.dead_reason is None:
-                self._fail_all(f"no heartbeat from the engine for {self.heartbeat_timeout_s:.0f} s: a rank died or "
-                               "hangs")
+            self._dispatch(pickle.loads(await self._pull.recv()))
+
+    def engine_died(self, reason: str) -> None:
+        if self.dead_reason is None:
+            self._fail_all(reason)
 
     def _dispatch(self, message: tuple) -> None:
         kind = message[0]

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,14 @@ class LLM:
         except EngineDeadError:
             self.close()
             raise
+        threading.Thread(target=self._watch_engine, daemon=True, name="llm-engine-watch").start()
+
+    def _watch_engine(self) -> None:
+        """If the ranks die (a rank killed, the job aborted), fail the waiting calls instead of hanging."""
+        while self._engine_alive():
+            time.sleep(0.2)
+        if not self._stop_engine.is_set() and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.client.engine_died, "the engine's ranks exited")
 
     def _start_ranks(self, options, mpirun: list[str] | None) -> subprocess.Popen:
         device, tokens, prefix = options

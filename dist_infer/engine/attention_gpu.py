@@ -83,13 +83,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def gpu_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, batch: StepBatch, scale: float,
                   sliding_window: int | None) -> torch.Tensor:
-    """The engine's attention on CUDA: the decode kernel for pure decode steps,
-    flash SDPA for fresh prefills, the portable path for anything else."""
+    """The engine's attention on CUDA: the decode kernel for every one-token row
+    (a pure decode step, or the decodes of a step that also prefills), flash SDPA
+    for fresh prefills, the portable path for prefix-cached or chunked prefills."""
     if batch.is_decode:
         return paged_decode_attention(q, cache.k[layer], cache.v[layer], batch.block_tables,
                                       batch.context_lens_tensor, cache.block_size, scale, sliding_window)
     out = torch.empty_like(q)
-    for i in range(batch.num_seqs):
+    split = batch.decode_split()
+    if split.decode_tokens is not None:  # all decode rows of a mixed step in one kernel
+        out[split.decode_tokens] = paged_decode_attention(
+            q[split.decode_tokens], cache.k[layer], cache.v[layer], batch.block_tables[split.decode_seqs],
+            batch.context_lens_tensor[split.decode_seqs], cache.block_size, scale, sliding_window)
+    for i in split.prefill_seqs:
         qs, qe, ctx = batch.query_starts[i], batch.query_starts[i + 1], batch.context_lens[i]
         fresh = ctx == qe - qs and (sliding_window is None or ctx <= sliding_window)
         if not fresh:  # prefix-cached or chunked prefill: portable path for this sequence

@@ -15,6 +15,15 @@ import torch.nn.functional as F
 
 
 @dataclass
+class DecodeSplit:
+    """A mixed step's one-token rows (run together by a decode kernel) and the rest."""
+
+    decode_tokens: torch.Tensor | None  # [D] int64, token index of each decode row (None: no decode rows)
+    decode_seqs: torch.Tensor | None    # [D] int64, its sequence index
+    prefill_seqs: list[int]
+
+
+@dataclass
 class StepBatch:
     """One ragged step. N = tokens in the step, B = sequences."""
 
@@ -64,6 +73,20 @@ class StepBatch:
             packed = packed.pin_memory().to(device, non_blocking=True)
         parts = packed.split([n, n, n, b, b, b * max_blocks])
         return cls(parts[0], parts[1], parts[2], parts[5].view(b, max_blocks), starts, ctx, parts[3], parts[4])
+
+    def decode_split(self) -> DecodeSplit:
+        """Computed once per step (every layer asks)."""
+        cached = self.__dict__.get("_split")
+        if cached is None:
+            decode = [i for i in range(self.num_seqs) if self.query_starts[i + 1] - self.query_starts[i] == 1]
+            prefill = [i for i in range(self.num_seqs) if self.query_starts[i + 1] - self.query_starts[i] > 1]
+            tokens = seqs = None
+            if decode:
+                device = self.positions.device
+                tokens = torch.tensor([self.query_starts[i] for i in decode], dtype=torch.int64).to(device)
+                seqs = torch.tensor(decode, dtype=torch.int64).to(device)
+            cached = self.__dict__["_split"] = DecodeSplit(tokens, seqs, prefill)
+        return cached
 
     def select(self, i: int) -> StepBatch:
         """Sequence i alone (its tokens re-based to start at 0)."""

@@ -486,12 +486,12 @@ class DrainingServer(uvicorn.Server):
 
 def watch_parent(state: ServerState, grace_s: float = 2.0) -> None:
     """Rank 0 is our parent: if it dies (killed with its job), report 503 briefly, then exit 1."""
-    parent = os.getppid()
+    parent, event_loop = os.getppid(), asyncio.get_running_loop()
 
     def loop():
         while os.getppid() == parent:
             time.sleep(0.2)
-        state.client.dead_reason = "rank 0 exited"
+        event_loop.call_soon_threadsafe(state.client.engine_died, "rank 0 exited")
         log.error("rank 0 (pid %d) is gone: the engine is down; exiting", parent)
         time.sleep(grace_s)
         os._exit(1)

@@ -47,6 +47,30 @@ def test_triton_decode_matches_reference(heads, kv_heads, head_dim, window):
     assert err < 1e-2, f"relative error {err:.2e} (bf16 operands: expect ~3e-3)"
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_mixed_step_attention_matches_reference(window):
+    """A step that decodes some sequences and prefills others (fresh, prefix-cached and
+    chunked): the decode rows go through the decode kernel together, the rest per sequence."""
+    from dist_infer.engine.attention_gpu import gpu_attention
+
+    page, kv_heads, heads, head_dim = 16, 2, 8, 64
+    # (tokens in cache after the step, new tokens this step)
+    rows = [(30, 1), (5, 5), (70, 1), (48, 16), (129, 1), (40, 24)]
+    cache, _ = _random_paged_batch([c for c, _ in rows], page, kv_heads, head_dim, torch.bfloat16, "cuda")
+    gen = torch.Generator().manual_seed(3)
+    seqs, next_block = [], 1
+    for ctx, new in rows:
+        n_blocks = -(-ctx // page)
+        seqs.append(([0] * new, ctx - new, list(range(next_block, next_block + n_blocks))))
+        next_block += n_blocks
+    batch = StepBatch.build(seqs, page, "cuda")
+    q = torch.randn(batch.num_tokens, heads, head_dim, generator=gen).to("cuda", torch.bfloat16)
+    out = gpu_attention(q, cache, 0, batch, head_dim ** -0.5, window)
+    ref = paged_attention_reference(q.float(), _as_float(cache), 0, batch, head_dim ** -0.5, window)
+    assert batch.decode_split().decode_tokens.tolist() == [0, 6, 23]
+    assert _rel_err(out, ref) < 1e-2
+
+
 def _as_float(cache):
     f = PagedKVCache(1, cache.num_blocks, cache.block_size, cache.k.shape[2], cache.k.shape[3], torch.float32, "cuda")
     f.k.copy_(cache.k)

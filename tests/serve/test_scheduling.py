@@ -183,3 +183,42 @@ def test_idle_server_outlives_the_collective_timeout(tiny):
         assert r.json()["usage"]["completion_tokens"] >= 1
     finally:
         srv.kill()
+
+
+def test_serve_through_a_cluster_file(tiny, tmp_path):
+    """`dist-infer launch --cluster FILE -- serve ...` (launcher: mpirun) serves, and a
+    SIGTERM to rank 0 drains the whole job to exit 0."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from .server import descendants, free_port
+
+    engine, _ = tiny
+    port = free_port()
+    cluster = tmp_path / "local.yaml"
+    cluster.write_text(f"""
+launcher: mpirun
+engine: {engine(2, 1)}
+launch_dir: {tmp_path}
+nodes: [{{host: localhost, slots: 2}}]
+mpirun: {{extra_args: [--oversubscribe]}}
+env: {{OMP_NUM_THREADS: "1"}}
+""")
+    srv = Server.__new__(Server)  # reuse the helpers on a job started another way
+    srv.port, srv.url, srv.pids = port, f"http://127.0.0.1:{port}", []
+    srv.log_path = tmp_path / "launch.log"
+    srv.log = open(srv.log_path, "w")
+    srv.proc = subprocess.Popen([sys.executable, "-m", "dist_infer", "launch", "--cluster", str(cluster), "--",
+                                 "serve", "--port", str(port), "--served-model-name", "tiny"],
+                                stdout=srv.log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        srv.wait_healthy()
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        _, rank0 = srv.frontend_and_rank0()
+        assert srv.stop(signal.SIGTERM, 60, pid=rank0) == 0, srv.output()
+        assert srv.orphans() == [] and not descendants(srv.proc.pid)
+    finally:
+        srv.kill()
