@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 
 from dist_infer import __version__
 from dist_infer.comm.base import Communicator, collective_call
-from dist_infer.config import BuildConfig, ModelConfig
+from dist_infer.config import BuildConfig, Mapping, ModelConfig
 from dist_infer.errors import EngineError, LaunchError
 from dist_infer.partition.checkpoint import PartitionedCheckpoint
 from dist_infer.partition.safetensors_stream import file_sha256
@@ -88,6 +89,30 @@ def build(checkpoint_dir: Path, out: Path, build_config: BuildConfig, world: Com
                           f"build it with `mpirun -n {n} dist-infer build ...` or in one process, "
                           f"not with {world.size} processes.")
     build_config = build_config.resolved(ckpt.model)
+    dtype = DTYPES[build_config.dtype]
+
+    def build_mine(tmp: Path) -> dict:
+        files = {}
+        for rank in (range(n) if world.size == 1 else [world.rank]):
+            files.update(build_rank(ckpt, rank, tmp, dtype))
+        return files
+
+    def describe(files: dict) -> dict:
+        return engine_description(ckpt.model, ckpt.mapping, build_config, ckpt.config["vocab_size_padded"], files,
+                                  time.perf_counter() - started)
+
+    write_engine(out, world, force, build_mine, describe, ckpt.tokenizer_files())
+    if world.rank == 0:
+        log.info("engine written to %s in %.1f s", out, time.perf_counter() - started)
+    return out
+
+
+def write_engine(out: Path, world: Communicator, force: bool, write_ranks: Callable[[Path], dict],
+                 describe: Callable[[dict], dict], extra_files: list[Path]) -> None:
+    """Collective: stage the engine in a hidden directory beside `out` (each process
+    writes its ranks' files: write_ranks(tmp) -> {name: entry}), then rank 0 writes
+    engine.json (describe(files)) and the extra files and renames it into place.
+    On any failure the staging directory is removed: nothing half-written is left."""
     tmp = out.with_name(f".{out.name}.tmp-build")
 
     def prepare():
@@ -97,46 +122,35 @@ def build(checkpoint_dir: Path, out: Path, build_config: BuildConfig, world: Com
         tmp.mkdir(parents=True)
 
     collective_call(world, prepare if world.rank == 0 else lambda: None)
-    my_ranks = range(n) if world.size == 1 else [world.rank]
-    dtype = DTYPES[build_config.dtype]
-
-    def build_mine():
-        files = {}
-        for rank in my_ranks:
-            files.update(build_rank(ckpt, rank, tmp, dtype))
-        return files
-
     try:
-        per_rank_files = collective_call(world, build_mine, gather=True)
+        per_rank_files = collective_call(world, lambda: write_ranks(tmp), gather=True)
         if world.rank == 0:
             files = {k: v for part in per_rank_files for k, v in part.items()}
-            _write_engine_json(tmp, ckpt, build_config, files, time.perf_counter() - started)
-            for f in ckpt.tokenizer_files():
+            (tmp / "engine.json").write_text(json.dumps(describe(files), indent=1))
+            for f in extra_files:
                 shutil.copy2(f, tmp / f.name)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
-            log.info("engine written to %s in %.1f s", out, time.perf_counter() - started)
         world.barrier()
     except BaseException:
         if world.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
-def _write_engine_json(directory: Path, ckpt: PartitionedCheckpoint, build_config: BuildConfig,
-                       files: dict, seconds: float) -> None:
-    spec = {
+def engine_description(model: ModelConfig, mapping: Mapping, build_config: BuildConfig, vocab_size_padded: int,
+                       files: dict, seconds: float) -> dict:
+    """engine.json's content."""
+    return {
         "format": ENGINE_FORMAT,
         "format_version": ENGINE_FORMAT_VERSION,
         "dist_infer_version": __version__,
-        "model": ckpt.model.to_dict(),
-        "mapping": ckpt.mapping.to_dict(),
+        "model": model.to_dict(),
+        "mapping": mapping.to_dict(),
         "build": build_config.to_dict(),
-        "vocab_size_padded": ckpt.config["vocab_size_padded"],
+        "vocab_size_padded": vocab_size_padded,
         "files": files,
         "build_time_s": round(seconds, 3),
         "host": os.uname().nodename,
     }
-    (directory / "engine.json").write_text(json.dumps(spec, indent=1))

@@ -38,8 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,10 +45,9 @@ from pathlib import Path
 
 import torch
 
-from dist_infer import __version__
 from dist_infer.comm.base import Communicator, LocalCommunicator, collective_call
 from dist_infer.config import BuildConfig, Mapping, ModelConfig, check_layout
-from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
+from dist_infer.engine.build import DTYPES, engine_description, rank_weights_file, write_engine
 from dist_infer.errors import EngineError, LayoutError
 from dist_infer.partition.sources import TOKENIZER_FILES
 from dist_infer.presets import preset_hf_config
@@ -195,20 +192,9 @@ def build_random_engine(preset: str, out: Path, tp: int = 1, pp: int = 1, build:
         from dist_infer.comm.bootstrap import resolve_device
 
         device = resolve_device("cuda", world.rank)
-    tmp = out.with_name(f".{out.name}.tmp-build")
-
-    def prepare():
-        if out.exists() and not force:
-            raise EngineError(f"{out} already exists; choose another --out or pass --force to replace it.")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-
-    collective_call(world, prepare if world.rank == 0 else lambda: None)
-    my_ranks = range(n) if world.size == 1 else [world.rank]
-
-    def write_mine():
+    def write_mine(tmp: Path) -> dict:
         files = {}
-        for rank in my_ranks:
+        for rank in (range(n) if world.size == 1 else [world.rank]):
             t0 = time.perf_counter()
             specs = _tensor_specs(cfg, mapping.with_rank(rank), vocab_padded, dtype)
             entry = write_random_rank(tmp / rank_weights_file(rank), specs, torch.device(device), seed + rank)
@@ -217,35 +203,14 @@ def build_random_engine(preset: str, out: Path, tp: int = 1, pp: int = 1, build:
                      time.perf_counter() - t0, device)
         return files
 
-    try:
-        per_rank = collective_call(world, write_mine, gather=True)
-        if world.rank == 0:
-            files = {k: v for part in per_rank for k, v in part.items()}
-            spec = {
-                "format": ENGINE_FORMAT,
-                "format_version": ENGINE_FORMAT_VERSION,
-                "dist_infer_version": __version__,
-                "model": cfg.to_dict(),
-                "mapping": mapping.to_dict(),
-                "build": build.to_dict(),
-                "vocab_size_padded": vocab_padded,
-                "files": files,
-                "build_time_s": round(time.perf_counter() - started, 3),
-                "host": os.uname().nodename,
-                "random_weights": {"preset": preset, "seed": seed,
-                                   "tokenizer": str(tok_dir) if tok_dir is not None else None},
-            }
-            (tmp / "engine.json").write_text(json.dumps(spec, indent=1))
-            for f in tok_files:
-                shutil.copy2(f, tmp / f.name)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-            log.info("random %s engine (vocab %d, tp=%d pp=%d, %s) written to %s in %.1f s", preset, cfg.vocab_size,
-                     tp, pp, build.dtype, out, time.perf_counter() - started)
-        world.barrier()
-    except BaseException:
-        if world.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def describe(files: dict) -> dict:
+        spec = engine_description(cfg, mapping, build, vocab_padded, files, time.perf_counter() - started)
+        spec["random_weights"] = {"preset": preset, "seed": seed,
+                                  "tokenizer": str(tok_dir) if tok_dir is not None else None}
+        return spec
+
+    write_engine(out, world, force, write_mine, describe, tok_files)
+    if world.rank == 0:
+        log.info("random %s engine (vocab %d, tp=%d pp=%d, %s) written to %s in %.1f s", preset, cfg.vocab_size,
+                 tp, pp, build.dtype, out, time.perf_counter() - started)
     return out

@@ -87,8 +87,6 @@ def test_completions_stream_equals_nonstream_and_stop(client):
 
 
 def test_batch_prompts_and_token_ids(client):
-    from transformers import AutoTokenizer  # noqa: F401 (the server tokenizes; the ids below are its own)
-
     res = client.completions.create(model="smol", prompt=["Hello, my name is", "1, 2, 3,"], max_tokens=8,
                                     temperature=0)
     assert sorted(c.index for c in res.choices) == [0, 1]
@@ -193,7 +191,7 @@ def test_metrics(server, client):
                  "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count",
                  "request_queue_time_seconds_count"):
         server.metric(f"dist_infer:{name}")  # present (a missing name sums to 0 but must parse)
-    assert f"dist_infer:kv_cache_usage_perc" in httpx.get(f"{server.url}/metrics").text
+    assert "dist_infer:kv_cache_usage_perc" in httpx.get(f"{server.url}/metrics").text
 
 
 def test_sigterm_drains_last(server, client):
