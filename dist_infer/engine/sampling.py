@@ -27,6 +27,7 @@ class SamplingParams:
     top_p: float = 1.0        # 1 = off
     seed: int | None = None   # None = a random stream
     logprobs: int | None = None  # None = no logprobs; k = the sampled token's and the top k's
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (`echo`)
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -35,8 +36,10 @@ class SamplingParams:
             raise RequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
 
     @property
     def greedy(self) -> bool:
@@ -117,9 +120,10 @@ class Sampler:
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
         return order.gather(1, pick)[:, 0]
 
-    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, k: int) -> Logprobs:
-        """Log-probabilities of the model's own distribution (before temperature and filters).
-        logits [S, V] float32, tokens [S]."""
+    @staticmethod
+    def logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> Logprobs:
+        """Log-probabilities of the model's own distribution (before temperature and filters)
+        of `tokens` and the top k. logits [S, V] float32, tokens [S]."""
         lp = logits.log_softmax(-1)
         top = lp.topk(k, dim=-1) if k else None
         empty = lp.new_empty(lp.shape[0], 0)

@@ -62,7 +62,7 @@ class BlockManager:
         compute, since the next token is sampled from its logits."""
         assert not seq.block_ids, "prefix lookup is for a sequence that holds no blocks"
         seq.num_computed = seq.num_cached_tokens = 0
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.reuse_prefix:
             return 0
         full = (seq.num_tokens - 1) // self.block_size
         self.prefix_queries += seq.num_tokens

@@ -25,6 +25,7 @@ class Sequence:
     announced: bool = False    # the ranks have its sampling parameters
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its last admission
     num_preemptions: int = 0
+    reuse_prefix: bool = True   # False when every prompt position's logits are needed (prompt logprobs)
 
     @classmethod
     def from_prompt(cls, seq_id: int, prompt_ids: list[int]) -> Sequence:

@@ -96,14 +96,14 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
 
 
 def engine_request(state: ServerState, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None,
-                   logprobs: int | None) -> Request:
+                   logprobs: int | None, prompt_logprobs: int | None = None) -> Request:
     room = state.max_model_len - len(prompt_ids)
     if room < 1 or (max_tokens is not None and max_tokens > room):
         raise APIError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, you "
                        f"requested {len(prompt_ids) + (max_tokens or 1)} tokens ({len(prompt_ids)} in the prompt, "
                        f"{max_tokens or 1} for the completion). Reduce the prompt or max_tokens.", "max_tokens",
                        "context_length_exceeded")
-    sampling = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed, logprobs)
+    sampling = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed, logprobs, prompt_logprobs)
     return Request(prompt_ids, max_tokens or room, sampling, tuple(body.stop or ()), body.ignore_eos)
 
 
@@ -139,16 +139,18 @@ class Collected:
     logprobs: list
     finish_reason: str | None
     prompt_tokens: int
+    prompt_logprobs: list | None = None
 
 
 async def collect(state: ServerState, request: Request) -> Collected:
-    text, ids, lps, reason, prompt = [], [], [], None, len(request.prompt_ids)
+    text, ids, lps, reason, prompt_lps = [], [], [], None, None
     async for out in stream_request(state, request):
         text.append(out.new_text)
         ids += out.new_token_ids
         lps += out.logprobs or []
+        prompt_lps = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_lps
         reason = out.finish_reason
-    return Collected("".join(text), ids, lps, reason, prompt)
+    return Collected("".join(text), ids, lps, reason, len(request.prompt_ids), prompt_lps)
 
 
 async def until_disconnect(http: HTTPRequest, coro):
@@ -172,14 +174,23 @@ def token_text(state: ServerState, token_id: int) -> str:
     return state.tokenizer.decode([token_id]) if state.tokenizer is not None else str(token_id)
 
 
-def completion_logprobs(state: ServerState, lps: list, offset: int) -> dict:
+def completion_logprobs(state: ServerState, lps: list, offset: int, prompt_lps: list | None = None,
+                        prompt_ids: list[int] | None = None) -> dict:
+    """OpenAI's completions logprobs; with echo, the prompt's tokens first (the first has none)."""
     tokens = [token_text(state, lp.token_id) for lp in lps]
-    offsets = []
+    token_lps = [lp.logprob for lp in lps]
+    tops = [{token_text(state, i): v for i, v in lp.top} for lp in lps]
+    offsets, start = [], offset
+    if prompt_lps is not None and prompt_ids:
+        prompt_tokens = [token_text(state, t) for t in prompt_ids]
+        tokens = prompt_tokens + tokens
+        token_lps = [None] + [lp.logprob for lp in prompt_lps] + token_lps
+        tops = [None] + [{token_text(state, i): v for i, v in lp.top} for lp in prompt_lps] + tops
+        start = 0
     for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{token_text(state, i): v for i, v in lp.top} for lp in lps], "text_offset": offsets}
+        offsets.append(start)
+        start += len(t)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def chat_logprobs(state: ServerState, lps: list) -> dict:
@@ -200,17 +211,21 @@ def sse(obj) -> str:
 
 async def completions(state: ServerState, body: CompletionRequest, http: HTTPRequest):
     check_model(state, body.model)
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported yet", "echo")
     prompts = [tokenize_prompt(state, p) for p in body.prompts()]
-    requests = [engine_request(state, body, ids, body.max_tokens or 16, body.logprobs) for ids in prompts]
+    # echo + logprobs: the prompt's own logprobs. max_tokens 0 (scoring only) runs one token and drops it.
+    prompt_lps = body.logprobs if body.echo else None
+    max_tokens = 16 if body.max_tokens is None else max(body.max_tokens, 1)
+    requests = [engine_request(state, body, ids, max_tokens, body.logprobs, prompt_lps) for ids in prompts]
     admit(state)
     rid, echoes = f"cmpl-{uuid.uuid4().hex}", [_echo_text(state, body, p) for p in body.prompts()]
     if body.stream:
         return await sse_response(_completion_stream(state, body, rid, requests, echoes))
     results = await until_disconnect(http, asyncio.gather(*(collect(state, r) for r in requests)))
+    if body.max_tokens == 0:
+        results = [Collected("", [], [], "length", c.prompt_tokens, c.prompt_logprobs) for c in results]
     choices = [{"index": i, "text": echoes[i] + c.text, "finish_reason": c.finish_reason,
-                "logprobs": None if body.logprobs is None else completion_logprobs(state, c.logprobs, len(echoes[i]))}
+                "logprobs": None if body.logprobs is None else
+                completion_logprobs(state, c.logprobs, len(echoes[i]), c.prompt_logprobs, prompts[i])}
                for i, c in enumerate(results)]
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": state.model_name,
             "choices": choices, "usage": usage(sum(c.prompt_tokens for c in results),
@@ -226,9 +241,14 @@ def _echo_text(state: ServerState, body: CompletionRequest, prompt) -> str:
 async def _completion_stream(state, body, rid, requests, echoes) -> AsyncIterator[str]:
     base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": state.model_name}
     offsets, prompt_tokens, completion_tokens = [len(e) for e in echoes], 0, 0
+    scoring = body.max_tokens == 0  # echo only: the one token run to get there is not returned
     async for i, out in merge([stream_request(state, r) for r in requests]):
-        text = (echoes[i] if out.num_output_tokens == len(out.new_token_ids) else "") + out.new_text
-        lps = None if body.logprobs is None else completion_logprobs(state, out.logprobs or [], offsets[i])
+        first = out.num_output_tokens == len(out.new_token_ids)
+        if scoring:
+            out.new_text, out.logprobs, out.num_output_tokens, out.finish_reason = "", [], 0, "length"
+        text = (echoes[i] if first else "") + out.new_text
+        lps = None if body.logprobs is None else completion_logprobs(
+            state, out.logprobs or [], offsets[i], out.prompt_logprobs if first else None, requests[i].prompt_ids)
         offsets[i] += len(out.new_text)
         yield sse({**base, "choices": [{"index": i, "text": text, "logprobs": lps,
                                         "finish_reason": out.finish_reason if out.finished else None}]})

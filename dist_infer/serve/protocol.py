@@ -77,6 +77,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt, generate nothing (lm-eval)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -92,6 +93,8 @@ class CompletionRequest(SamplingFields):
     def _echo(self):
         if self.suffix:
             raise ValueError("suffix is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only meaningful with echo: true (scoring a prompt)")
         return self
 
     def prompts(self) -> list[str | list[int]]:

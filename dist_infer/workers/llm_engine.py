@@ -65,6 +65,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
     queue_s: float | None = None  # arrival to first scheduled, with the first token
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first token: prompt tokens 1.. (echo)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class _RequestState:
     first_token_s: float | None = None
     scheduled_s: float | None = None
     finish_reason: str | None = None
+    prompt_lps: list[TokenLogprob] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -151,6 +153,7 @@ class LLMEngine:
         if request.sampling.seed is None:  # a concrete seed, so a replay (after a restart) draws the same tokens
             request = replace(request, sampling=replace(request.sampling, seed=self._seeds.getrandbits(63)))
         seq = Sequence.from_prompt(next(self._seq_ids), request.prompt_ids)
+        seq.reuse_prefix = request.sampling.prompt_logprobs is None  # cached tokens would have no logits
         detok = IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer is not None else None
         state = _RequestState(request_id, request, seq, detok)
         self.requests[request_id] = state
@@ -205,11 +208,23 @@ class LLMEngine:
         sampling = None
         if chunk.first:
             sampling, state.scheduled_s = state.request.sampling, time.perf_counter() - state.arrival
-        return SeqChunk(chunk.seq.seq_id, chunk.token_ids, chunk.start, chunk.new_block_ids, chunk.samples, sampling)
+        return SeqChunk(chunk.seq.seq_id, chunk.token_ids, chunk.start, chunk.new_block_ids, chunk.samples, sampling,
+                        self._prompt_targets(state, chunk))
+
+    @staticmethod
+    def _prompt_targets(state: _RequestState, chunk: ScheduledChunk) -> list[int] | None:
+        """The next prompt token of each chunk token, while prompt logprobs are still missing."""
+        seq, done = state.seq, len(state.prompt_lps)
+        if state.request.sampling.prompt_logprobs is None or chunk.start != done:
+            return None  # not asked, or already collected (a recompute after preemption)
+        end = min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1)
+        return seq.token_ids[chunk.start + 1:end + 1] or None
 
     def _process(self, chunks: list[ScheduledChunk], result: StepResult) -> list[RequestOutput]:
-        outputs, row = [], 0
+        outputs, row, prompt_row = [], 0, 0
         for chunk in chunks:
+            if result.prompt_logprobs is not None:
+                prompt_row = self._collect_prompt_logprobs(chunk, result, prompt_row)
             self.scheduler.computed(chunk)
             if not chunk.samples:
                 continue
@@ -222,6 +237,17 @@ class LLMEngine:
                 outputs.append(self._final(state, [], "", error=f"{type(exc).__name__}: {exc}"))
             row += 1
         return outputs
+
+    def _collect_prompt_logprobs(self, chunk: ScheduledChunk, result: StepResult, row: int) -> int:
+        state = self._by_seq.get(chunk.seq.seq_id)
+        targets = self._prompt_targets(state, chunk) if state is not None else None
+        if not targets:
+            return row
+        k, lp = state.request.sampling.prompt_logprobs, result.prompt_logprobs
+        for i, token in enumerate(targets):
+            top = list(zip(lp.top_ids[row + i, :k].tolist(), lp.top[row + i, :k].tolist()))
+            state.prompt_lps.append(TokenLogprob(token, float(lp.token[row + i]), top))
+        return row + len(targets)
 
     def _append_token(self, state: _RequestState, result: StepResult, row: int) -> RequestOutput:
         token, seq = result.tokens[row], state.seq
@@ -237,8 +263,11 @@ class LLMEngine:
         if reason:
             self._release(state, reason)
         text = state.detok.delta(finished=reason is not None) if state.detok is not None else ""
+        prompt_lps = state.prompt_lps if queue_s is not None and state.request.sampling.prompt_logprobs is not None \
+            else None
         return RequestOutput(state.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
-                             len(seq.output_ids), seq.num_cached_tokens, logprobs, queue_s=queue_s)
+                             len(seq.output_ids), seq.num_cached_tokens, logprobs, queue_s=queue_s,
+                             prompt_logprobs=prompt_lps)
 
     @staticmethod
     def _token_logprob(result: StepResult, row: int, token: int, k: int) -> TokenLogprob:

@@ -38,6 +38,9 @@ class SeqChunk:
     new_blocks: list[int]  # appended to the sequence's block table
     sample: bool = True    # the chunk ends at the sequence's last token: sample the next one
     sampling: SamplingParams | None = None  # with the sequence's first chunk only
+    # Prompt logprobs: the prompt token that follows each token of the chunk (the last
+    # chunk of a prompt has one fewer: its last row predicts a sampled token, not a prompt one).
+    prompt_targets: list[int] | None = None
 
 
 @dataclass
@@ -57,6 +60,7 @@ class StepResult:
     tokens: list[int]                   # one per sampling chunk, in plan order
     logprobs: Logprobs | None = None    # for those chunks, when any of their sequences asked
     logits: torch.Tensor | None = None  # [B, V] float32 when the plan asked
+    prompt_logprobs: Logprobs | None = None  # every chunk's prompt_targets, concatenated in plan order
 
 
 class RankWorker:
@@ -83,6 +87,10 @@ class RankWorker:
                     self.sampler.add(c.seq_id, c.sampling)
             self.block_tables.setdefault(c.seq_id, []).extend(c.new_blocks)
 
+    def prompt_logprobs_width(self, plan: StepPlan) -> int | None:
+        asks = [self.params[c.seq_id].prompt_logprobs or 0 for c in plan.chunks if c.prompt_targets]
+        return max(asks) if asks else None
+
     def logprobs_width(self, plan: StepPlan) -> int | None:
         """Top-k logprobs this step returns: None if no sampled sequence asked for logprobs."""
         asks = [self.params[c.seq_id].logprobs for c in plan.chunks if c.sample]
@@ -97,6 +105,7 @@ class RankWorker:
         m, engine = self.mapping, self.engine
         batch = StepBatch.build([(c.token_ids, c.start_pos, self.block_tables[c.seq_id]) for c in plan.chunks],
                                 engine.spec.build.kv_block_size, engine.device)
+        last_rows = self._logit_rows(plan, batch)
         if m.is_first_stage:
             x = batch.input_ids
         else:
@@ -107,8 +116,36 @@ class RankWorker:
             self.groups.pp.send(out, dst=m.pp_rank + 1)
         result = None
         if self.sampler is not None:
-            result = self._sample(plan, out)
+            prompt = self._prompt_logprobs(plan, out, last_rows)
+            result = self._sample(plan, out if last_rows is None else out[last_rows])
+            result.prompt_logprobs = prompt
         return self._deliver(plan, result)
+
+    @staticmethod
+    def _logit_rows(plan: StepPlan, batch: StepBatch) -> list[int] | None:
+        """With prompt logprobs, logits of every token of those chunks: widen the batch's
+        logits index, and return where each chunk's last token landed (None: nothing widened)."""
+        if not any(c.prompt_targets for c in plan.chunks):
+            return None
+        rows, last = [], []
+        for i, c in enumerate(plan.chunks):
+            qs, qe = batch.query_starts[i], batch.query_starts[i + 1]
+            rows.extend(range(qs, qe) if c.prompt_targets else [qe - 1])
+            last.append(len(rows) - 1)
+        batch.last_token_index = torch.tensor(rows, dtype=torch.int64).to(batch.positions.device)
+        return last
+
+    def _prompt_logprobs(self, plan: StepPlan, logits: torch.Tensor, last_rows: list[int] | None) -> Logprobs | None:
+        if last_rows is None:
+            return None
+        rows, targets = [], []
+        for c, last in zip(plan.chunks, last_rows):
+            if c.prompt_targets:
+                first = last - len(c.token_ids) + 1
+                rows.extend(range(first, first + len(c.prompt_targets)))
+                targets.extend(c.prompt_targets)
+        target = torch.tensor(targets, dtype=torch.int64).to(logits.device)
+        return Sampler.logprobs(logits[rows], target, self.prompt_logprobs_width(plan))
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> StepResult:
         rows = [i for i, c in enumerate(plan.chunks) if c.sample]
@@ -138,6 +175,8 @@ class RankWorker:
             out += [result.logprobs.token, result.logprobs.top_ids, result.logprobs.top]
         if result.logits is not None:
             out.append(result.logits.float())
+        if result.prompt_logprobs is not None:
+            out += [result.prompt_logprobs.token, result.prompt_logprobs.top_ids, result.prompt_logprobs.top]
         return out
 
     def _receive(self, plan: StepPlan, src: int) -> StepResult:
@@ -146,13 +185,21 @@ class RankWorker:
         tokens = world.recv(torch.empty(s, dtype=torch.int64), src=src).tolist()
         logprobs = None
         if (k := self.logprobs_width(plan)) is not None:
-            logprobs = Logprobs(world.recv(torch.empty(s), src=src), world.recv(torch.empty(s, k, dtype=torch.int64),
-                                src=src), world.recv(torch.empty(s, k), src=src))
+            logprobs = self._receive_logprobs(s, k, src)
         logits = None
         if plan.return_logits:
             shape = (len(plan.chunks), self.engine.spec.model.vocab_size)
             logits = world.recv(torch.empty(shape, dtype=torch.float32), src=src)
-        return StepResult(tokens, logprobs, logits)
+        prompt = None
+        if (k := self.prompt_logprobs_width(plan)) is not None:
+            t = sum(len(c.prompt_targets) for c in plan.chunks if c.prompt_targets)
+            prompt = self._receive_logprobs(t, k, src)
+        return StepResult(tokens, logprobs, logits, prompt)
+
+    def _receive_logprobs(self, rows: int, k: int, src: int) -> Logprobs:
+        world = self.groups.world
+        return Logprobs(world.recv(torch.empty(rows), src=src), world.recv(torch.empty(rows, k, dtype=torch.int64),
+                        src=src), world.recv(torch.empty(rows, k), src=src))
 
     def serve(self) -> None:
         """Ranks other than 0: run whatever rank 0 plans until it sends None."""

@@ -100,6 +100,14 @@ def test_shared_block_freed_only_when_last_reference_drops():
     assert shared in bm.free and bm.refcount[shared] == 0
 
 
+def test_sequence_that_needs_prompt_logits_reuses_no_prefix():
+    bm = BlockManager(10, BS)
+    _computed(bm, _seq(0, list(range(9))))
+    b = _seq(1, list(range(9)))
+    b.reuse_prefix = False
+    assert bm.take_cached_prefix(b) == 0 and b.block_ids == []
+
+
 def test_prefix_caching_off():
     bm = BlockManager(10, BS, enable_prefix_caching=False)
     a = _seq(0, list(range(9)))

@@ -121,6 +121,29 @@ def test_logprobs_equal_model_logits(client, smollm2_hf):
     assert len(content) == 3 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
+def test_echo_prompt_logprobs_equal_model_logits(client, smollm2_hf):
+    """lm-eval's `local-completions` scoring: echo, logprobs, max_tokens 0."""
+    model, tok = smollm2_hf
+    prompt = "Paris is the capital of France"
+    ids = tok(prompt)["input_ids"]
+    res = client.completions.create(model="smol", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    choice = res.choices[0]
+    assert choice.text == prompt and res.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    want = [ref[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    assert max(abs(g - w) for g, w in zip(lp.token_logprobs[1:], want)) < 2e-3
+    # Streamed, and then with generation after the prompt: the same prompt logprobs.
+    chunks = list(client.completions.create(model="smol", prompt=prompt, max_tokens=2, echo=True, logprobs=1,
+                                            temperature=0, stream=True))
+    first = chunks[0].choices[0].logprobs
+    assert first.token_logprobs[0] is None
+    assert max(abs(g - w) for g, w in zip(first.token_logprobs[1:len(ids)], want)) < 2e-3
+    assert chunks[0].choices[0].text.startswith(prompt)
+
+
 def test_llm_api_gives_server_tokens(client, engine):
     from dist_infer import LLM
 
@@ -139,7 +162,7 @@ BAD = [
     ("POST", "/v1/completions", {"model": "smol"}, 400),                                  # no prompt
     ("POST", "/v1/completions", {"model": "smol", "prompt": "hi", "temperature": -1}, 400),
     ("POST", "/v1/completions", {"model": "smol", "prompt": "hi", "top_p": 2}, 400),
-    ("POST", "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 0}, 400),
+    ("POST", "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 0}, 400),         # 0 needs echo
     ("POST", "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": "ten"}, 400),
     ("POST", "/v1/completions", {"model": "smol", "prompt": "hi", "max_tokens": 100000}, 400),
     ("POST", "/v1/completions", {"model": "smol", "prompt": "hi " * 600}, 400),           # context too long

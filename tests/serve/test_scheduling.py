@@ -115,6 +115,26 @@ def test_prefix_cache_hits_equal_misses(server, tiny, tokenizer):
     assert outs == [refs[0], refs[1], refs[0]]
 
 
+def test_prompt_logprobs_across_chunks_and_stages(server, tiny):
+    """echo + logprobs on a 60-token prompt: prefilled in two chunks (budget 32), sampled on
+    the last pipeline stage and sent to rank 0; equal to transformers' log-softmax."""
+    import torch
+
+    _, model = tiny
+    prompt = _prompts(1, seed=9)[0] * 3
+    prompt = prompt[:60] if len(prompt) >= 60 else (prompt * 4)[:60]
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 0,
+                                                        "echo": True, "logprobs": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    want = [ref[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == 60
+    assert max(abs(g - w) for g, w in zip(lp["token_logprobs"][1:], want)) < 1e-3
+    assert all(1 <= len(t) <= 2 for t in lp["top_logprobs"][1:])  # keyed by text: two ids may share one
+
+
 def test_disconnect_frees_the_request(server):
     before = server.metric("dist_infer:generation_tokens_total")
     body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9], "max_tokens": 120, "temperature": 0, "stream": True,
