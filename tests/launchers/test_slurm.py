@@ -6,10 +6,18 @@ launch/sbatch.template.sh and submits it with `sbatch --wait`."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 
+import httpx
 import pytest
+
+from conftest import REPO
 
 from .conftest import PP, RANK_WRAPPER, TP, launch, ok, rank_hosts, require, tokens, write_cluster
 from .daemons import SlurmCluster
@@ -93,3 +101,47 @@ def test_slurm_wrong_mpi_plugin_is_refused(tmp_path, engine, slurm):
     assert "Use `srun --mpi=pmix` for OpenMPI" in proc.stdout
     assert "Traceback" not in proc.stdout
     assert '"output_ids"' not in proc.stdout
+
+
+def test_slurm_serve_answers_and_scancel_drains(tmp_path, engine, slurm):
+    """A real `serve` job under sbatch/srun: it answers over HTTP at the URL it prints, and
+    `scancel --signal=TERM` (SIGTERM to every task) drains it to a clean exit 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **slurm.env}
+    cluster = slurm_yaml(tmp_path, engine, f"partition: local, nodes: 1, ntasks_per_node: {TP * PP}, "
+                                           "ranks: srun, mpi: pmix")
+    cmd = [sys.executable, "-m", "dist_infer", "launch", "--cluster", str(cluster), "--", "serve", "--host",
+           "127.0.0.1", "--port", str(port), "--served-model-name", "tiny"]
+    log_path, url = tmp_path / "launch.log", f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO,
+                            start_new_session=True, env=env)
+    try:
+        _wait_healthy(url, proc, log_path)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4,
+                                                      "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert f"serving at {url}" in log_path.read_text()
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i", "-n", "ditest"], capture_output=True, text=True,
+                              env=env).stdout.split()
+        assert len(jobs) == 1, jobs
+        subprocess.run(["scancel", "--signal=TERM", jobs[0]], check=True, env=env)
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["scancel", "-n", "ditest"], env=env)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log_path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-4000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"no healthy server at {url} within {timeout}s:\n{log_path.read_text()[-4000:]}")

@@ -242,3 +242,13 @@ env: {{OMP_NUM_THREADS: "1"}}
         assert srv.orphans() == [] and not descendants(srv.proc.pid)
     finally:
         srv.kill()
+
+
+@pytest.mark.parametrize("args,words", [(["--port", "0"], "--port"), (["--max-queue", "-1"], "--max-queue"),
+                                        (["--num-kv-blocks", "3"], "--num-kv-blocks"),
+                                        (["--max-num-batched-tokens", "2"], "max batch size")])
+def test_bad_serve_knobs_refused_before_loading(tiny, args, words):
+    engine, _ = tiny
+    proc = run_cli("serve", "--engine", str(engine(2, 1)), *args, world=2, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert words in proc.stderr and "Traceback" not in proc.stderr
