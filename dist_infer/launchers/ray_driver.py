@@ -70,6 +70,7 @@ def run_on_ray(args: list[str], tp: int, pp: int, address: str | None = None, cp
         serve = serve_address(args)
         if serve:  # rank 0's actor runs the server: only now is its node known
             log.info("dist_infer: serving at http://%s:%d", serve[0] or nodes[0], serve[1])
+            timeout = None  # a server runs until it is drained, not for ray.timeout_s
         codes, outputs, logs = _wait(ray, actors, [a.run.remote(list(args), *master) for a in actors], timeout)
     finally:
         for a in actors:

@@ -122,3 +122,41 @@ env: {{OMP_NUM_THREADS: "1"{env}}}
     # Ray adds no per-step calls: with the same (gloo) data plane it keeps mpirun's pace.
     # (gloo itself is slower than MPI when ranks outnumber cores: see the record.)
     assert record["ray_over_mpirun_gloo"] > 0.5, record  # 2 shared cores: timings are noisy
+
+
+def test_ray_serve_answers_and_drains(tmp_path, engine, ray_local):
+    """`-- serve` under Ray actors: rank 0's actor starts the HTTP front-end; SIGTERM to the
+    front-end drains the engine, the ranks return and the driver exits 0."""
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    port = free_port()
+    cluster = ray_yaml(tmp_path, engine, f"address: '{ray_local.gcs_address}', submit: false")
+    log_path, url = tmp_path / "launch.log", f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_infer", "launch", "--cluster", str(cluster), "--", "serve",
+                             "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny"],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4,
+                                                      "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        frontend = subprocess.run(["pgrep", "-f", f"dist_infer.serve.api_server.*--port {port}"],
+                                  capture_output=True, text=True).stdout.split()
+        assert len(frontend) == 1, frontend
+        os.kill(int(frontend[0]), signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
