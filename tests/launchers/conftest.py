@@ -94,3 +94,21 @@ def write_cluster(path: Path, text: str) -> Path:
 def rank_hosts(directory: Path) -> dict[int, str]:
     """What tests/launchers/rank_wrapper.sh recorded: rank -> hostname it ran on."""
     return {int(p.name.split("-")[1]): p.read_text().strip() for p in directory.glob("rank-*")}
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 240) -> None:
+    """Until a server launched by `proc` answers /health 200 (fails if `proc` ends first)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-4000:]
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"no healthy server at {url} within {timeout}s:\n{log_path.read_text()[-4000:]}")

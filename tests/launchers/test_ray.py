@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from .conftest import PP, TP, launch, ok, require, tokens, write_cluster
+from .conftest import PP, TP, launch, ok, require, tokens, wait_healthy, write_cluster
 from .daemons import RayCluster, free_port
 
 try:
@@ -129,7 +129,6 @@ def test_ray_serve_answers_and_drains(tmp_path, engine, ray_local):
     front-end drains the engine, the ranks return and the driver exits 0."""
     import signal
     import subprocess
-    import time
 
     import httpx
 
@@ -140,15 +139,7 @@ def test_ray_serve_answers_and_drains(tmp_path, engine, ray_local):
                              "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny"],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(url, proc, log_path)
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4,
                                                       "ignore_eos": True}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

@@ -12,14 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from conftest import REPO
 
-from .conftest import PP, RANK_WRAPPER, TP, launch, ok, rank_hosts, require, tokens, write_cluster
+from .conftest import PP, RANK_WRAPPER, TP, launch, ok, rank_hosts, require, tokens, wait_healthy, write_cluster
 from .daemons import SlurmCluster
 
 
@@ -118,7 +117,7 @@ def test_slurm_serve_answers_and_scancel_drains(tmp_path, engine, slurm):
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, cwd=REPO,
                             start_new_session=True, env=env)
     try:
-        _wait_healthy(url, proc, log_path)
+        wait_healthy(url, proc, log_path)
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4,
                                                       "ignore_eos": True}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
@@ -132,16 +131,3 @@ def test_slurm_serve_answers_and_scancel_drains(tmp_path, engine, slurm):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["scancel", "-n", "ditest"], env=env)
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log_path.read_text()[-4000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"no healthy server at {url} within {timeout}s:\n{log_path.read_text()[-4000:]}")
