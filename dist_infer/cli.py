@@ -33,7 +33,7 @@ def _build(args) -> int:
     from dist_infer.engine.build import build
 
     config = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                         kv_block_size=args.kv_block_size)
+                         kv_block_size=args.kv_block_size, **_quant_options(args))
     world = world_from_launch()
     if args.random_weights:
         from dist_infer.engine.random_engine import build_random_engine
@@ -49,6 +49,18 @@ def _build(args) -> int:
     if world.rank == 0:
         print(f"engine written to {args.out}")
     return 0
+
+
+def _quant_options(args) -> dict:
+    """BuildConfig's quantization fields from the flags; BuildConfig validates the mode."""
+    from dist_infer.config import DEFAULT_QUANT_GROUP_SIZE
+    from dist_infer.errors import LayoutError
+
+    if args.quant_group_size is not None and args.quant != "int4_wo":
+        raise LayoutError("--quant-group-size applies to --quant int4_wo only (int8_wo and fp8 have one scale "
+                          "per output channel); drop it or use --quant int4_wo.")
+    return dict(quant=args.quant, quant_group_size=args.quant_group_size or DEFAULT_QUANT_GROUP_SIZE,
+                quant_lm_head=args.quant_lm_head)
 
 
 def _run(args) -> int:
@@ -133,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + output (default: the model's limit, at most 4096)")
     b.add_argument("--kv-block-size", type=int, default=16)
+    b.add_argument("--quant", metavar="MODE", default=None,
+                   help="quantize the linear layers' weights: int8_wo (INT8, per-channel scales), int4_wo (INT4, "
+                        "group-wise scales) or fp8 (FP8 e4m3 weights and per-token activations); "
+                        "default: keep --dtype")
+    b.add_argument("--quant-group-size", type=int, default=None,
+                   help="with --quant int4_wo: input features per scale (default 128; a power of two >= 16)")
+    b.add_argument("--quant-lm-head", action="store_true",
+                   help="quantize the LM head too (by default it and the embeddings stay in --dtype)")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
     b.set_defaults(func=_build)
 

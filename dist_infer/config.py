@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from dist_infer.errors import CheckpointError, LayoutError
+from dist_infer.errors import CheckpointError, EngineError, LayoutError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies do not depend on the sequence length, so they
@@ -269,6 +269,39 @@ def check_layout(model: ModelConfig, tp: int, pp: int) -> None:
     raise LayoutError("Layout tp={} pp={} cannot run this model: {}. {}".format(tp, pp, "; ".join(problems), " ".join(hint)))
 
 
+# Weight quantization modes, with TensorRT-LLM's names (see engine/quant.py).
+QUANT_MODES = ("int8_wo", "int4_wo", "fp8")
+DEFAULT_QUANT_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a build stores the linear layers' weights.
+
+    mode: None (model dtype), int8_wo (INT8, per-output-channel scales, W8A16),
+          int4_wo (INT4 packed two per byte, one scale per `group_size` inputs, W4A16),
+          fp8 (float8 e4m3 weights with per-output-channel scales and per-token
+          FP8 activations).
+    lm_head: quantize the LM head too (the embedding table always stays in the model dtype).
+    """
+
+    mode: str | None = None
+    group_size: int = DEFAULT_QUANT_GROUP_SIZE
+    lm_head: bool = False
+
+    def __post_init__(self):
+        if self.mode is not None and self.mode not in QUANT_MODES:
+            raise LayoutError(f"unknown quantization mode {self.mode!r}; choose one of {', '.join(QUANT_MODES)} "
+                              "(or leave --quant out to keep the model dtype).")
+        size = self.group_size
+        # Power of two: groups pack whole bytes and tile GPU kernels; >= 16 keeps scales a small overhead.
+        if not isinstance(size, int) or isinstance(size, bool) or size < 16 or size & (size - 1):
+            raise LayoutError(f"quantization group size must be a power of two >= 16 (e.g. 128, 64, 32), "
+                              f"got {size!r}.")
+        if self.lm_head and self.mode is None:
+            raise LayoutError("--quant-lm-head needs a --quant mode (int8_wo, int4_wo or fp8).")
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Options fixed when an engine is built."""
@@ -277,6 +310,9 @@ class BuildConfig:
     max_batch_size: int = 8
     max_seq_len: int | None = None  # None: the model's max_position_embeddings, capped at DEFAULT_MAX_SEQ_LEN
     kv_block_size: int = 16
+    quant: str | None = None  # None or one of QUANT_MODES
+    quant_group_size: int = DEFAULT_QUANT_GROUP_SIZE  # inputs per INT4 scale (int4_wo only)
+    quant_lm_head: bool = False
 
     DTYPES = ("float32", "bfloat16", "float16")
     DEFAULT_MAX_SEQ_LEN = 4096
@@ -290,6 +326,11 @@ class BuildConfig:
                 continue
             if not isinstance(value, int) or value < 1:
                 raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+        QuantConfig(self.quant, self.quant_group_size, self.quant_lm_head)  # validates them
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(self.quant, self.quant_group_size, self.quant_lm_head)
 
     def resolved(self, model: ModelConfig) -> BuildConfig:
         """Concrete limits for this model; refuses a max_seq_len the model cannot position."""
@@ -305,4 +346,9 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
-        return _from_dict(cls, data)
+        """engine.json's build options; a bad value there is a damaged or foreign engine."""
+        try:
+            return _from_dict(cls, data)
+        except LayoutError as exc:
+            raise EngineError(f"engine.json build options are invalid: {exc} Rebuild the engine with "
+                              "`dist-infer build ... --force`.") from exc

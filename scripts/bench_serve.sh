@@ -22,6 +22,7 @@
 #   ENGINE=/tmp/engine-8b PRESET=llama-3-8b TOKENIZER=.whl/smollm2-tokenizer MAX_BATCH=256 MAX_SEQ=2048
 #   ISL=128 OSL=128 CONCURRENCIES="1 16 64 256" OFFLINE_BATCHES="1 16 64 256"
 #   RATE=auto (0.75 x the best request throughput of the concurrency runs) or a number of requests/s
+#   TEMPERATURE=0 (what every request asks; the offline bench is greedy, so 0 compares like with like)
 #   ENDPOINT=completions|chat PORT=8000 HEALTH_TIMEOUT=600 AIPERF_TIMEOUT=300 (seconds per run)
 #   SERVE_CMD (default: python3 -m dist_infer serve --engine $ENGINE --device cuda --port $PORT): any
 #     OpenAI-compatible server with /health can be measured by the same harness.
@@ -39,8 +40,9 @@ MAX_BATCH=${MAX_BATCH:-256}; MAX_SEQ=${MAX_SEQ:-2048}
 ISL=${ISL:-128}; OSL=${OSL:-128}
 CONCURRENCIES=${CONCURRENCIES:-1 16 64 256}
 OFFLINE_BATCHES=${OFFLINE_BATCHES:-1 16 64 256}
-RATE=${RATE:-auto}
+RATE=${RATE-auto}  # empty: no Poisson run
 ENDPOINT=${ENDPOINT:-completions}
+TEMPERATURE=${TEMPERATURE:-0}  # 0: greedy, like the offline bench beside it; OpenAI's default 1.0 adds sampling
 PORT=${PORT:-8000}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-600}
 AIPERF_TIMEOUT=${AIPERF_TIMEOUT:-300}
@@ -170,7 +172,7 @@ PY
         say "aiperf $name: $*"
         timeout "$AIPERF_TIMEOUT" $PYTHON -m aiperf profile --model "$MODEL" --tokenizer "$TOKENIZER" --url "$URL" \
             --endpoint-type "$ENDPOINT" --streaming --isl "$ISL" --isl-stddev 0 --osl "$OSL" --osl-stddev 0 \
-            --extra-inputs ignore_eos:true "${TOKEN_FLAGS[@]}" --random-seed 0 --ui-type none --no-gpu-telemetry \
+            --extra-inputs ignore_eos:true --extra-inputs "temperature:$TEMPERATURE" "${TOKEN_FLAGS[@]}" --random-seed 0 --ui-type none --no-gpu-telemetry \
             --artifact-dir "$ART/$name" "$@" > "$ART/$name.log" 2>&1
         local rc=$?
         [[ $rc == 0 ]] || { echo "aiperf $name exited $rc; its log tail:"; tail -15 "$ART/$name.log"; }

@@ -330,7 +330,12 @@ def test_build_config_defaults_and_round_trip():
     b2 = BuildConfig(dtype="bfloat16", max_batch_size=4, max_seq_len=128, kv_block_size=32)
     assert BuildConfig.from_dict(json.loads(json.dumps(b2.to_dict()))) == b2
     with pytest.raises(CheckpointError, match="unknown fields"):
-        BuildConfig.from_dict({**b2.to_dict(), "quant": "int8"})
+        BuildConfig.from_dict({**b2.to_dict(), "a_future_option": 1})
+    q = BuildConfig(quant="int4_wo", quant_group_size=64, quant_lm_head=True)
+    assert BuildConfig.from_dict(json.loads(json.dumps(q.to_dict()))) == q
+    # engine.json written before quantization existed loads as unquantized.
+    old = {k: v for k, v in b2.to_dict().items() if not k.startswith("quant")}
+    assert BuildConfig.from_dict(old).quant is None
 
 
 @pytest.mark.parametrize("kwargs", [dict(dtype="int8"), dict(dtype="fp32"), dict(max_batch_size=0),

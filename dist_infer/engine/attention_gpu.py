@@ -4,18 +4,22 @@ Decode (one new token per sequence) runs a Triton kernel: one program per
 (sequence, KV head) walks the sequence's block table with an online softmax,
 handling all query heads of the KV head's GQA group at once so every K/V
 block is read once. It takes context lengths from device memory, so it can be
-captured in a CUDA graph. Prefill uses torch's SDPA (flash attention on
-Hopper) on the sequence's fresh keys.
+captured in a CUDA graph.
+
+A step that prefills (prompt chunks, prefix-cached prompts, with or without
+decodes) runs one varlen kernel: every sequence's new queries, causally, over
+its paged keys. Its launch depends only on the token and sequence counts, so a
+mixed-step graph holds it; eagerly it replaces a per-sequence loop whose small
+host-to-device copies cost more than the attention itself.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dist_infer.engine.kv_cache import PagedKVCache, StepBatch, paged_attention_reference
+from dist_infer.engine.kv_cache import PagedKVCache, StepBatch
 
 
 @triton.jit
@@ -81,30 +85,114 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+@triton.jit
+def _find_sequence(QueryStarts, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose query tiles hold `tile`. Sequence i's tiles start at
+    query_starts[i] // BLOCK_Q + i: monotone in i, and room for ceil(len_i / BLOCK_Q)
+    tiles, so a grid of N // BLOCK_Q + B programs covers any ragged step."""
+    lo = 0
+    hi = num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(QueryStarts + mid) // BLOCK_Q + mid <= tile:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
+def _paged_varlen_kernel(Q, K, V, O, BlockTables, QueryStarts, ContextLens, scale, window, num_seqs,
+                         stride_qn, stride_qh, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                         BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_sequence(QueryStarts, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(QueryStarts + seq)
+    q_len = tl.load(QueryStarts + seq + 1) - q_start
+    first = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # this tile's first query within the sequence
+    if first >= q_len:
+        return
+    ctx = tl.load(ContextLens + seq).to(tl.int32)
+    # Rows are (query, head-in-group) pairs: [BLOCK_Q * GROUP_PAD]
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    r = first + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    row_ok = (r < q_len) & (g < GROUP)
+    q_pos = ctx - q_len + tl.minimum(r, q_len - 1)  # position of each row's query token
+    d = tl.arange(0, HEAD_DIM_PAD)
+    dmask = d < HEAD_DIM
+    q_off = (q_start + r).to(tl.int64)[:, None] * stride_qn + (kv_head * GROUP + g)[:, None] * stride_qh + d[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    hi = tl.minimum(ctx - q_len + first + BLOCK_Q, ctx)  # keys past the tile's last query are masked anyway
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(ctx - q_len + first - window + 1, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        key_ok = pos < hi
+        page = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=key_ok, other=0)
+        kv_off = (page.to(tl.int64) * PAGE + pos % PAGE)[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
+        k = tl.load(K + kv_off, mask=key_ok[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [rows, BLOCK_N]
+        visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off, mask=key_ok[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    o_off = (q_start + r).to(tl.int64)[:, None] * stride_on + (kv_head * GROUP + g)[:, None] * stride_oh + d[None, :]
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+
+
+VARLEN_ROWS = 64  # (query, head) rows per program: BLOCK_Q = VARLEN_ROWS // GROUP_PAD queries
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, query_starts: torch.Tensor, context_lens: torch.Tensor,
+                           page: int, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """q [N, heads, hd] of B sequences (query_starts [B+1], context_lens [B] on the device;
+    a sequence's queries are its last tokens) -> [N, heads, hd]. Tokens past query_starts[-1]
+    (graph padding) get zeros. The launch depends only on N and B, so graphs can hold it."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(VARLEN_ROWS // group_pad, 1)
+    num_seqs = context_lens.shape[0]
+    out = torch.zeros_like(q)
+    _paged_varlen_kernel[(tokens // block_q + num_seqs, kv_heads)](
+        q, k_cache, v_cache, out, block_tables, query_starts, context_lens, scale, sliding_window or 0, num_seqs,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=page, BLOCK_Q=block_q, BLOCK_N=64, HAS_WINDOW=sliding_window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 engines are references: no TF32
+        num_warps=4, num_stages=2)
+    return out
+
+
 def gpu_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, batch: StepBatch, scale: float,
                   sliding_window: int | None) -> torch.Tensor:
-    """The engine's attention on CUDA: the decode kernel for every one-token row
-    (a pure decode step, or the decodes of a step that also prefills), flash SDPA
-    for fresh prefills, the portable path for prefix-cached or chunked prefills."""
+    """The engine's attention on CUDA: the decode kernel for a pure decode step, one varlen
+    launch for any step that prefills (fresh, chunked or prefix-cached prompts, with or
+    without decodes; eager or replayed from a mixed-step graph)."""
+    k_cache, v_cache, page = cache.k[layer], cache.v[layer], cache.block_size
     if batch.is_decode:
-        return paged_decode_attention(q, cache.k[layer], cache.v[layer], batch.block_tables,
-                                      batch.context_lens_tensor, cache.block_size, scale, sliding_window)
-    out = torch.empty_like(q)
-    split = batch.decode_split()
-    if split.decode_tokens is not None:  # all decode rows of a mixed step in one kernel
-        out[split.decode_tokens] = paged_decode_attention(
-            q[split.decode_tokens], cache.k[layer], cache.v[layer], batch.block_tables[split.decode_seqs],
-            batch.context_lens_tensor[split.decode_seqs], cache.block_size, scale, sliding_window)
-    for i in split.prefill_seqs:
-        qs, qe, ctx = batch.query_starts[i], batch.query_starts[i + 1], batch.context_lens[i]
-        fresh = ctx == qe - qs and (sliding_window is None or ctx <= sliding_window)
-        if not fresh:  # prefix-cached or chunked prefill: portable path for this sequence
-            sub = batch.select(i)
-            out[qs:qe] = paged_attention_reference(q[qs:qe], cache, layer, sub, scale, sliding_window)
-            continue
-        slots = batch.slot_mapping[qs:qe]
-        k, v = cache.k[layer, slots], cache.v[layer, slots]  # [n, kv_heads, hd]
-        o = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                           v.transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True)
-        out[qs:qe] = o[0].transpose(0, 1)
-    return out
+        return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens_tensor, page,
+                                      scale, sliding_window)
+    return paged_varlen_attention(q, k_cache, v_cache, batch.block_tables, batch.query_starts_tensor,
+                                  batch.context_lens_tensor, page, scale, sliding_window)

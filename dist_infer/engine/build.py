@@ -1,7 +1,8 @@
 """`dist-infer build`: partitioned checkpoint -> engine directory.
 
-Each rank builds only its own engine from its own shard (fuse q/k/v and
-gate/up, cast to the build dtype). Launched as one process per rank under
+Each rank builds only its own engine from its own shard, streaming one
+tensor at a time (fuse q/k/v and gate/up, cast to the build dtype or quantize
+linear weights with `--quant`, engine/quant.py). Launched as one process per rank under
 mpirun, or as a single process that builds every rank in turn. The engine is
 assembled in a hidden temp directory and renamed into place by rank 0 once
 every rank has succeeded.
@@ -18,18 +19,21 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from dist_infer import __version__
 from dist_infer.comm.base import Communicator, collective_call
-from dist_infer.config import BuildConfig, Mapping, ModelConfig
+from dist_infer.config import BuildConfig, Mapping, ModelConfig, QuantConfig
+from dist_infer.engine.layers import RowParallelLinear
+from dist_infer.engine.model import StageModel
+from dist_infer.engine.quant import check_quant_layout
 from dist_infer.errors import EngineError, LaunchError
 from dist_infer.partition.checkpoint import PartitionedCheckpoint
-from dist_infer.partition.safetensors_stream import file_sha256
+from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -42,39 +46,110 @@ def rank_weights_file(rank: int) -> str:
     return f"rank{rank}/weights.safetensors"
 
 
-def engine_weights(hf: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF-named shard tensors -> the engine's fused names (see engine/model.py), cast to dtype."""
-    out: dict[str, torch.Tensor] = {}
-    layer_ids = sorted({int(n.split(".")[2]) for n in hf if n.startswith("model.layers.")})
-    for i in layer_ids:
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        attn, mlp = src + "self_attn.", src + "mlp."
-        out[dst + "self_attn.qkv_proj.weight"] = torch.cat([hf[f"{attn}{p}_proj.weight"] for p in "qkv"])
-        if cfg.qkv_bias:
-            out[dst + "self_attn.qkv_proj.bias"] = torch.cat([hf[f"{attn}{p}_proj.bias"] for p in "qkv"])
-        out[dst + "self_attn.o_proj.weight"] = hf[attn + "o_proj.weight"]
-        if cfg.o_bias:
-            out[dst + "self_attn.o_proj.bias"] = hf[attn + "o_proj.bias"]
-        out[dst + "mlp.gate_up_proj.weight"] = torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
-        out[dst + "mlp.down_proj.weight"] = hf[mlp + "down_proj.weight"]
-        if cfg.mlp_bias:
-            out[dst + "mlp.gate_up_proj.bias"] = torch.cat([hf[mlp + "gate_proj.bias"], hf[mlp + "up_proj.bias"]])
-            out[dst + "mlp.down_proj.bias"] = hf[mlp + "down_proj.bias"]
-        out[dst + "input_norm.weight"] = hf[src + "input_layernorm.weight"]
-        out[dst + "post_attention_norm.weight"] = hf[src + "post_attention_layernorm.weight"]
-    for hf_name, name in (("model.embed_tokens.weight", "embed.weight"), ("model.norm.weight", "norm.weight"),
-                          ("lm_head.weight", "lm_head.weight")):
-        if hf_name in hf:
-            out[name] = hf[hf_name]
-    return {name: t.to(dtype).contiguous() for name, t in out.items()}
+class ShapeGroup:
+    """What the parallel layers read from their TP group when sized: its size and rank."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
 
 
-def build_rank(ckpt: PartitionedCheckpoint, rank: int, directory: Path, dtype: torch.dtype) -> dict:
-    weights = engine_weights(ckpt.load_rank(rank), ckpt.model, dtype)
+def stage_skeleton(cfg: ModelConfig, mapping: Mapping, vocab_padded: int, dtype: torch.dtype,
+                   quant: QuantConfig | None = None) -> StageModel:
+    """The rank's model on the meta device: its parameters are exactly what its engine file holds."""
+    with torch.device("meta"):
+        return StageModel(cfg, mapping, ShapeGroup(mapping.tp_rank, mapping.tp), vocab_padded, dtype, quant)
+
+
+def engine_tensor_specs(model: StageModel) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor of a rank file (a tied head shares the embedding's)."""
+    return [(name, p.dtype, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+# Engine module inside layers.N -> the HF modules concatenated (dim 0) into it.
+_LAYER_SOURCES = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj": ("mlp.down_proj",),
+    "input_norm": ("input_layernorm",),
+    "post_attention_norm": ("post_attention_layernorm",),
+}
+_TOP_SOURCES = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+
+
+def hf_sources(module: str, param: str, available: set[str]) -> list[str]:
+    """The HF tensors (rank-file names) fused into the engine tensor `module.param`."""
+    if module.startswith("layers."):
+        _, layer, local = module.split(".", 2)
+        return [f"model.layers.{layer}.{src}.{param}" for src in _LAYER_SOURCES[local]]
+    name = f"{_TOP_SOURCES[module]}.{param}"
+    if module == "lm_head" and name not in available:  # tied embeddings, head quantized: it is the table
+        name = "model.embed_tokens.weight"
+    return [name]
+
+
+class RankSource:
+    """One rank's checkpoint shard, read tensor by tensor, and its TP peers' shards of the same
+    stage (only row-parallel weights' row absmax is read from those)."""
+
+    def __init__(self, own, peers: list):
+        self.own, self.peers = own, peers
+        self.names = set(own.keys())
+
+    def read(self, names: list[str]) -> torch.Tensor:
+        parts = [self.own.get_tensor(n) for n in names]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def row_absmax(self, name: str, shard: torch.Tensor) -> torch.Tensor | None:
+        """absmax of each full row of a weight split by columns over TP (None at tp=1): [out] float32."""
+        if not self.peers:
+            return None
+        rows = [shard.float().abs().amax(dim=1)]
+        rows += [peer.get_tensor(name).float().abs().amax(dim=1) for peer in self.peers]
+        return torch.stack(rows).amax(dim=0)
+
+
+def engine_tensors(model: StageModel, source: RankSource, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the rank's engine file, one module at a time: q/k/v and gate/up fused,
+    linear weights in their method's format, the rest cast to dtype. Peak memory: one fused weight."""
+    for prefix, module in model.named_modules():
+        if prefix == "lm_head" and model.ties_lm_head:
+            continue
+        method = getattr(module, "method", None)
+        if method is not None:
+            yield from _linear_weight(prefix, module, method, source, dtype)
+        for param, _ in module.named_parameters(recurse=False):
+            if method is None or param == "bias":
+                yield f"{prefix}.{param}", source.read(hf_sources(prefix, param, source.names)).to(dtype)
+
+
+def _linear_weight(prefix: str, module, method, source: RankSource, dtype: torch.dtype):
+    names = hf_sources(prefix, "weight", source.names)
+    w = source.read(names)  # [out_local, in_local], the checkpoint's dtype
+    row_absmax = None
+    if isinstance(module, RowParallelLinear) and method.per_channel_scales:
+        row_absmax = source.row_absmax(names[0], w)  # scales of the whole row, as at tp=1
+    for param, t in method.quantize(w, dtype, row_absmax).items():
+        yield f"{prefix}.{param}", t
+
+
+def build_rank(ckpt: PartitionedCheckpoint, rank: int, directory: Path, build_config: BuildConfig) -> dict:
+    """Stream one rank's engine file from its checkpoint shard (verified) tensor by tensor."""
+    mapping = ckpt.mapping.with_rank(rank)
+    dtype = DTYPES[build_config.dtype]
+    model = stage_skeleton(ckpt.model, mapping, ckpt.config["vocab_size_padded"], dtype, build_config.quant_config)
     path = directory / rank_weights_file(rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, path, metadata={"format": "pt"})
-    log.info("built rank %d: %d tensors, %.1f MB", rank, len(weights), path.stat().st_size / 1e6)
+    specs = engine_tensor_specs(model)
+    peers = [r for r in mapping.tp_group_ranks if r != rank]
+    with ExitStack() as files:
+        own = files.enter_context(ckpt.open_rank(rank))
+        source = RankSource(own, [files.enter_context(ckpt.open_rank(r, verify=False)) for r in peers])
+        writer = StreamingSafetensorsWriter(path, specs, metadata={"format": "pt"})
+        for name, tensor in engine_tensors(model, source, dtype):
+            writer.write(name, tensor)
+        writer.close()
+    log.info("built rank %d: %d tensors, %.1f MB", rank, len(specs), path.stat().st_size / 1e6)
     return {rank_weights_file(rank): {"size": path.stat().st_size, "sha256": file_sha256(path)}}
 
 
@@ -89,12 +164,12 @@ def build(checkpoint_dir: Path, out: Path, build_config: BuildConfig, world: Com
                           f"build it with `mpirun -n {n} dist-infer build ...` or in one process, "
                           f"not with {world.size} processes.")
     build_config = build_config.resolved(ckpt.model)
-    dtype = DTYPES[build_config.dtype]
+    collective_call(world, lambda: check_quant_layout(ckpt.model, ckpt.mapping.tp, build_config.quant_config))
 
     def build_mine(tmp: Path) -> dict:
         files = {}
         for rank in (range(n) if world.size == 1 else [world.rank]):
-            files.update(build_rank(ckpt, rank, tmp, dtype))
+            files.update(build_rank(ckpt, rank, tmp, build_config))
         return files
 
     def describe(files: dict) -> dict:

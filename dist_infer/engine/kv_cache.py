@@ -15,15 +15,6 @@ import torch.nn.functional as F
 
 
 @dataclass
-class DecodeSplit:
-    """A mixed step's one-token rows (run together by a decode kernel) and the rest."""
-
-    decode_tokens: torch.Tensor | None  # [D] int64, token index of each decode row (None: no decode rows)
-    decode_seqs: torch.Tensor | None    # [D] int64, its sequence index
-    prefill_seqs: list[int]
-
-
-@dataclass
 class StepBatch:
     """One ragged step. N = tokens in the step, B = sequences."""
 
@@ -35,11 +26,13 @@ class StepBatch:
     context_lens: list[int]        # B, tokens in cache after this step
     last_token_index: torch.Tensor  # [B] int64, the token whose logits are sampled
     context_lens_tensor: torch.Tensor  # [B] int64, context_lens on the device (for kernels and graphs)
+    query_starts_tensor: torch.Tensor | None = None  # [B+1] int64, query_starts on the device (varlen kernel)
+    varlen: bool = False  # every row through one varlen kernel (a mixed step in a CUDA graph)
 
     @property
     def is_decode(self) -> bool:
-        """Every sequence brings exactly one new token."""
-        return self.num_tokens == self.num_seqs
+        """Every sequence brings exactly one new token (a varlen batch is never one)."""
+        return not self.varlen and self.num_tokens == self.num_seqs
 
     @property
     def num_tokens(self) -> int:
@@ -68,32 +61,13 @@ class StepBatch:
             ctx.append(end)
             tables.extend(table + [0] * (max_blocks - len(table)))
         n, b = len(ids), len(seqs)
-        packed = torch.tensor(ids + positions + slots + [s - 1 for s in starts[1:]] + ctx + tables, dtype=torch.int64)
+        packed = torch.tensor(ids + positions + slots + [s - 1 for s in starts[1:]] + ctx + starts + tables,
+                              dtype=torch.int64)
         if torch.device(device).type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        parts = packed.split([n, n, n, b, b, b * max_blocks])
-        return cls(parts[0], parts[1], parts[2], parts[5].view(b, max_blocks), starts, ctx, parts[3], parts[4])
-
-    def decode_split(self) -> DecodeSplit:
-        """Computed once per step (every layer asks)."""
-        cached = self.__dict__.get("_split")
-        if cached is None:
-            decode = [i for i in range(self.num_seqs) if self.query_starts[i + 1] - self.query_starts[i] == 1]
-            prefill = [i for i in range(self.num_seqs) if self.query_starts[i + 1] - self.query_starts[i] > 1]
-            tokens = seqs = None
-            if decode:
-                device = self.positions.device
-                tokens = torch.tensor([self.query_starts[i] for i in decode], dtype=torch.int64).to(device)
-                seqs = torch.tensor(decode, dtype=torch.int64).to(device)
-            cached = self.__dict__["_split"] = DecodeSplit(tokens, seqs, prefill)
-        return cached
-
-    def select(self, i: int) -> StepBatch:
-        """Sequence i alone (its tokens re-based to start at 0)."""
-        qs, qe = self.query_starts[i], self.query_starts[i + 1]
-        return StepBatch(self.input_ids[qs:qe], self.positions[qs:qe], self.slot_mapping[qs:qe],
-                         self.block_tables[i : i + 1], [0, qe - qs], [self.context_lens[i]],
-                         self.last_token_index.new_tensor([qe - qs - 1]), self.context_lens_tensor[i : i + 1])
+        parts = packed.split([n, n, n, b, b, b + 1, b * max_blocks])
+        return cls(parts[0], parts[1], parts[2], parts[6].view(b, max_blocks), starts, ctx, parts[3], parts[4],
+                   parts[5])
 
 
 class PagedKVCache:

@@ -7,6 +7,8 @@ H = hidden size, T = tp size.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,30 +20,72 @@ def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
+class LinearMethod(Protocol):
+    """How a linear layer stores its weight [out, in] and multiplies by it. The
+    dense one is below; the quantized ones (INT8/INT4 weight-only, FP8) are in
+    engine/quant.py, chosen from the build's quantization by `linear_methods`."""
+
+    mode: str | None
+    per_channel_scales: bool  # one scale per output row: a row-parallel shard needs the full row's absmax
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+        """Register the layer's weight parameters (their names are the engine file's)."""
+
+    def quantize(self, w: torch.Tensor, dtype: torch.dtype, row_absmax: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+        """Build time: w [out, in] (this rank's shard) -> {parameter name: tensor}."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, in] -> x W^T + bias [N, out], in x's dtype."""
+
+
+class DenseLinear:
+    """The weight in the model dtype, as `weight`."""
+
+    mode = None
+    per_channel_scales = False
+
+    def create_weights(self, layer, out_features, in_features, dtype):
+        layer.weight = _empty(out_features, in_features, dtype=dtype)
+
+    def quantize(self, w, dtype, row_absmax=None):
+        return {"weight": w.to(dtype)}
+
+    def apply(self, layer, x, bias=None):
+        return F.linear(x, layer.weight, bias)
+
+
+DENSE = DenseLinear()
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split along its output dim: x [N, in] -> y [N, out/T]. No communication."""
 
-    def __init__(self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype,
+                 method: LinearMethod = DENSE):
         super().__init__()
-        self.weight = _empty(out_local, in_features, dtype=dtype)
+        self.in_features, self.method = in_features, method
+        method.create_weights(self, out_local, in_features, dtype)
         self.bias = _empty(out_local, dtype=dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x, self.bias)
 
 
 class RowParallelLinear(nn.Module):
     """W split along its input dim: x [N, in/T] -> partial sums, all-reduced -> y [N, out].
     The bias is replicated and added once, after the reduction."""
 
-    def __init__(self, in_local: int, out_features: int, bias: bool, dtype: torch.dtype, group: Communicator):
+    def __init__(self, in_local: int, out_features: int, bias: bool, dtype: torch.dtype, group: Communicator,
+                 method: LinearMethod = DENSE):
         super().__init__()
-        self.weight = _empty(out_features, in_local, dtype=dtype)
+        self.in_features, self.method = in_local, method
+        method.create_weights(self, out_features, in_local, dtype)
         self.bias = _empty(out_features, dtype=dtype) if bias else None
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.method.apply(self, x)
         if self.group.size > 1:
             y = self.group.all_reduce(y)
         return y if self.bias is None else y + self.bias
@@ -72,14 +116,24 @@ class ParallelLMHead(nn.Module):
     """Vocab-parallel output projection: x [B, H] -> local logits [B, V/T] ->
     all-gathered full logits [B, V] (padding rows dropped)."""
 
-    def __init__(self, vocab_size: int, vocab_padded: int, hidden: int, dtype: torch.dtype, group: Communicator):
+    def __init__(self, vocab_size: int, vocab_padded: int, hidden: int, dtype: torch.dtype, group: Communicator,
+                 method: LinearMethod = DENSE):
         super().__init__()
         self.vocab_size = vocab_size
-        self.weight = _empty(vocab_padded // group.size, hidden, dtype=dtype)
+        self.in_features, self.method = hidden, method
+        method.create_weights(self, vocab_padded // group.size, hidden, dtype)
         self.group = group
 
+    def tie_to(self, embed: VocabParallelEmbedding) -> bool:
+        """Share the embedding table as the head's weight where the head stores it densely
+        (a quantized head keeps its own copy). Returns whether it is shared."""
+        if self.method.mode is not None:
+            return False
+        self.weight = embed.weight
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight).float()
+        logits = self.method.apply(self, x).float()
         if self.group.size > 1:
             parts = self.group.all_gather(logits)  # [T, B, V/T]
             logits = parts.permute(1, 0, 2).reshape(x.shape[0], -1)

@@ -5,6 +5,9 @@ indices, so a rank file says which layers it holds. Parameter names:
     embed.weight                          first stage
     layers.{i}.{qkv_proj,o_proj,gate_up_proj,down_proj}.{weight,bias}, layers.{i}.{input,post_attention}_norm.weight
     norm.weight, lm_head.weight           last stage (lm_head tied to embed when both live here)
+A quantized build (engine/quant.py) stores a linear layer's weight as
+`qweight` + `scales` instead of `weight`; the layers get a `LinearMethod` and
+never ask which one it is.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_infer.comm.base import Communicator
-from dist_infer.config import Mapping, ModelConfig
+from dist_infer.config import Mapping, ModelConfig, QuantConfig
 from dist_infer.engine.kv_cache import PagedKVCache, StepBatch, paged_attention_reference
-from dist_infer.engine.layers import (ColumnParallelLinear, ParallelLMHead, RMSNorm, Rotary, RowParallelLinear,
-                                      VocabParallelEmbedding)
+from dist_infer.engine.layers import (DENSE, ColumnParallelLinear, LinearMethod, ParallelLMHead, RMSNorm, Rotary,
+                                      RowParallelLinear, VocabParallelEmbedding)
+from dist_infer.engine.quant import linear_methods
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -30,7 +34,8 @@ def local_heads(cfg: ModelConfig, tp: int) -> tuple[int, int]:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_slot: int, tp: Communicator, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer_slot: int, tp: Communicator, dtype: torch.dtype,
+                 linear: LinearMethod = DENSE):
         super().__init__()
         self.heads, self.kv_heads = local_heads(cfg, tp.size)
         self.head_dim = cfg.head_dim
@@ -39,8 +44,8 @@ class Attention(nn.Module):
         self.sliding_window = cfg.sliding_window
         q, kv = self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim
         self.split = (q, kv, kv)
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, q + 2 * kv, cfg.qkv_bias, dtype)
-        self.o_proj = RowParallelLinear(q, cfg.hidden_size, cfg.o_bias, dtype, tp)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, q + 2 * kv, cfg.qkv_bias, dtype, linear)
+        self.o_proj = RowParallelLinear(q, cfg.hidden_size, cfg.o_bias, dtype, tp, linear)
 
     def forward(self, x, rope: Rotary, cos_sin, batch: StepBatch, cache: PagedKVCache, attention: AttentionFn):
         n = x.shape[0]
@@ -62,11 +67,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: Communicator, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, tp: Communicator, dtype: torch.dtype, linear: LinearMethod = DENSE):
         super().__init__()
         inter = cfg.intermediate_size // tp.size
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, tp)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype, linear)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, tp, linear)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)  # [N, 2 * inter/T]
@@ -79,12 +84,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_slot: int, tp: Communicator, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer_slot: int, tp: Communicator, dtype: torch.dtype,
+                 linear: LinearMethod = DENSE):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, layer_slot, tp, dtype)
+        self.self_attn = Attention(cfg, layer_slot, tp, dtype, linear)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, tp, dtype)
+        self.mlp = MLP(cfg, tp, dtype, linear)
 
     def forward(self, x, residual, rope, cos_sin, batch, cache, attention):
         """x: this layer's input [N, H] (the previous layer's MLP output); residual: the
@@ -96,28 +102,34 @@ class DecoderLayer(nn.Module):
 
 
 class StageModel(nn.Module):
-    """The layers, embeddings and head that one rank runs."""
+    """The layers, embeddings and head that one rank runs. `quant`: the build's
+    weight quantization (None: every weight in `dtype`)."""
 
-    def __init__(self, cfg: ModelConfig, mapping: Mapping, tp: Communicator, vocab_padded: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, mapping: Mapping, tp: Communicator, vocab_padded: int, dtype: torch.dtype,
+                 quant: QuantConfig | None = None):
         super().__init__()
         self.cfg = cfg
         self.mapping = mapping
         self.dtype = dtype
+        linear, head = linear_methods(quant)
         self.layer_ids = mapping.stage_layers(cfg.num_layers)
         self.rotary = Rotary(list(cfg.rope_inv_freq), cfg.rope_attention_scaling)
         self.embed = VocabParallelEmbedding(vocab_padded, cfg.hidden_size, dtype, tp) if mapping.is_first_stage else None
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, slot, tp, dtype) for slot, i in enumerate(self.layer_ids)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, slot, tp, dtype, linear)
+                                     for slot, i in enumerate(self.layer_ids)})
+        self._tied = False
         if mapping.is_last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-            self.lm_head = ParallelLMHead(cfg.vocab_size, vocab_padded, cfg.hidden_size, dtype, tp)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, vocab_padded, cfg.hidden_size, dtype, tp, head)
             if cfg.tie_word_embeddings and self.embed is not None:
-                self.lm_head.weight = self.embed.weight
+                self._tied = self.lm_head.tie_to(self.embed)
         else:
             self.norm = self.lm_head = None
 
     @property
     def ties_lm_head(self) -> bool:
-        return self.lm_head is not None and self.embed is not None and self.cfg.tie_word_embeddings
+        """The head's weight is the embedding table (tied, both on this stage, head not quantized)."""
+        return self._tied
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache,
                 attention: AttentionFn = paged_attention_reference) -> torch.Tensor:

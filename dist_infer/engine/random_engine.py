@@ -46,22 +46,29 @@ from pathlib import Path
 import torch
 
 from dist_infer.comm.base import Communicator, LocalCommunicator, collective_call
-from dist_infer.config import BuildConfig, Mapping, ModelConfig, check_layout
-from dist_infer.engine.build import DTYPES, engine_description, rank_weights_file, write_engine
+from dist_infer.config import BuildConfig, Mapping, ModelConfig, QuantConfig, check_layout
+from dist_infer.engine.build import ShapeGroup as _ShapeGroup  # noqa: F401  (tests size models with it)
+from dist_infer.engine.build import (DTYPES, engine_description, engine_tensor_specs, rank_weights_file,
+                                     stage_skeleton, write_engine)
+from dist_infer.engine.quant import check_quant_layout
 from dist_infer.errors import EngineError, LayoutError
+from dist_infer.partition.safetensors_stream import DTYPE_CODES
 from dist_infer.partition.sources import TOKENIZER_FILES
 from dist_infer.presets import preset_hf_config
 
 log = logging.getLogger(__name__)
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+# A random quantized weight: codes drawn per dtype, with the std of those codes, so that
+# the scales (0.02 / std) make codes * scale ~ the dense engines' normal(0, 0.02).
+_CODE_STD = {torch.int8: 127 / 3**0.5, torch.uint8: 16 / 12**0.5, torch.float8_e4m3fn: 1.0}
 
 
-class _ShapeGroup:
-    """What the parallel layers read from their TP group when sized: its size and rank."""
-
-    def __init__(self, rank: int, size: int):
-        self.rank, self.size = rank, size
+def _random_codes(shape, dtype: torch.dtype, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, shape, generator=gen, device=device, dtype=torch.int8)
+    if dtype == torch.uint8:  # two INT4 codes per byte, each uniform in [-8, 7]
+        return torch.randint(0, 256, shape, generator=gen, device=device, dtype=torch.uint8)
+    return torch.randn(shape, generator=gen, device=device).to(dtype)
 
 
 def default_tokenizer_dir() -> Path:
@@ -97,14 +104,11 @@ def random_model_config(preset: str, tokenizer_dir: Path | None, vocab_size: int
     return ModelConfig.from_hf(preset_hf_config(preset, **overrides))
 
 
-def _tensor_specs(cfg: ModelConfig, mapping: Mapping, vocab_padded: int, dtype: torch.dtype):
+def _tensor_specs(cfg: ModelConfig, mapping: Mapping, vocab_padded: int, dtype: torch.dtype,
+                  quant: QuantConfig | None = None):
     """(name, shape, dtype) of every tensor one rank's weights file holds, as RankEngine expects."""
-    from dist_infer.engine.model import StageModel
-
-    with torch.device("meta"):
-        model = StageModel(cfg, mapping, _ShapeGroup(mapping.tp_rank, mapping.tp), vocab_padded, dtype)
-    return [(name, tuple(p.shape), p.dtype) for name, p in model.named_parameters()
-            if not (name == "lm_head.weight" and model.ties_lm_head)]
+    model = stage_skeleton(cfg, mapping, vocab_padded, dtype, quant)
+    return [(name, shape, dt) for name, dt, shape in engine_tensor_specs(model)]
 
 
 def write_random_rank(path: Path, specs, device: torch.device, seed: int) -> dict:
@@ -113,7 +117,7 @@ def write_random_rank(path: Path, specs, device: torch.device, seed: int) -> dic
     header, offset = {}, 0
     for name, shape, dtype in specs:
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
@@ -127,11 +131,15 @@ def write_random_rank(path: Path, specs, device: torch.device, seed: int) -> dic
         for chunk in (struct.pack("<Q", len(head)), head):
             f.write(chunk)
             digest.update(chunk)
-        pending = None
+        pending, code_std = None, 1.0
         for name, shape, dtype in specs:
             t = torch.empty(shape, dtype=dtype, device=device)
             if name.endswith("norm.weight"):
                 t.fill_(1.0)
+            elif dtype in _CODE_STD:  # a quantized weight (its scales come next)
+                t, code_std = _random_codes(shape, dtype, gen, device), _CODE_STD[dtype]
+            elif name.endswith(".scales"):
+                t.fill_(0.02 / code_std)
             else:
                 t.normal_(0.0, 0.02, generator=gen)
             data = t.reshape(-1).view(torch.uint8).cpu().numpy()
@@ -181,6 +189,7 @@ def build_random_engine(preset: str, out: Path, tp: int = 1, pp: int = 1, build:
         files = tokenizer_files(tok_dir) if tok_dir is not None else []
         cfg = random_model_config(preset, tok_dir, vocab_size)
         check_layout(cfg, tp, pp)
+        check_quant_layout(cfg, tp, build.quant_config)
         return files, cfg, build.resolved(cfg)
 
     tok_files, cfg, build = collective_call(world, configure)
@@ -196,7 +205,7 @@ def build_random_engine(preset: str, out: Path, tp: int = 1, pp: int = 1, build:
         files = {}
         for rank in (range(n) if world.size == 1 else [world.rank]):
             t0 = time.perf_counter()
-            specs = _tensor_specs(cfg, mapping.with_rank(rank), vocab_padded, dtype)
+            specs = _tensor_specs(cfg, mapping.with_rank(rank), vocab_padded, dtype, build.quant_config)
             entry = write_random_rank(tmp / rank_weights_file(rank), specs, torch.device(device), seed + rank)
             files[rank_weights_file(rank)] = entry
             log.info("random rank %d: %d tensors, %.2f GB in %.1f s (%s)", rank, len(specs), entry["size"] / 1e9,

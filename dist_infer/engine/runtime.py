@@ -89,14 +89,15 @@ class RankEngine:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         weights = self._load_weights(verify) if weights is None else weights
-        self.model = StageModel(spec.model, self.mapping, groups.tp, spec.vocab_size_padded, self.dtype)
+        self.model = StageModel(spec.model, self.mapping, groups.tp, spec.vocab_size_padded, self.dtype,
+                                spec.build.quant_config)
         self._assign(weights)
         self.model.to(self.device)
         del weights
         _, self.kv_heads = local_heads(spec.model, self.mapping.tp)
         self.cache: PagedKVCache | None = None
         self.attention = paged_attention_reference
-        self.graphs = None
+        self.graphs: list = []  # CUDA graph families (decode, mixed) once captured
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] | None = None  # set [] to time steps
         if self.device.type == "cuda":
             self._use_kernel_cache()
@@ -145,13 +146,17 @@ class RankEngine:
         os.environ["TRITON_CACHE_DIR"] = str(cache)
 
     def _capture_graphs(self) -> None:
-        from dist_infer.engine.cuda_graphs import DecodeGraphs, default_buckets
+        from dist_infer.engine.cuda_graphs import MIXED_TOKEN_BUCKETS, DecodeGraphs, MixedGraphs, default_buckets
 
         hidden = None if self.mapping.is_first_stage else self.spec.model.hidden_size
-        self.graphs = DecodeGraphs(self._eager_step, default_buckets(self.spec.build.max_batch_size),
-                                   self.spec.blocks_per_seq, hidden, self.dtype, self.device)
+        max_batch, blocks = self.spec.build.max_batch_size, self.spec.blocks_per_seq
+        decode = DecodeGraphs(self._eager_step, default_buckets(max_batch), blocks, hidden, self.dtype, self.device)
+        mixed = MixedGraphs(self._eager_step, list(MIXED_TOKEN_BUCKETS), max_batch, blocks, hidden,
+                            self.mapping.is_last_stage, self.dtype, self.device, pool=decode.pool)
+        self.graphs = [decode, mixed]
         with torch.inference_mode():
-            self.graphs.capture()
+            for graphs in self.graphs:
+                graphs.capture()
 
     def _load_weights(self, verify: bool) -> dict[str, torch.Tensor]:
         rank = self.mapping.rank
@@ -189,15 +194,21 @@ class RankEngine:
     def step(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """This rank's part of a step. x: token ids [N] (first stage) or hidden [N, H].
         Returns float32 logits [B, vocab] on the last stage, hidden [N, H] elsewhere."""
-        bucket = self.graphs.bucket(batch) if self.graphs is not None else None
         if self.step_events is None:
-            return self.graphs.replay(x, batch, bucket) if bucket is not None else self._eager_step(x, batch)
+            return self._run(x, batch)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = self.graphs.replay(x, batch, bucket) if bucket is not None else self._eager_step(x, batch)
+        out = self._run(x, batch)
         end.record()
         self.step_events.append((start, end, batch.is_decode))
         return out
+
+    def _run(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """From the graph whose bucket holds the step, else eagerly (the largest prefills)."""
+        for graphs in self.graphs:
+            if (bucket := graphs.bucket(batch)) is not None:
+                return graphs.replay(x, batch, bucket)
+        return self._eager_step(x, batch)
 
     def decode_gpu_ms(self) -> list[float]:
         """Device time of each timed decode step (needs step_events = [] before the steps)."""
@@ -206,9 +217,9 @@ class RankEngine:
 
     def close(self) -> None:
         """Release CUDA graphs first: NCCL communicators they captured are destroyed after."""
-        if self.graphs is not None:
-            self.graphs.close()
-            self.graphs = None
+        for graphs in self.graphs:
+            graphs.close()
+        self.graphs = []
 
 
 def load_rank_engine(spec: EngineSpec, groups: ParallelGroups, device: str = "cpu", verify: bool = True,

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dist_infer.config import Mapping, ModelConfig
@@ -67,6 +68,14 @@ class PartitionedCheckpoint:
         return [Shard(**s) for s in self.manifest["shards"][str(rank)]]
 
     def load_rank(self, rank: int, verify: bool = True) -> dict[str, torch.Tensor]:
+        return load_file(self._rank_path(rank, verify))
+
+    def open_rank(self, rank: int, verify: bool = True):
+        """The rank file for reading one tensor at a time (`with ... as f: f.get_tensor(name)`);
+        verify=False for a peer's file that its own rank verifies."""
+        return safe_open(self._rank_path(rank, verify), framework="pt")
+
+    def _rank_path(self, rank: int, verify: bool) -> Path:
         name = rank_file(rank)
         path = self.directory / name
         fix = f"Partition the model again (`dist-infer partition ... --out {self.directory}`)."
@@ -74,7 +83,7 @@ class PartitionedCheckpoint:
             verify_file(path, self.manifest["files"][name], f"checkpoint rank {rank}", fix)
         elif not path.is_file():
             raise CheckpointError(f"checkpoint rank {rank}: {path} is missing. {fix}")
-        return load_file(path)
+        return path
 
     def tokenizer_files(self) -> list[Path]:
         return [self.directory / n for n in TOKENIZER_FILES if (self.directory / n).is_file()]

@@ -42,6 +42,34 @@ class EngineAddresses:
         return cls(f"ipc://{directory}/requests.sock", f"ipc://{directory}/outputs.sock")
 
 
+class LoopStats:
+    """What the loop did since the last report: logged every `interval_s` while busy, so an
+    operator sees step rate, the ranks' share of a step and the loop's own overhead."""
+
+    interval_s = 10.0
+
+    def __init__(self):
+        self.since = time.monotonic()
+        self.steps = self.tokens = 0
+        self.loop_s = self.rank_s = 0.0
+
+    def add(self, loop_s: float, tokens: int, rank_s: float) -> None:
+        """One loop turn that ran a step: its wall time, the step's tokens and time on the ranks."""
+        self.steps += 1
+        self.loop_s += loop_s
+        self.rank_s += rank_s
+        self.tokens += tokens
+
+    def due(self) -> bool:
+        return self.steps > 0 and time.monotonic() - self.since >= self.interval_s
+
+    def report(self, engine: LLMEngine) -> str:
+        stats, n = engine.stats(), self.steps
+        return (f"{n / (time.monotonic() - self.since):.1f} steps/s, {self.tokens / n:.0f} tokens/step, step "
+                f"{1e3 * self.loop_s / n:.2f} ms (ranks {1e3 * self.rank_s / n:.2f} ms), running {stats.running}, "
+                f"waiting {stats.waiting}, KV {100 * stats.kv_usage:.0f}%, prefix hits {100 * stats.prefix_hit_rate:.0f}%")
+
+
 class EngineLoop:
     heartbeat_s = 0.5
 
@@ -59,6 +87,7 @@ class EngineLoop:
         self.stopping = False
         self._last_heartbeat = 0.0
         self._last_plan = time.monotonic()
+        self.stats = LoopStats()
 
     def handle_signals(self, shutdown_timeout: float) -> None:
         """SIGTERM / SIGINT drain: refuse new requests, finish the running ones within the timeout."""
@@ -77,17 +106,28 @@ class EngineLoop:
     def run(self, should_stop=lambda: False) -> None:
         """Serve until shut down, drained, or `should_stop()` (e.g. the front-end died)."""
         while not self.stopping and not should_stop():
+            turn = time.monotonic()
             busy = self.engine.has_unfinished()
             self._receive(0 if busy else min(self.heartbeat_s, self.keepalive_s) * 1000)
+            turn = turn if busy else time.monotonic()  # an idle wait is not step overhead
             if self.engine.has_unfinished():
+                steps = self.engine.num_steps
                 self._send(("outputs", self.engine.step()))
                 self._last_plan = time.monotonic()
+                if self.engine.num_steps > steps:
+                    self.stats.add(self._last_plan - turn, *self.engine.step_times[-1])
             elif time.monotonic() - self._last_plan > self.keepalive_s:
                 self.engine.keepalive()
                 self._last_plan = time.monotonic()
             self._heartbeat()
             self._check_drain()
+            self._report()
         self._heartbeat(force=True)
+
+    def _report(self) -> None:
+        if self.stats.due():
+            log.info("engine: %s", self.stats.report(self.engine))
+            self.stats = LoopStats()
 
     def _receive(self, timeout_ms: float) -> None:
         if not self.inbox.poll(timeout_ms):

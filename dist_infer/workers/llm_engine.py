@@ -13,6 +13,7 @@ import itertools
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 from dist_infer.engine.runtime import EngineSpec
@@ -26,6 +27,7 @@ from dist_infer.workers.worker import RankWorker, SeqChunk, StepPlan, StepResult
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+STEP_HISTORY = 100_000  # step timings kept (a server runs for weeks)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._seeds = random.SystemRandom()
         self.num_steps = 0
-        self.step_times: list[tuple[int, float]] = []  # (tokens in step, seconds); reset by generate()
+        # (tokens in step, seconds on the ranks) of recent steps; reset by generate()
+        self.step_times: deque[tuple[int, float]] = deque(maxlen=STEP_HISTORY)
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -303,7 +306,7 @@ class LLMEngine:
         for i, r in enumerate(requests):
             self.validate(r, f"prompt {i}")
         started = time.perf_counter()
-        self.step_times = []
+        self.step_times = deque(maxlen=STEP_HISTORY)
         states = [self._add(f"generate-{id(requests)}-{i}", r) for i, r in enumerate(requests)]
         while self.has_unfinished():
             outputs = self.step()

@@ -17,6 +17,7 @@ from conftest import completions, flip_middle_bytes, make_tiny_model, run_cli, w
 TP, PP = 2, 2
 WORLD = TP * PP
 TIMEOUT = 120  # every subprocess is bounded: a hang fails the test
+NO_QUANT = {"quant": None, "quant_group_size": 128, "quant_lm_head": False}  # tests/engine/test_quant.py
 
 
 def _ok(proc):
@@ -105,13 +106,15 @@ def test_engine_json_records_model_mapping_and_build_options(ckpt, engine):
     assert spec["model"]["architecture"] == "llama" and spec["model"]["num_layers"] == 4
     assert spec["mapping"] == {"tp": TP, "pp": PP}
     # Defaults: float32, batch 8, the model's max_position_embeddings (256), blocks of 16.
-    assert spec["build"] == {"dtype": "float32", "max_batch_size": 8, "max_seq_len": 256, "kv_block_size": 16}
+    assert spec["build"] == {"dtype": "float32", "max_batch_size": 8, "max_seq_len": 256, "kv_block_size": 16,
+                             **NO_QUANT}
     assert sorted(spec["files"]) == [f"rank{r}/weights.safetensors" for r in range(WORLD)]
 
     out = ckpt.parent / "engine-opts"
     _ok(build(ckpt, out, "--max-batch-size", "3", "--max-seq-len", "96", "--kv-block-size", "8"))
     spec = json.loads((out / "engine.json").read_text())
-    assert spec["build"] == {"dtype": "float32", "max_batch_size": 3, "max_seq_len": 96, "kv_block_size": 8}
+    assert spec["build"] == {"dtype": "float32", "max_batch_size": 3, "max_seq_len": 96, "kv_block_size": 8,
+                             **NO_QUANT}
     assert spec["mapping"] == {"tp": TP, "pp": PP} and spec["format_version"] == 1
 
 

@@ -47,10 +47,21 @@ def test_triton_decode_matches_reference(heads, kv_heads, head_dim, window):
     assert err < 1e-2, f"relative error {err:.2e} (bf16 operands: expect ~3e-3)"
 
 
+def _ragged_step(rows, page):
+    """rows: (tokens in cache after the step, new tokens this step) per sequence, over
+    consecutive blocks from 1 (the order _random_paged_batch filled)."""
+    seqs, next_block = [], 1
+    for ctx, new in rows:
+        n_blocks = -(-ctx // page)
+        seqs.append(([0] * new, ctx - new, list(range(next_block, next_block + n_blocks))))
+        next_block += n_blocks
+    return StepBatch.build(seqs, page, "cuda")
+
+
 @pytest.mark.parametrize("window", [None, 40])
 def test_mixed_step_attention_matches_reference(window):
-    """A step that decodes some sequences and prefills others (fresh, prefix-cached and
-    chunked): the decode rows go through the decode kernel together, the rest per sequence."""
+    """An eager step that decodes some sequences and prefills others (fresh, prefix-cached
+    and chunked): one varlen launch for all of them."""
     from dist_infer.engine.attention_gpu import gpu_attention
 
     page, kv_heads, heads, head_dim = 16, 2, 8, 64
@@ -58,17 +69,75 @@ def test_mixed_step_attention_matches_reference(window):
     rows = [(30, 1), (5, 5), (70, 1), (48, 16), (129, 1), (40, 24)]
     cache, _ = _random_paged_batch([c for c, _ in rows], page, kv_heads, head_dim, torch.bfloat16, "cuda")
     gen = torch.Generator().manual_seed(3)
-    seqs, next_block = [], 1
-    for ctx, new in rows:
-        n_blocks = -(-ctx // page)
-        seqs.append(([0] * new, ctx - new, list(range(next_block, next_block + n_blocks))))
-        next_block += n_blocks
-    batch = StepBatch.build(seqs, page, "cuda")
+    batch = _ragged_step(rows, page)
     q = torch.randn(batch.num_tokens, heads, head_dim, generator=gen).to("cuda", torch.bfloat16)
     out = gpu_attention(q, cache, 0, batch, head_dim ** -0.5, window)
     ref = paged_attention_reference(q.float(), _as_float(cache), 0, batch, head_dim ** -0.5, window)
-    assert batch.decode_split().decode_tokens.tolist() == [0, 6, 23]
     assert _rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (16, 1, 128)])
+@pytest.mark.parametrize("window", [None, 40])
+def test_varlen_attention_matches_reference_with_graph_padding(heads, kv_heads, head_dim, window):
+    """The mixed-step graphs' kernel: decodes, fresh, chunked and prefix-cached prefills
+    in one launch, plus padding tokens and empty padding sequences (which get zeros)."""
+    from dist_infer.engine.attention_gpu import paged_varlen_attention
+
+    page = 16
+    rows = [(30, 1), (5, 5), (70, 1), (48, 16), (129, 1), (40, 24), (300, 200), (3, 2)]
+    cache, _ = _random_paged_batch([c for c, _ in rows], page, kv_heads, head_dim, torch.bfloat16, "cuda")
+    batch = _ragged_step(rows, page)
+    n, pad_tokens, pad_seqs = batch.num_tokens, 13, 5
+    q = torch.randn(n + pad_tokens, heads, head_dim, generator=torch.Generator().manual_seed(4)).to("cuda",
+                                                                                                  torch.bfloat16)
+    starts = torch.cat([batch.query_starts_tensor, batch.query_starts_tensor.new_full((pad_seqs,), n)])
+    ctx = torch.cat([batch.context_lens_tensor, batch.context_lens_tensor.new_ones(pad_seqs)])
+    tables = torch.cat([batch.block_tables, batch.block_tables.new_zeros(pad_seqs, batch.block_tables.shape[1])])
+    out = paged_varlen_attention(q, cache.k[0], cache.v[0], tables, starts, ctx, page, head_dim ** -0.5, window)
+    ref = paged_attention_reference(q[:n].float(), _as_float(cache), 0, batch, head_dim ** -0.5, window)
+    assert _rel_err(out[:n], ref) < 1e-2
+    assert not out[n:].any()
+
+
+def test_mixed_step_graphs_give_the_eager_tokens(tmp_path):
+    """Under live-traffic-like scheduling (chunked prefill, prompts arriving while others
+    decode, a shared prefix), steps replayed from the decode and mixed-step graphs give
+    the tokens of the same engine run eagerly; and the mixed graphs were used."""
+    from dist_infer.comm import LocalCommunicator, ParallelGroups
+    from dist_infer.config import BuildConfig
+    from dist_infer.engine.random_engine import build_random_engine
+    from dist_infer.engine.runtime import EngineSpec, load_rank_engine
+    from dist_infer.workers.llm_engine import EngineOptions, LLMEngine, Request
+    from dist_infer.workers.worker import RankWorker
+
+    build_random_engine("tiny-llama", tmp_path / "e", build=BuildConfig(dtype="float32", max_batch_size=8,
+                        max_seq_len=256, kv_block_size=16), with_tokenizer=False, device="cpu")
+    spec = EngineSpec.read(tmp_path / "e")
+    groups = ParallelGroups.build(LocalCommunicator(), spec.mapping)
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 17, 100, 33, 1, 70, 64)]
+
+    def run(cuda_graphs: bool) -> tuple[list[list[int]], list[str]]:
+        engine = load_rank_engine(spec, groups, "cuda:0", cuda_graphs=cuda_graphs)
+        kinds = []
+        if cuda_graphs:
+            for g in engine.graphs:
+                replay = g.replay
+                g.replay = lambda x, b, k, g=g, replay=replay: (kinds.append(g.kind), replay(x, b, k))[1]
+        llm = LLMEngine(RankWorker(engine, groups), spec, options=EngineOptions(max_num_batched_tokens=48))
+        pending, outs = list(enumerate(prompts)), {}
+        while pending or llm.has_unfinished():
+            if pending:  # one arrival per step
+                i, p = pending.pop(0)
+                llm.add_request(str(i), Request(p, 24, ignore_eos=True))
+            for o in llm.step():
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        engine.close()
+        return [outs[str(i)] for i in range(len(prompts))], kinds
+
+    eager, _ = run(False)
+    graphed, kinds = run(True)
+    assert graphed == eager
+    assert kinds.count("mixed-step") >= 5 and kinds.count("decode") >= 5
 
 
 def _as_float(cache):
