@@ -133,6 +133,10 @@ def _linear_weight(prefix: str, module, method, source: RankSource, dtype: torch
         yield f"{prefix}.{param}", t
 
 
+def _needs_row_absmax(model: StageModel) -> bool:
+    return model.mapping.tp > 1 and any(isinstance(m, RowParallelLinear) and m.method.per_channel_scales for m in model.modules())
+
+
 def build_rank(ckpt: PartitionedCheckpoint, rank: int, directory: Path, build_config: BuildConfig) -> dict:
     """Stream one rank's engine file from its checkpoint shard (verified) tensor by tensor."""
     mapping = ckpt.mapping.with_rank(rank)
@@ -141,7 +145,9 @@ def build_rank(ckpt: PartitionedCheckpoint, rank: int, directory: Path, build_co
     path = directory / rank_weights_file(rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     specs = engine_tensor_specs(model)
-    peers = [r for r in mapping.tp_group_ranks if r != rank]
+    # Only per-channel scales of row-parallel weights need the TP peers' shards (their rows'
+    # absmax); a dense or group-wise build reads its own shard alone (node-local storage works).
+    peers = [r for r in mapping.tp_group_ranks if r != rank] if _needs_row_absmax(model) else []
     with ExitStack() as files:
         own = files.enter_context(ckpt.open_rank(rank))
         source = RankSource(own, [files.enter_context(ckpt.open_rank(r, verify=False)) for r in peers])

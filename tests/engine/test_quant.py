@@ -445,3 +445,18 @@ def test_random_weight_engine_quantized(mode, tmp_path):
     w = dequantize(weights["layers.0.mlp.down_proj.qweight"], weights["layers.0.mlp.down_proj.scales"])
     assert 0.019 < w.std().item() < 0.021
     load_stage(out, 1, SimpleNamespace(rank=1, size=2))  # the file's tensors are exactly the model's
+
+
+@pytest.mark.parametrize("mode,tp,needs_peers", [(None, 2, False), ("int4_wo", 2, False), ("int8_wo", 2, True),
+                                                  ("fp8", 2, True), ("int8_wo", 1, False)])
+def test_only_per_channel_row_parallel_builds_read_the_tp_peers_shards(mode, tp, needs_peers):
+    """A dense or group-wise build reads its own shard alone, so ranks on node-local
+    storage can build; per-channel scales of row-parallel weights need the whole rows."""
+    from dist_infer.config import Mapping, ModelConfig
+    from dist_infer.engine.build import _needs_row_absmax, stage_skeleton
+    from dist_infer.presets import preset_hf_config
+
+    cfg = ModelConfig.from_hf(preset_hf_config("tiny-llama"))
+    quant_cfg = QuantConfig(mode=mode, group_size=GROUP)
+    model = stage_skeleton(cfg, Mapping(tp=tp, pp=1, rank=0), 512, torch.float32, quant_cfg)
+    assert _needs_row_absmax(model) is needs_peers
