@@ -66,6 +66,7 @@ def _quant_options(args) -> dict:
 def _run(args) -> int:
     from dist_infer.workers.run import RunOptions, run
 
+    _warn_escaped_stops(args.stop)
     return run(RunOptions(
         engine=Path(args.engine), prompts=args.prompt, prompts_file=args.prompts_file,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -105,22 +106,111 @@ def _launch(args) -> int:
     return launch(args.cluster, args.args, dry_run=args.dry_run, log_level=level)
 
 
+# ---- argument checks: every rank parses the same argv, so a bad value is refused
+# here, before MPI starts work or any rank loads an engine (not 15 s later).
+
+def _int_at_least(low: int, meaning: str = ""):
+    def check(text: str) -> int:
+        value = _parse(text, int, "an integer")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{meaning}, got {value}")
+        return value
+    return check
+
+
+def _temperature(text: str) -> float:
+    value = _parse(text, float, "a number")
+    if not value >= 0 or value == float("inf"):  # `not >=` also catches nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _parse(text, float, "a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off), got {text}")
+    return value
+
+
+def _parse(text: str, kind, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def _device(text: str) -> str:
+    """cpu, or cuda (each rank takes the GPU of its local rank); anything else
+    would fail inside torch on every rank with a traceback."""
+    if text in DEVICES:
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu or cuda (each rank picks its own GPU)")
+
+
+def _check_prompts(parser: argparse.ArgumentParser, prompts: list[str]) -> None:
+    """An empty prompt would be answered as if the user had said nothing (the chat
+    template alone): refuse it, naming it (numbered from 0, as every later message does)."""
+    for index, text in enumerate(prompts):
+        if not text.strip():
+            parser.error(f"prompt {index} (--prompt number {index + 1}) is empty; give it some text or drop it.")
+
+
+def _stop(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("an empty stop string would end every answer at once; drop it")
+    return text
+
+
+def _warn_escaped_stops(stops: list[str]) -> None:
+    """The shell passes --stop "\\n" as backslash + n, which never appears in text.
+    We do not unescape (a literal backslash stop must stay possible); we say so."""
+    from dist_infer.log import launch_rank
+
+    escaped = [s for s in stops if "\\n" in s or "\\t" in s]
+    if escaped and launch_rank() == 0:
+        print(f"dist-infer: warning: --stop '{escaped[0]}' contains a literal backslash (the shell does not turn "
+              "\\n into a newline); for a newline write --stop $'\\n' in bash.", file=sys.stderr, flush=True)
+
+
+PARSE_ERROR_GRACE_S = 1.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """Every rank of a job parses the same argv: rank 0 alone prints the error."""
+        from dist_infer.log import launch_rank
+
+        if launch_rank() == 0:
+            sys.stderr.write(f"{self.format_usage()}{self.prog}: error: {message}\n")  # one write: all or nothing
+            sys.stderr.flush()
+        else:
+            # mpirun kills the job when the first rank exits non-zero: let rank 0 be that
+            # rank, so its message is out before the others are killed.
+            import time
+
+            time.sleep(PARSE_ERROR_GRACE_S)
+        sys.exit(2)
+
+
 def _scheduler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+    p.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=None,
                    help="tokens in one step, prefill chunks and decodes together (default: 2048, or the "
                         "engine's max batch size if larger); long prompts are prefilled in chunks")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse the KV of prompt prefixes shared between requests")
-    p.add_argument("--num-kv-blocks", type=int, default=None,
+    p.add_argument("--num-kv-blocks", type=_int_at_least(1), default=None,
                    help="cap the KV pool at this many blocks (default: what memory and the engine allow); "
                         "a pool too small for every request at once preempts and recomputes")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-infer", description="Distributed LLM inference: "
+    parser = _Parser(prog="dist-infer", description="Distributed LLM inference: "
                                      "partition -> build -> run (under mpirun, Ray or Slurm).")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("partition", help="split a HF checkpoint into per-rank TP/PP shards")
     p.add_argument("--model", required=True, help="HF model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
@@ -161,17 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     r.add_argument("--prompts-file", help="text file (one prompt per line), .jsonl ({'prompt'} or "
                                           "{'input_ids'} per line), or - for stdin")
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
+    r.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
+    r.add_argument("--top-k", type=_int_at_least(0, " (0 = off)"), default=0)
+    r.add_argument("--top-p", type=_top_p, default=1.0)
     r.add_argument("--seed", type=int, default=None, help="prompt i samples with seed SEED+i (default: random)")
-    r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    r.add_argument("--stop", action="append", default=[], type=_stop,
+                   help="stop string (repeatable); for a newline use bash's $'\\n' (\"\\n\" is a backslash and n)")
     r.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
     r.add_argument("--no-chat-template", action="store_true", help="tokenize prompts as plain text")
     r.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files at load")
-    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--device", default="cpu", type=_device, help="cpu or cuda")
     _scheduler_args(r)
     r.set_defaults(func=_run)
 
@@ -186,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` (default: $DIST_INFER_API_KEY)")
     v.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds SIGTERM/SIGINT waits for running requests before aborting them")
-    v.add_argument("--device", default="cpu", help="cpu or cuda")
+    v.add_argument("--device", default="cpu", type=_device, help="cpu or cuda")
     v.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files at load")
     _scheduler_args(v)
     v.add_argument("--keepalive", type=float, default=30.0, help=argparse.SUPPRESS)  # idle ranks' empty-step period
@@ -221,7 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        _check_prompts(parser, args.prompt)
     from dist_infer.log import launch_rank, setup_logging
 
     setup_logging(args.log_level)

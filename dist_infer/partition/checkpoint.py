@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,6 +43,53 @@ def verify_file(path: Path, expected: dict, what: str, fix: str) -> None:
         raise CheckpointError(f"{what}: {path} is corrupt (sha256 differs from the manifest). {fix}")
 
 
+REPARTITION = "Partition the model again (`dist-infer partition --model ... --out DIR --force`)."
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, OSError) as exc:  # ValueError covers JSONDecodeError and bad UTF-8
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged. {REPARTITION}") from None
+
+
+def _parse_config(config: dict, path: Path) -> tuple[ModelConfig, Mapping]:
+    """The model and mapping sections. A missing field or a value of the wrong type
+    (a hand-edited or foreign file) is a damaged checkpoint, not a bug: say which."""
+    try:
+        version = config["format_version"]
+        _check_types({"format_version": version}, {"format_version": "int"}, "")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{path.parent} uses checkpoint format {version}; this dist_infer reads up to "
+                                  f"{FORMAT_VERSION}. Upgrade dist_infer.")
+        _check_types(config["model"], {f.name: f.type for f in dataclasses.fields(ModelConfig)}, "model.")
+        _check_types(config["mapping"], {"tp": "int", "pp": "int"}, "mapping.")
+        return ModelConfig.from_dict(config["model"]), Mapping.from_dict(config["mapping"])
+    except KeyError as exc:
+        raise CheckpointError(f"{path} lacks the field {exc}. {REPARTITION}") from None
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: {exc}. {REPARTITION}") from None
+
+
+# ModelConfig's annotations (strings: `from __future__ import annotations`) -> JSON types.
+JSON_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "tuple[float, ...]": (list,),
+              "tuple[int, ...]": (list,)}
+
+
+def _check_types(section, annotations: dict[str, str], prefix: str) -> None:
+    if not isinstance(section, dict):
+        raise TypeError(f"{prefix.rstrip('.') or 'the config'} must be a JSON object, got {section!r}")
+    for name, value in section.items():
+        annotation = str(annotations.get(name, ""))
+        optional = annotation.endswith(" | None")
+        allowed = JSON_TYPES.get(annotation.removesuffix(" | None"))
+        if allowed is None or (optional and value is None):
+            continue  # unknown fields are reported by from_dict itself
+        if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
+            raise TypeError(f"field {prefix}{name} must be {annotation.removesuffix(' | None')}"
+                            f"{' or null' if optional else ''}, got {value!r}")
+
+
 class PartitionedCheckpoint:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -49,20 +97,16 @@ class PartitionedCheckpoint:
         if not config_path.is_file():
             raise CheckpointError(f"{self.directory} is not a dist_infer checkpoint (no config.json); "
                                   "create one with `dist-infer partition --model ... --out DIR`.")
-        config = json.loads(config_path.read_text())
-        if config.get("format") != FORMAT:
+        config = _read_json(config_path)
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise CheckpointError(f"{config_path} is not a dist_infer checkpoint config (it may be a HF model "
                                   "directory: partition it first with `dist-infer partition`).")
-        if config["format_version"] > FORMAT_VERSION:
-            raise CheckpointError(f"{self.directory} uses checkpoint format {config['format_version']}; this "
-                                  f"dist_infer reads up to {FORMAT_VERSION}. Upgrade dist_infer.")
         self.config = config
-        self.model = ModelConfig.from_dict(config["model"])
-        self.mapping = Mapping.from_dict(config["mapping"])
+        self.model, self.mapping = _parse_config(config, config_path)
         manifest_path = self.directory / "manifest.json"
         if not manifest_path.is_file():
             raise CheckpointError(f"{manifest_path} is missing; the checkpoint is incomplete. Partition again.")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = _read_json(manifest_path)
 
     def shards(self, rank: int) -> list[Shard]:
         return [Shard(**s) for s in self.manifest["shards"][str(rank)]]

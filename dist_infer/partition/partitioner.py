@@ -87,10 +87,21 @@ def check_output_dir(out: Path, source_dir: Path, force: bool) -> None:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --force to replace it.")
 
 
+def _model_config(source: SourceCheckpoint) -> ModelConfig:
+    """The model's shape; a config.json value transformers let through but that makes
+    no sense as a shape (a string, a list) is the file's fault, not a bug."""
+    try:
+        return ModelConfig.from_hf(source.hf_config())
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise CheckpointError(f"{source.directory / 'config.json'} has a missing field or one of the wrong type "
+                              f"({type(exc).__name__}: {exc}). Restore the file from the model's original download."
+                              ) from None
+
+
 def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = False, progress: bool = True) -> Path:
     out = Path(out)
     source = open_source(model)
-    config = ModelConfig.from_hf(source.hf_config())
+    config = _model_config(source)
     check_layout(config, tp, pp)
     check_output_dir(out, source.directory, force)
     plan = plan_partition(source, config, tp, pp)

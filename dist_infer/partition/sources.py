@@ -78,8 +78,11 @@ class SourceCheckpoint:
         from transformers import AutoConfig
         try:
             return AutoConfig.from_pretrained(self.directory)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read {self.directory / 'config.json'} with transformers: {exc}") from exc
+        except Exception as exc:  # transformers raises OSError, ValueError, TypeError... for a bad file
+            reason = str(exc).rstrip(".")
+            raise CheckpointError(f"cannot read {self.directory / 'config.json'} with transformers: {reason}. "
+                                  "Restore the file from the model's original download (or re-download the "
+                                  "model).") from None
 
     def read(self, name: str, dim: int = 0, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Tensor `name`, or its [start, stop) slice along `dim` (0 or 1)."""
@@ -112,6 +115,7 @@ def import_gguf(gguf_file: Path, out_dir: Path | None = None) -> Path:
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise CheckpointError(f"GGUF file {gguf_file} does not exist.")
+    check_gguf_magic(gguf_file)
     stat = gguf_file.stat()
     key = hashlib.sha256(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out_dir = Path(out_dir) if out_dir else cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
@@ -142,6 +146,19 @@ def import_gguf(gguf_file: Path, out_dir: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_magic(gguf_file: Path) -> None:
+    """Refuse a file that only has the name of a GGUF before transformers (and the
+    import's temporary directory) ever see it: a failed download is often HTML."""
+    with open(gguf_file, "rb") as f:
+        head = f.read(len(GGUF_MAGIC))
+    if head != GGUF_MAGIC:
+        raise CheckpointError(f"{gguf_file} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r}); it may "
+                              "be a failed or partial download. Download it again, or pass a HF model directory.")
 
 
 def open_source(model: str | Path) -> SourceCheckpoint:

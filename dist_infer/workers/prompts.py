@@ -33,19 +33,33 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str | lis
                 # Open MPI 5's launcher forwards stdin's data but not its end: reading would hang.
                 raise RequestError("--prompts-file - (stdin) cannot be used under mpirun, which does not forward "
                                    "the end of stdin; write the prompts to a file and pass --prompts-file FILE.")
-            lines, jsonl = sys.stdin.read().splitlines(), False
+            lines, jsonl = _decode(sys.stdin.buffer.read(), "stdin").splitlines(), False
         else:
             path = Path(prompts_file)
             if not path.is_file():
                 raise RequestError(f"prompts file {path} does not exist.")
-            lines, jsonl = path.read_text().splitlines(), path.suffix == ".jsonl"
+            lines, jsonl = _decode(path.read_bytes(), f"prompts file {path}").splitlines(), path.suffix == ".jsonl"
         for n, line in enumerate(lines, 1):
             if not line.strip():
-                continue
-            items.append(_parse_jsonl(line, n) if jsonl else line)
+                continue  # blank lines separate nothing: skipped, as the format says
+            item = _parse_jsonl(line, n) if jsonl else line
+            if isinstance(item, str) and not item.strip():
+                raise RequestError(f"prompt {len(items)} (prompts file line {n}) is empty; give it some text or "
+                                   "remove the line.")
+            items.append(item)
     if not items:
         raise RequestError("no prompts: pass --prompt TEXT, --prompts-file FILE, or --prompts-file - for stdin.")
     return items
+
+
+def _decode(data: bytes, what: str) -> str:
+    """Prompts are UTF-8 text; say where a file in another encoding goes wrong."""
+    try:
+        return data.decode("utf-8-sig")  # -sig: a BOM (Windows editors) is not part of prompt 0
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RequestError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); convert it, "
+                           "e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`, and pass that.") from None
 
 
 def _parse_jsonl(line: str, n: int) -> str | list[int]:

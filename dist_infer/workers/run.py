@@ -84,6 +84,7 @@ def _run_rank(opts: RunOptions, spec: EngineSpec, worker: RankWorker) -> int:
         tokenizer = load_tokenizer(opts.engine)
         llm = LLMEngine(worker, spec, tokenizer, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache))
         ids = tokenize(read_prompts(opts.prompts, opts.prompts_file), tokenizer, opts.chat_template)
+        _warn_if_capped(ids, opts.max_new_tokens, spec.build.max_seq_len)
         return [Request(p, opts.max_new_tokens, _sampling(opts, i), tuple(opts.stop), opts.ignore_eos)
                 for i, p in enumerate(ids)]
 
@@ -99,6 +100,22 @@ def _run_rank(opts: RunOptions, spec: EngineSpec, worker: RankWorker) -> int:
         worker.stop()
     _print(completions, opts.json_output)
     return 0
+
+
+def _warn_if_capped(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int) -> None:
+    """A prompt whose answer would pass max_seq_len stops there with finish_reason
+    'length'. TensorRT-LLM's executor does the same and logs it; we warn once, naming
+    the first such prompt, so that a short answer is not mistaken for the model's.
+    (A prompt with no room for even one token is refused later, by validation.)"""
+    capped = [(i, len(p)) for i, p in enumerate(prompts) if len(p) < max_seq_len < len(p) + max_new_tokens]
+    if not capped:
+        return
+    index, length = capped[0]
+    others = f" (and {len(capped) - 1} more prompts)" if len(capped) > 1 else ""
+    log.warning("prompt %d has %d tokens: with --max-new-tokens %d that is %d, over the engine's max_seq_len %d, "
+                "so it gets at most %d new tokens (finish_reason 'length')%s. Lower --max-new-tokens or rebuild "
+                "with a larger --max-seq-len.", index, length, max_new_tokens, length + max_new_tokens, max_seq_len,
+                max_seq_len - length, others)
 
 
 def _sampling(opts: RunOptions, index: int) -> SamplingParams:

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -503,6 +504,49 @@ def test_tampered_rank_file_detected(tmp_path, tiny_dirs):
     path.write_bytes(bytes(data[:-4]))
     with pytest.raises(CheckpointError, match="bytes"):
         ckpt.load_rank(1)
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("file, edit, match", [
+    ("config.json", lambda d: d["model"].update(num_heads="8"), r"field model\.num_heads must be int, got '8'"),
+    ("config.json", lambda d: d["model"].update(rms_norm_eps=None), r"model\.rms_norm_eps must be float"),
+    ("config.json", lambda d: d["mapping"].update(pp=True), r"field mapping\.pp must be int"),
+    ("config.json", lambda d: d.update(format_version="1"), r"format_version must be int"),
+    ("config.json", lambda d: d.pop("model"), r"lacks the field 'model'"),
+    ("config.json", lambda d: d["model"].update(bos_token_id=None), None),  # optional: null is fine
+    ("manifest.json", None, r"manifest\.json is not valid JSON"),
+], ids=["heads-str", "eps-null", "pp-bool", "version-str", "no-model", "bos-null-ok", "manifest-not-json"])
+def test_damaged_checkpoint_json_is_a_checkpoint_error(tmp_path, partitioned, file, edit, match):
+    """A hand-edited or truncated checkpoint file gives a CheckpointError naming the
+    field and the fix, not a TypeError from deep inside the config classes."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(partitioned("llama", 1, 1), ckpt)
+    if edit is None:
+        (ckpt / file).write_text('{"files": ')
+    else:
+        _edit_json(ckpt / file, edit)
+    if match is None:
+        PartitionedCheckpoint(ckpt)
+        return
+    with pytest.raises(CheckpointError, match=match) as info:
+        PartitionedCheckpoint(ckpt)
+    assert "Partition the model again" in str(info.value)
+
+
+def test_file_named_gguf_must_start_with_the_magic(tmp_path, monkeypatch):
+    from dist_infer.partition.sources import import_gguf
+
+    monkeypatch.setenv("DIST_INFER_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "x.gguf"
+    fake.write_bytes(b"GGU")  # shorter than the magic
+    with pytest.raises(CheckpointError, match="is not a GGUF file"):
+        import_gguf(fake)
+    assert not (tmp_path / "cache").exists()
 
 
 # ------------------------------------------------------------------ refusals before any output

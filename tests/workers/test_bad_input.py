@@ -146,6 +146,10 @@ def test_prompt_that_fits_runs(engine2, tmp_path):
     outs = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [len(c["output_ids"]) for c in outs] == [1, 8]
     assert [c["finish_reason"] for c in outs] == ["length", "length"]
+    # Prompt 0 is capped by max_seq_len, not by --max-new-tokens: said once, with the numbers.
+    warning = "prompt 0 has 15 tokens: with --max-new-tokens 8 that is 23, over the engine's max_seq_len 16"
+    assert proc.stderr.count(warning) == 1, proc.stderr[-3000:]
+    assert "at most 1 new tokens" in proc.stderr and "prompt 1 has" not in proc.stderr
 
 
 @pytest.mark.parametrize("content", ["", "\n  \n\n"], ids=["empty", "blank-lines"])
@@ -178,16 +182,14 @@ def engine1(root) -> Path:
     return _engine(root, 1, 1)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--stop", "x"], ["stop strings need a tokenizer"]),
-    (["--max-new-tokens", "0"], ["max_new_tokens must be >= 1"]),
-    (["--temperature", "1", "--top-p", "0"], ["top_p must be in (0, 1]"]),
-    (["--temperature", "-1"], ["temperature must be >= 0"]),
-], ids=["stop-without-tokenizer", "max-new-tokens-0", "top-p-0", "negative-temperature"])
-def test_bad_request_options(engine1, tmp_path, args, words):
+def test_stop_without_tokenizer(engine1, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [[1, 2, 3]])
-    proc = run_cli("run", "--engine", str(engine1), "--prompts-file", str(prompts), *args, timeout=TIMEOUT)
-    assert_clean_failure(proc, *words)
+    proc = run_cli("run", "--engine", str(engine1), "--prompts-file", str(prompts), "--stop", "\\n\\n",
+                   timeout=TIMEOUT)
+    assert_clean_failure(proc, "stop strings need a tokenizer")
+    assert proc.returncode == 2
+    # "\n" from a shell is backslash + n, which never matches: the user is told how to write a newline.
+    assert "contains a literal backslash" in proc.stderr and "$'\\n'" in proc.stderr
 
 
 def test_missing_and_malformed_prompt_files(engine1, tmp_path):
@@ -197,3 +199,117 @@ def test_missing_and_malformed_prompt_files(engine1, tmp_path):
     bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, "x"]}\n')
     proc = run_cli("run", "--engine", str(engine1), "--prompts-file", str(bad), timeout=TIMEOUT)
     assert_clean_failure(proc, "line 2", "input_ids")
+
+
+def assert_refused(proc, *words):
+    """A user error: exit code 2, the words on stderr, no traceback."""
+    assert_clean_failure(proc, *words)
+    assert proc.returncode == 2, f"exit {proc.returncode}, expected 2\n{proc.stderr[-3000:]}"
+
+
+# ------------------------------------------------- run: arguments, before any rank starts
+# Every rank parses the same argv, so these are refused by the argument parser: before
+# MPI starts work or an engine is loaded (the engine path is never even looked at).
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "-1"], ["argument --temperature", "must be >= 0"]),
+    (["--temperature", "nan"], ["argument --temperature", "must be >= 0"]),
+    (["--top-p", "2"], ["argument --top-p", "must be in (0, 1]"]),
+    (["--top-p", "0"], ["argument --top-p", "must be in (0, 1]"]),
+    (["--top-k", "-1"], ["argument --top-k", "must be >= 0"]),
+    (["--max-new-tokens", "0"], ["argument --max-new-tokens", "must be >= 1"]),
+    (["--num-kv-blocks", "0"], ["argument --num-kv-blocks", "must be >= 1"]),
+    (["--device", "tpu"], ["argument --device", "unknown device 'tpu'", "use cpu or cuda"]),
+    (["--stop", ""], ["argument --stop", "empty stop string"]),
+    (["--prompt", "hi", "--prompt", "  "], ["prompt 1 (--prompt number 2) is empty"]),
+], ids=["negative-temperature", "nan-temperature", "top-p-2", "top-p-0", "negative-top-k", "max-new-tokens-0",
+        "kv-blocks-0", "device-tpu", "empty-stop", "empty-prompt"])
+def test_bad_run_arguments_refused_at_parse_time(tmp_path, args, words):
+    proc = run_cli("run", "--engine", str(tmp_path / "never-read"), *args, timeout=30)
+    assert_refused(proc, *words)
+
+
+def test_bad_argument_under_mpirun_is_reported_once(tmp_path):
+    """Each rank parses the same argv; only rank 0 prints, and no rank starts work."""
+    proc = run_cli("run", "--engine", str(tmp_path / "never-read"), "--device", "tpu", world=2, timeout=60)
+    assert_clean_failure(proc, "unknown device 'tpu'")
+    assert proc.stderr.count("unknown device 'tpu'") == 1, proc.stderr
+    assert "loaded engine" not in proc.stderr
+
+
+def test_serve_device_checked_at_parse_time(tmp_path):
+    proc = run_cli("serve", "--engine", str(tmp_path / "never-read"), "--device", "tpu", timeout=30)
+    assert_refused(proc, "argument --device", "unknown device 'tpu'")
+
+
+# --------------------------------------------------------------- run: prompt files
+
+def test_prompts_file_not_utf8(engine1, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("What is 2+2?\nCaf\u00e9 au lait?\n".encode("latin-1"))
+    proc = run_cli("run", "--engine", str(engine1), "--prompts-file", str(bad), timeout=TIMEOUT)
+    assert_refused(proc, "latin1.txt is not UTF-8 text", "byte 0xe9 on line 2", "iconv")
+
+
+def test_empty_prompt_in_jsonl_named(engine1, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"input_ids": [1, 2]}\n\n{"prompt": "  "}\n')
+    proc = run_cli("run", "--engine", str(engine1), "--prompts-file", str(f), timeout=TIMEOUT)
+    assert_refused(proc, "prompt 1 (prompts file line 3) is empty")
+
+
+# ---------------------------------------------------- partition / build: bad files
+
+def _hf_copy(root: Path, tmp_path: Path, edit) -> Path:
+    hf = tmp_path / "hf"
+    shutil.copytree(root / "hf", hf)
+    edit(hf / "config.json")
+    return hf
+
+
+def _set_field(path: Path, keys: list[str], value) -> None:
+    config = json.loads(path.read_text())
+    target = config
+    for key in keys[:-1]:
+        target = target[key]
+    target[keys[-1]] = value
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: p.write_text('{"model_type": "llama",'), ["config.json", "not a valid JSON file", "re-download"]),
+    (lambda p: _set_field(p, ["num_attention_heads"], "eight"), ["config.json", "num_attention_heads",
+                                                                  "re-download"]),
+], ids=["not-json", "wrong-type"])
+def test_hf_config_json_damaged(root, tmp_path, edit, words):
+    out = tmp_path / "ckpt"
+    proc = run_cli("partition", "--model", str(_hf_copy(root, tmp_path, edit)), "--out", str(out), "--quiet",
+                   timeout=TIMEOUT)
+    assert_refused(proc, *words)
+    assert not out.exists() and not list(tmp_path.glob(".ckpt*"))
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: p.write_text("{not json"), ["config.json is not valid JSON", "Partition the model again"]),
+    (lambda p: _set_field(p, ["model", "num_heads"], "8"), ["field model.num_heads must be int, got '8'",
+                                                            "Partition the model again"]),
+    (lambda p: _set_field(p, ["mapping", "tp"], None), ["field mapping.tp must be int", "Partition the model again"]),
+], ids=["not-json", "wrong-type", "null-tp"])
+def test_checkpoint_config_json_damaged(root, tmp_path, edit, words):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(_checkpoint(root, 1, 1), ckpt)
+    edit(ckpt / "config.json")
+    out = tmp_path / "engine"
+    proc = run_cli("build", "--checkpoint", str(ckpt), "--out", str(out), timeout=TIMEOUT)
+    assert_refused(proc, *words)
+    assert not out.exists() and not list(tmp_path.glob(".engine*"))
+
+
+def test_file_named_gguf_that_is_not_gguf(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("<html>404 Not Found</html>")
+    out, cache = tmp_path / "ckpt", tmp_path / "cache"
+    proc = run_cli("partition", "--model", str(fake), "--out", str(out), "--quiet", timeout=TIMEOUT,
+                   env={"DIST_INFER_CACHE": str(cache)})
+    assert_refused(proc, "model.gguf is not a GGUF file", "b'<htm'", "Download it again")
+    assert not out.exists() and not cache.exists()  # nothing imported, not even a temporary directory
