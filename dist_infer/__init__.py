@@ -1,7 +1,7 @@
 """dist_infer: distributed multi-GPU, multi-node LLM inference."""
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "KVCacheConfig"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from dist_infer.engine.sampling import SamplingParams
 
         return SamplingParams
+    if name == "KVCacheConfig":
+        from dist_infer.config import KVCacheConfig
+
+        return KVCacheConfig
     raise AttributeError(f"module 'dist_infer' has no attribute {name!r}")

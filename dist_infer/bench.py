@@ -20,7 +20,7 @@ import torch
 from dist_infer.comm import ParallelGroups, world_from_launch
 from dist_infer.comm.base import collective_call
 from dist_infer.comm.bootstrap import resolve_device
-from dist_infer.config import BuildConfig, Mapping, ModelConfig, check_layout
+from dist_infer.config import BuildConfig, KVCacheConfig, Mapping, ModelConfig, check_layout
 from dist_infer.engine.build import DTYPES
 from dist_infer.engine.model import StageModel
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
@@ -100,7 +100,7 @@ def bench_line(**fields) -> str:
 
 def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: int, output_len: int,
               dtype: str = "bfloat16", baseline: str | None = None, cuda_graphs: bool = True,
-              warmup: int = 1, engine_dir: Path | None = None) -> int:
+              warmup: int = 1, engine_dir: Path | None = None, kv_cache: KVCacheConfig | None = None) -> int:
     world = world_from_launch()
     device = torch.device(collective_call(world, lambda: resolve_device("cuda", world.rank)))
     torch.cuda.set_device(device)
@@ -111,7 +111,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         hf_config, model_cfg, dtype, preset = None, spec.model, spec.build.dtype, str(engine_dir)
         tp, pp = spec.mapping.tp, spec.mapping.pp
         groups = ParallelGroups.build(world, spec.mapping, str(device))
-        engine = load_rank_engine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs)
+        engine = load_rank_engine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs, kv_cache=kv_cache)
     else:
         mapping = Mapping(tp, pp)
         if world.size != mapping.world_size:
@@ -128,7 +128,8 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         with torch.device("meta"):
             shapes = StageModel(model_cfg, groups.mapping, groups.tp, spec.vocab_size_padded, DTYPES[dtype])
         weights = random_rank_weights(shapes, device, seed=groups.mapping.rank)
-        engine = load_rank_engine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs, weights=weights)
+        engine = load_rank_engine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs, weights=weights,
+                                  kv_cache=kv_cache)
         del weights
     torch.cuda.synchronize(device)
     build_time = collective_call(world, lambda: time.perf_counter() - started, gather=True)
@@ -142,6 +143,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     log.info("device copy bandwidth %.0f GB/s; build (random weights + graph capture) %.1f s",
              bandwidth / 1e9, max(build_time))
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    engine_kv_dtype, kv_blocks = str(engine.cache.storage_dtype).removeprefix("torch."), engine.cache.num_blocks
     kv_bytes_per_token = 2 * len(engine.model.layer_ids) * engine.cache.k.shape[2] * model_cfg.head_dim * \
         engine.cache.k.element_size()
     # As before the step-wise engine: every prompt prefilled in one step, no prefix reuse between repeats.
@@ -183,6 +185,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         fields = dict(model_name=preset, world_size=world.size, tp=tp, pp=pp, num_heads=model_cfg.num_heads,
                       num_kv_heads=model_cfg.num_kv_heads, num_layers=model_cfg.num_layers,
                       hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, precision=dtype,
+                      kv_cache_dtype=engine_kv_dtype, kv_cache_blocks=kv_blocks,
                       batch_size=r.batch, input_length=input_len, output_length=output_len,
                       **{"gpu_peak_mem(gb)": f"{peak_gb:.2f}", "build_time(s)": f"{max(build_time):.2f}"},
                       tokens_per_sec=f"{r.tokens / r.latency_s:.2f}",

@@ -73,7 +73,7 @@ def _run(args) -> int:
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
         chat_template=not args.no_chat_template, json_output=args.json, verify=not args.no_verify,
         device=args.device, max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
-        num_kv_blocks=args.num_kv_blocks,
+        num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout,
     ))
 
 
@@ -85,7 +85,8 @@ def _serve(args) -> int:
         max_queue=args.max_queue, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
         keepalive_s=args.keepalive, device=args.device, verify=not args.no_verify,
         max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
-        num_kv_blocks=args.num_kv_blocks, frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None)
+        num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout,
+        frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None)
     check_serve_options(opts)  # every rank, before any rank loads anything
     return serve(opts)
 
@@ -95,7 +96,13 @@ def _bench(args) -> int:
 
     return run_bench(args.model, args.tp, args.pp, args.batch_size, args.input_len, args.output_len,
                      dtype=args.dtype, baseline=args.baseline, cuda_graphs=not args.no_cuda_graphs,
-                     engine_dir=Path(args.engine) if args.engine else None)
+                     engine_dir=Path(args.engine) if args.engine else None, kv_cache=_kv_cache_config(args))
+
+
+def _kv_cache_config(args):
+    from dist_infer.config import KVCacheConfig
+
+    return KVCacheConfig(args.kv_cache_dtype, args.kv_cache_free_gpu_memory_fraction, args.kv_cache_bytes)
 
 
 def _launch(args) -> int:
@@ -118,6 +125,13 @@ def _int_at_least(low: int, meaning: str = ""):
     return check
 
 
+def _seconds(text: str) -> float:
+    value = _parse(text, float, "a number of seconds")
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def _temperature(text: str) -> float:
     value = _parse(text, float, "a number")
     if not value >= 0 or value == float("inf"):  # `not >=` also catches nan
@@ -130,6 +144,33 @@ def _top_p(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off), got {text}")
     return value
+
+
+def _memory_fraction(text: str) -> float:
+    value = _parse(text, float, "a number")
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (a share of the GPU memory free after the weights "
+                                         f"load; default 0.9), got {text}")
+    return value
+
+
+BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    """Bytes: 2147483648, 2GiB, 512MiB, 1.5GB (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-z]*)\s*", text.lower())
+    if match is None or match.group(2) not in ("", *BYTE_UNITS):
+        raise argparse.ArgumentTypeError(f"expected bytes, or a number with KB, MB, GB, TB (powers of 1000) or KiB, "
+                                         f"MiB, GiB, TiB (powers of 1024), e.g. 8GiB; got {text!r}")
+    value = _parse(match.group(1), float, "a size such as 8GiB or 2000000000")
+    size = int(value * BYTE_UNITS.get(match.group(2), 1))
+    if not size >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text}")
+    return size
 
 
 def _parse(text: str, kind, what: str):
@@ -204,6 +245,25 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=_int_at_least(1), default=None,
                    help="cap the KV pool at this many blocks (default: what memory and the engine allow); "
                         "a pool too small for every request at once preempts and recomputes")
+    p.add_argument("--step-timeout", type=_seconds, default=None, metavar="S",
+                   help="with more than one rank: end the job, naming the rank and host, when a rank stops "
+                        "sending heartbeats or a step runs this long (default: 30 s on GPUs, 600 s on CPU, "
+                        "whose steps of long prompts can take minutes); exit code 3")
+
+
+def _kv_cache_args(p: argparse.ArgumentParser) -> None:
+    """How each rank sizes and stores its KV pool (TensorRT-LLM's and vLLM's flag names)."""
+    from dist_infer.config import KV_CACHE_DTYPES
+
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto: the engine's dtype; fp8: float8 e4m3 (one scale per layer, 1.0), half the bytes per "
+                        "token, so the same memory holds twice the KV blocks (GPU: compute capability >= 8.9)")
+    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=_memory_fraction, default=None, metavar="F",
+                   help="share (0, 1] of the GPU memory free after the weights load (less the step's working "
+                        "memory) that the KV pool may take (default 0.9); ignored on CPU")
+    p.add_argument("--kv-cache-bytes", type=_byte_size, default=None, metavar="SIZE",
+                   help="at most this much KV pool per rank (e.g. 4GiB); with the fraction, the smaller wins. "
+                        "The pool never exceeds max_batch_size full-length sequences")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files at load")
     r.add_argument("--device", default="cpu", type=_device, help="cpu or cuda")
     _scheduler_args(r)
+    _kv_cache_args(r)
     r.set_defaults(func=_run)
 
     v = sub.add_parser("serve", help="OpenAI- and Triton-compatible HTTP server; launch with `mpirun -n TP*PP`")
@@ -280,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", type=_device, help="cpu or cuda")
     v.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files at load")
     _scheduler_args(v)
+    _kv_cache_args(v)
     v.add_argument("--keepalive", type=float, default=30.0, help=argparse.SUPPRESS)  # idle ranks' empty-step period
     v.add_argument("--no-frontend", action="store_true", help=argparse.SUPPRESS)     # engine only (dist_infer.LLM)
     v.add_argument("--ipc-dir", help=argparse.SUPPRESS)                              # its sockets' directory
@@ -299,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--baseline", choices=["hf"], help="also run transformers generate on rank 0's GPU")
     k.add_argument("--no-cuda-graphs", action="store_true")
     k.add_argument("--engine", help="measure this built engine instead of a random-weight preset (no --baseline)")
+    _kv_cache_args(k)
     k.set_defaults(func=_bench)
 
     la = sub.add_parser("launch", help="start a job from a cluster file (clusters/*.yaml): mpirun, sbatch or Ray",
@@ -328,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         if not collective:
             _abort_job(exc.exit_code)
         return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM where a command turns it into one (interrupts.py)
+        from dist_infer.interrupts import exit_code
+
+        return exit_code(exc)
     except Exception:  # a bug: keep the traceback, and do not leave other ranks hanging
         log.error("unexpected failure:\n%s", traceback.format_exc())
         _abort_job(1)

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from dist_infer.errors import CheckpointError, EngineError, LayoutError
+from dist_infer.errors import CheckpointError, EngineError, LaunchError, LayoutError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 # RoPE variants whose frequencies do not depend on the sequence length, so they
@@ -279,7 +279,7 @@ class QuantConfig:
     """How a build stores the linear layers' weights.
 
     mode: None (model dtype), int8_wo (INT8, per-output-channel scales, W8A16),
-          int4_wo (INT4 packed two per byte, one scale per `group_size` inputs, W4A16),
+          int4_wo (INT4 packed two per byte, a scale and an offset per `group_size` inputs, W4A16),
           fp8 (float8 e4m3 weights with per-output-channel scales and per-token
           FP8 activations).
     lm_head: quantize the LM head too (the embedding table always stays in the model dtype).
@@ -352,3 +352,55 @@ class BuildConfig:
         except LayoutError as exc:
             raise EngineError(f"engine.json build options are invalid: {exc} Rebuild the engine with "
                               "`dist-infer build ... --force`.") from exc
+
+
+# KV cache storage, chosen at run time (vLLM's --kv-cache-dtype): "auto" keeps the
+# engine's dtype; "fp8" stores float8 e4m3 (one scale per layer for K and for V),
+# half the bytes of bf16, so the same memory holds twice the blocks.
+KV_CACHE_DTYPES = ("auto", "fp8")
+DEFAULT_KV_FREE_GPU_MEMORY_FRACTION = 0.9  # TensorRT-LLM's default
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """How a rank sizes and stores its paged KV pool (TensorRT-LLM's KvCacheConfig).
+
+    dtype: one of KV_CACHE_DTYPES.
+    free_gpu_memory_fraction: share of the GPU memory still free after the weights load
+        and the step's working memory is set aside that the pool may take (None: 0.9).
+        GPU only: a CPU rank has no comparable number and ignores it (with a warning).
+    max_bytes: at most this many bytes of pool per rank (None: no byte cap); on CPU the
+        only budget. With both, the smaller wins, as in TensorRT-LLM.
+    The pool never exceeds max_batch_size full-length sequences, and every rank
+    takes the block count of the tightest rank.
+    """
+
+    dtype: str = "auto"
+    free_gpu_memory_fraction: float | None = None
+    max_bytes: int | None = None
+
+    def __post_init__(self):
+        if self.dtype not in KV_CACHE_DTYPES:
+            raise LaunchError(f"unknown KV cache dtype {self.dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)} "
+                              "(auto = the engine's dtype).")
+        fraction = self.free_gpu_memory_fraction
+        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+            raise LaunchError(f"KV cache free GPU memory fraction must be in (0, 1], got {fraction!r} "
+                              f"(default {DEFAULT_KV_FREE_GPU_MEMORY_FRACTION}).")
+        size = self.max_bytes
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise LaunchError(f"KV cache byte size must be a positive integer, got {size!r}.")
+
+    @property
+    def memory_fraction(self) -> float:
+        return DEFAULT_KV_FREE_GPU_MEMORY_FRACTION if self.free_gpu_memory_fraction is None \
+            else self.free_gpu_memory_fraction
+
+    def cli_args(self) -> list[str]:
+        """The run/serve/bench flags that give this config (for ranks started by mpirun)."""
+        args = [] if self.dtype == "auto" else ["--kv-cache-dtype", self.dtype]
+        if self.free_gpu_memory_fraction is not None:
+            args += ["--kv-cache-free-gpu-memory-fraction", repr(self.free_gpu_memory_fraction)]
+        if self.max_bytes is not None:
+            args += ["--kv-cache-bytes", str(self.max_bytes)]
+        return args

@@ -29,3 +29,9 @@ class RequestError(DistInferError):
 
 class LaunchError(DistInferError):
     """The process was started in a way that cannot run this job."""
+
+
+class RankLostError(DistInferError):
+    """A peer rank died or was cut off while the job ran (not a user error: exit code 1)."""
+
+    exit_code = 1

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_infer.client import EngineClient, EngineDeadError
+from dist_infer.config import KVCacheConfig
 from dist_infer.engine.runtime import EngineSpec
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import LaunchError
@@ -45,7 +46,10 @@ class GenerationOutput:
 
 class LLM:
     def __init__(self, engine: str | Path, device: str = "cpu", max_num_batched_tokens: int | None = None,
-                 prefix_cache: bool = True, mpirun: list[str] | None = None, startup_timeout_s: float = 600):
+                 prefix_cache: bool = True, mpirun: list[str] | None = None, startup_timeout_s: float = 600,
+                 kv_cache_config: KVCacheConfig | None = None):
+        """kv_cache_config: the KV pool's dtype and size, as `run`'s --kv-cache-* flags
+        (e.g. KVCacheConfig(dtype="fp8", free_gpu_memory_fraction=0.5))."""
         self.engine_dir = Path(engine)
         self.spec = EngineSpec.read(self.engine_dir)
         self.tokenizer = load_tokenizer(self.engine_dir)
@@ -54,7 +58,7 @@ class LLM:
         self._proc: subprocess.Popen | None = None
         self._thread: threading.Thread | None = None
         self._stop_engine = threading.Event()
-        options = (device, max_num_batched_tokens, prefix_cache)
+        options = (device, max_num_batched_tokens, prefix_cache, kv_cache_config or KVCacheConfig())
         if self.spec.mapping.world_size == 1:
             self._thread = _engine_thread(self.engine_dir, addresses, options, self._stop_engine)
         else:
@@ -78,7 +82,7 @@ class LLM:
             self._loop.call_soon_threadsafe(self.client.engine_died, "the engine's ranks exited")
 
     def _start_ranks(self, options, mpirun: list[str] | None) -> subprocess.Popen:
-        device, tokens, prefix = options
+        device, tokens, prefix, kv_cache = options
         n = self.spec.mapping.world_size
         cmd = (mpirun or _default_mpirun(n)) + [sys.executable, "-m", "dist_infer", "serve", "--engine",
                                                str(self.engine_dir), "--no-frontend", "--ipc-dir", self._ipc,
@@ -87,7 +91,7 @@ class LLM:
             cmd += ["--max-num-batched-tokens", str(tokens)]
         if not prefix:
             cmd.append("--no-prefix-cache")
-        return subprocess.Popen(cmd, start_new_session=True)
+        return subprocess.Popen(cmd + kv_cache.cli_args(), start_new_session=True)
 
     def _engine_alive(self) -> bool:
         if self._proc is not None:
@@ -184,8 +188,8 @@ def _engine_thread(engine_dir: Path, addresses: EngineAddresses, options, stop: 
     from dist_infer.workers.llm_engine import EngineOptions, LLMEngine
     from dist_infer.workers.run import start_worker
 
-    device, tokens, prefix = options
-    spec, worker = start_worker(engine_dir, device=device)
+    device, tokens, prefix, kv_cache = options
+    spec, worker = start_worker(engine_dir, device=device, kv_cache=kv_cache)
     engine = LLMEngine(worker, spec, None, EngineOptions(tokens, prefix))
 
     def run():

@@ -190,6 +190,7 @@ PY
         run_aiperf "c$c" --concurrency "$c" --request-count "$n" --warmup-request-count "$(( c > 4 ? c : 4 ))"
         RUNS+=("c$c=$ART/c$c")
     done
+    RATE_ASKED=$RATE
     if [[ $RATE == auto ]]; then
         RATE=$($PYTHON -c "
 import json, pathlib, sys
@@ -203,7 +204,7 @@ print(f'{0.75 * best:.2f}' if best else '')" "$ART")
         run_aiperf rate --request-rate "$RATE" --arrival-pattern poisson --request-count "$n"
         RUNS+=("poisson=$ART/rate")
     else
-        echo "no request rate: every concurrency run failed"
+        [[ -z $RATE_ASKED ]] && echo "RATE= (empty): no Poisson run" || echo "no request rate: every concurrency run failed"
     fi
     stop_server; trap - EXIT
     tail -5 "$OUT/serve.log"

@@ -98,12 +98,18 @@ def build_engines(model_dir: Path, out: Path) -> dict[str, Path]:
     return engines
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def quality_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every quality script takes (also scripts/kv_fp8_quality.py)."""
+    p = argparse.ArgumentParser(description=description.split("\n")[0])
     p.add_argument("--model", help="HF safetensors directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--text", default=str(REPO / "tests/data/quality_text.txt"))
-    p.add_argument("--out", help="where checkpoint and engines go (default: a temporary directory)")
+    p.add_argument("--out", help="where the checkpoint and engines go (default: a temporary directory)")
     p.add_argument("--new-tokens", type=int, default=32)
+    return p
+
+
+def main() -> int:
+    p = quality_parser(__doc__)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -123,22 +129,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         engines = build_engines(model_dir, Path(args.out or tmp))
         results = {name: evaluate(path, text_ids, prompts, eos, args.new_tokens) for name, path in engines.items()}
-    report(results, tok, len(text_ids), args.json)
+    report(results, len(text_ids), decode=lambda a: tok.decode(a, skip_special_tokens=True), json_path=args.json)
     return 0
 
 
-def report(results: dict, tok, n_tokens: int, json_path: str | None) -> None:
-    ppl0, top0, answers0 = results["none"]
+def report(results: dict, n_tokens: int, reference: str = "none", column: str = "mode", decode=lambda a: a,
+           json_path: str | None = None) -> None:
+    """The markdown table against `reference` (also scripts/kv_fp8_quality.py); answers through `decode`."""
+    ppl0, top0, answers0 = results[reference]
     rows = []
     print(f"perplexity on {n_tokens} tokens; top-1 agreement over {n_tokens} positions; "
           f"greedy answers to {len(README_PROMPTS)} README prompts\n")
-    print("| mode | perplexity | vs none | top-1 agreement | greedy answers unchanged |")
+    print(f"| {column} | perplexity | vs {reference} | top-1 agreement | greedy answers unchanged |")
     print("|---|---:|---:|---:|---|")
     for name, (ppl, top, answers) in results.items():
         same = sum(a == b for a, b in zip(answers, answers0))
         row = dict(mode=name, perplexity=round(ppl, 3), change_pct=round(100 * (ppl / ppl0 - 1), 2),
                    top1_agreement=round((top == top0).float().mean().item(), 4), answers_unchanged=same,
-                   answers=[tok.decode(a, skip_special_tokens=True) for a in answers])
+                   answers=[decode(a) for a in answers])
         rows.append(row)
         print(f"| {name} | {ppl:.3f} | {row['change_pct']:+.2f} % | {100 * row['top1_agreement']:.1f} % | "
               f"{same}/{len(answers)} |")
@@ -146,7 +154,6 @@ def report(results: dict, tok, n_tokens: int, json_path: str | None) -> None:
         print(f"\n{row['mode']}:", *(f"\n  {q!r} -> {a!r}" for q, a in zip(README_PROMPTS, row["answers"])))
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -108,10 +108,12 @@ def _alive(pid: int) -> bool:
 
 
 def kill_rank_mid_run(args: list[str], world: int, victim: int, deadline_s: float,
-                      env: dict | None = None) -> tuple[int, float, list[int]]:
-    """Start `mpirun -n world dist-infer ARGS`, SIGKILL rank `victim` once every rank
-    has loaded and decoding is under way, and wait at most `deadline_s` for the job to
-    end. Returns (exit code, seconds from the kill to the exit, ranks still alive)."""
+                      env: dict | None = None, sig: int = 9, stderr: list[str] | None = None
+                      ) -> tuple[int, float, list[int]]:
+    """Start `mpirun -n world dist-infer ARGS`, send rank `victim` `sig` (SIGKILL) once every
+    rank has loaded and decoding is under way, and wait at most `deadline_s` for the job to
+    end. Returns (exit code, seconds from the signal to the exit, other ranks still alive);
+    the job's stderr is appended to `stderr` when given."""
     import signal
     import time
 
@@ -128,14 +130,18 @@ def kill_rank_mid_run(args: list[str], world: int, victim: int, deadline_s: floa
         time.sleep(1.0)
         assert proc.poll() is None, "the job finished before the rank could be killed; make it longer"
         killed_at = time.monotonic()
-        os.kill(pids[victim], signal.SIGKILL)
-        proc.communicate(timeout=deadline_s)
+        os.kill(pids[victim], sig)
+        _, err = proc.communicate(timeout=deadline_s)
         took = time.monotonic() - killed_at
+        if stderr is not None:
+            stderr.append(err)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the job was still running {deadline_s}s after rank {victim} was killed")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        if pids.get(victim) and _alive(pids[victim]):  # a stopped victim: do not leave it behind
+            os.kill(pids[victim], signal.SIGKILL)
     return proc.returncode, took, [r for r, pid in pids.items() if r != victim and _alive(pid)]
 
 

@@ -11,19 +11,31 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import logging
 import os
+import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from dist_infer.errors import LaunchError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT_S = 600
+DEFAULT_JOIN_TIMEOUT_S = 300  # every rank must have started within this (DIST_INFER_GLOO_JOIN_TIMEOUT)
+JOIN_REPORT_S = 10            # rank 0 says which ranks it still waits for this often
+JOIN_POLL_S = 0.2
 
 
 def _timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get("DIST_INFER_GLOO_TIMEOUT", DEFAULT_TIMEOUT_S)))
+
+
+def _join_timeout() -> float:
+    return float(os.environ.get("DIST_INFER_GLOO_JOIN_TIMEOUT", DEFAULT_JOIN_TIMEOUT_S))
 
 
 class GlooCommunicator:
@@ -42,8 +54,8 @@ class GlooCommunicator:
                               "(or SLURM_PROCID/SLURM_NTASKS).")
         _pick_interface(master_addr)
         try:
-            dist.init_process_group("gloo", init_method=f"tcp://{_host(master_addr)}:{int(master_port)}",
-                                    rank=rank, world_size=world_size, timeout=_timeout())
+            store = _join(rank, world_size, master_addr, int(master_port))
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=_timeout())
         except (RuntimeError, ValueError, OSError) as exc:  # DistStoreError is a RuntimeError
             raise LaunchError(f"rank {rank} could not join the gloo world of {world_size} at "
                               f"{master_addr}:{master_port}: {exc}. Check that MASTER_ADDR is reachable from every "
@@ -161,6 +173,36 @@ class _SubGroup(GlooCommunicator):
         pass
 
 
+def _join(rank: int, world_size: int, master_addr: str, master_port: int) -> dist.TCPStore:
+    """Every rank checks in at rank 0's store, then waits for the others: rank 0 says which ranks
+    it still waits for, and every rank gives up after the join timeout naming them (gloo's own
+    wait for a rank that never started is silent for its whole collective timeout)."""
+    timeout = _join_timeout()
+    store = dist.TCPStore(master_addr, master_port, world_size, rank == 0,
+                          timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    store.set(f"dist_infer/joined/{rank}", socket.gethostname())
+    started, reported = time.monotonic(), time.monotonic()
+    while missing := _not_joined(store, rank, world_size):
+        waited = time.monotonic() - started
+        if waited > timeout + (0 if rank == 0 else 2 * JOIN_POLL_S):  # rank 0 first: its store closes after
+            raise LaunchError(f"ranks {missing} of {world_size} never joined at {master_addr}:{master_port} within "
+                              f"{timeout:.0f} s: start them (same MASTER_ADDR/MASTER_PORT/WORLD_SIZE, RANK 0.."
+                              f"{world_size - 1}), or raise DIST_INFER_GLOO_JOIN_TIMEOUT if they start late.")
+        if rank == 0 and time.monotonic() - reported >= JOIN_REPORT_S:
+            log.info("waiting for ranks %s to join (%.0f of %.0f s)", missing, waited, timeout)
+            reported = time.monotonic()
+        time.sleep(JOIN_POLL_S)
+    return store
+
+
+def _not_joined(store: dist.TCPStore, rank: int, world_size: int) -> list[int]:
+    try:
+        return [r for r in range(world_size) if not store.check([f"dist_infer/joined/{r}"])]
+    except RuntimeError as exc:  # rank 0 gave up (and named the missing ranks) or died
+        raise LaunchError(f"rank {rank}: rank 0 closed the join before every rank of {world_size} arrived; its "
+                          f"log names the ranks that never joined ({exc}).") from exc
+
+
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -173,7 +215,6 @@ def _pick_interface(master_addr: str) -> None:
     if os.environ.get("GLOO_SOCKET_IFNAME") or not sys.platform.startswith("linux"):
         return
     import fcntl
-    import socket
     import struct
 
     try:

@@ -11,6 +11,11 @@ decodes) runs one varlen kernel: every sequence's new queries, causally, over
 its paged keys. Its launch depends only on the token and sequence counts, so a
 mixed-step graph holds it; eagerly it replaces a per-sequence loop whose small
 host-to-device copies cost more than the attention itself.
+
+An FP8 cache (--kv-cache-dtype fp8) is read as float8 e4m3 and upcast to the
+query's dtype in the kernels (exact: e4m3 fits bf16 and fp16); its per-layer
+scales fold into the softmax scale (K) and the output (V), so the inner loops
+gain no multiply. The scales are read from device memory, as graphs need.
 """
 
 from __future__ import annotations
@@ -23,14 +28,15 @@ from dist_infer.engine.kv_cache import PagedKVCache, StepBatch
 
 
 @triton.jit
-def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, scale, window,
+def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, scale, window,
                          stride_qn, stride_qh, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr):
+                         HAS_WINDOW: tl.constexpr, KV_SCALED: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     ctx = tl.load(ContextLens + seq).to(tl.int32)
+    qk_scale, v_scale = _kv_scales(KScale, VScale, scale, KV_SCALED)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)  # tl.dot needs K >= 16: small head dims are zero-padded
     dmask = d < HEAD_DIM
@@ -52,37 +58,60 @@ def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, scale, window,
         page = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=valid, other=0)
         slot = page.to(tl.int64) * PAGE + pos % PAGE
         kv_off = slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [GROUP_PAD, BLOCK_N]
+        k = tl.load(K + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0).to(Q.dtype.element_ty)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0).to(Q.dtype.element_ty)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc * v_scale / l_i[:, None]
     tl.store(O + seq * stride_on + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
              mask=(g < GROUP)[:, None] & dmask[None, :])
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, page: int, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
-    """q [B, heads, hd]; k/v_cache [slots, kv_heads, hd] -> [B, heads, hd]."""
+                           sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, heads, hd]; k/v_cache [slots, kv_heads, hd] (q's dtype, or FP8 with k/v_scale:
+    one-element float32 tensors, real = stored * scale) -> [B, heads, hd]."""
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
     _paged_decode_kernel[(batch, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale, sliding_window or 0,
+        q, k_cache, v_cache, out, block_tables, context_lens, *_scale_args(k_cache, k_scale, v_scale), scale,
+        sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
-        BLOCK_N=64, HAS_WINDOW=sliding_window is not None, num_warps=4, num_stages=2)
+        BLOCK_N=64, HAS_WINDOW=sliding_window is not None, KV_SCALED=k_scale is not None, num_warps=4, num_stages=2)
     return out
+
+
+def _scale_args(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> tuple:
+    """The kernels' KScale, VScale pointers: an unscaled cache passes placeholders never read."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("pass both k_scale and v_scale, or neither")
+    if k_scale is None and k_cache.dtype == torch.float8_e4m3fn:
+        raise ValueError("an FP8 KV cache needs its k_scale and v_scale")
+    return (k_cache, k_cache) if k_scale is None else (k_scale, v_scale)
+
+
+@triton.jit
+def _kv_scales(KScale, VScale, scale, KV_SCALED: tl.constexpr):
+    """(softmax scale x K's scale, V's scale): a scaled cache's dequantization, folded."""
+    qk_scale = scale
+    v_scale = 1.0
+    if KV_SCALED:
+        qk_scale = scale * tl.load(KScale)
+        v_scale = tl.load(VScale)
+    return qk_scale, v_scale
 
 
 @triton.jit
@@ -102,11 +131,12 @@ def _find_sequence(QueryStarts, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _paged_varlen_kernel(Q, K, V, O, BlockTables, QueryStarts, ContextLens, scale, window, num_seqs,
-                         stride_qn, stride_qh, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
+def _paged_varlen_kernel(Q, K, V, O, BlockTables, QueryStarts, ContextLens, KScale, VScale, scale, window,
+                         num_seqs, stride_qn, stride_qh, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_Q: tl.constexpr,
-                         BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                         BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                         KV_SCALED: tl.constexpr):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _find_sequence(QueryStarts, tile, num_seqs, BLOCK_Q)
@@ -116,6 +146,7 @@ def _paged_varlen_kernel(Q, K, V, O, BlockTables, QueryStarts, ContextLens, scal
     if first >= q_len:
         return
     ctx = tl.load(ContextLens + seq).to(tl.int32)
+    qk_scale, v_scale = _kv_scales(KScale, VScale, scale, KV_SCALED)
     # Rows are (query, head-in-group) pairs: [BLOCK_Q * GROUP_PAD]
     rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
     r = first + rows // GROUP_PAD
@@ -139,8 +170,8 @@ def _paged_varlen_kernel(Q, K, V, O, BlockTables, QueryStarts, ContextLens, scal
         key_ok = pos < hi
         page = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=key_ok, other=0)
         kv_off = (page.to(tl.int64) * PAGE + pos % PAGE)[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=key_ok[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale  # [rows, BLOCK_N]
+        k = tl.load(K + kv_off, mask=key_ok[:, None] & dmask[None, :], other=0.0).to(Q.dtype.element_ty)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * qk_scale  # [rows, BLOCK_N]
         visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
@@ -150,10 +181,10 @@ def _paged_varlen_kernel(Q, K, V, O, BlockTables, QueryStarts, ContextLens, scal
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=key_ok[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(V + kv_off, mask=key_ok[:, None] & dmask[None, :], other=0.0).to(Q.dtype.element_ty)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    out = acc * v_scale / tl.maximum(l_i, 1e-30)[:, None]
     o_off = (q_start + r).to(tl.int64)[:, None] * stride_on + (kv_head * GROUP + g)[:, None] * stride_oh + d[None, :]
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
 
@@ -163,10 +194,12 @@ VARLEN_ROWS = 64  # (query, head) rows per program: BLOCK_Q = VARLEN_ROWS // GRO
 
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, query_starts: torch.Tensor, context_lens: torch.Tensor,
-                           page: int, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                           page: int, scale: float, sliding_window: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [N, heads, hd] of B sequences (query_starts [B+1], context_lens [B] on the device;
     a sequence's queries are its last tokens) -> [N, heads, hd]. Tokens past query_starts[-1]
-    (graph padding) get zeros. The launch depends only on N and B, so graphs can hold it."""
+    (graph padding) get zeros. The launch depends only on N and B, so graphs can hold it.
+    k/v_cache and scales as in paged_decode_attention."""
     tokens, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -175,13 +208,14 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_seqs = context_lens.shape[0]
     out = torch.zeros_like(q)
     _paged_varlen_kernel[(tokens // block_q + num_seqs, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, query_starts, context_lens, scale, sliding_window or 0, num_seqs,
+        q, k_cache, v_cache, out, block_tables, query_starts, context_lens, *_scale_args(k_cache, k_scale, v_scale),
+        scale, sliding_window or 0, num_seqs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
         PAGE=page, BLOCK_Q=block_q, BLOCK_N=64, HAS_WINDOW=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 engines are references: no TF32
-        num_warps=4, num_stages=2)
+        KV_SCALED=k_scale is not None, num_warps=4, num_stages=2)
     return out
 
 
@@ -191,8 +225,10 @@ def gpu_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, batch: StepB
     launch for any step that prefills (fresh, chunked or prefix-cached prompts, with or
     without decodes; eager or replayed from a mixed-step graph)."""
     k_cache, v_cache, page = cache.k[layer], cache.v[layer], cache.block_size
+    # An FP8 cache's per-layer scales: [1] views, fixed addresses for graphs.
+    scales = (cache.k_scale[layer : layer + 1], cache.v_scale[layer : layer + 1]) if cache.quantized else (None, None)
     if batch.is_decode:
         return paged_decode_attention(q, k_cache, v_cache, batch.block_tables, batch.context_lens_tensor, page,
-                                      scale, sliding_window)
+                                      scale, sliding_window, *scales)
     return paged_varlen_attention(q, k_cache, v_cache, batch.block_tables, batch.query_starts_tensor,
-                                  batch.context_lens_tensor, page, scale, sliding_window)
+                                  batch.context_lens_tensor, page, scale, sliding_window, *scales)

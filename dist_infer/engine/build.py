@@ -32,6 +32,7 @@ from dist_infer.engine.layers import RowParallelLinear
 from dist_infer.engine.model import StageModel
 from dist_infer.engine.quant import check_quant_layout
 from dist_infer.errors import EngineError, LaunchError
+from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
 from dist_infer.partition.checkpoint import PartitionedCheckpoint
 from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, file_sha256
 
@@ -176,6 +177,7 @@ def build(checkpoint_dir: Path, out: Path, build_config: BuildConfig, world: Com
         files = {}
         for rank in (range(n) if world.size == 1 else [world.rank]):
             files.update(build_rank(ckpt, rank, tmp, build_config))
+            slow_down_for_tests()
         return files
 
     def describe(files: dict) -> dict:
@@ -193,31 +195,38 @@ def write_engine(out: Path, world: Communicator, force: bool, write_ranks: Calla
     """Collective: stage the engine in a hidden directory beside `out` (each process
     writes its ranks' files: write_ranks(tmp) -> {name: entry}), then rank 0 writes
     engine.json (describe(files)) and the extra files and renames it into place.
-    On any failure the staging directory is removed: nothing half-written is left."""
-    tmp = out.with_name(f".{out.name}.tmp-build")
+    On any failure, SIGTERM (scancel) and Ctrl-C included, the staging directory is removed:
+    nothing half-written is left. Its name is unique to this build (rank 0's host and pid), so a
+    leftover of a build that was killed outright is never reused: it is removed once its process
+    is gone."""
+    tmp = world.broadcast_object(temp_dir(out, "tmp-build") if world.rank == 0 else None)
 
     def prepare():
         if out.exists() and not force:
             raise EngineError(f"{out} already exists; choose another --out or pass --force to replace it.")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_dead_temp_dirs(out, "tmp-build")
+        shutil.rmtree(out.with_name(f".{out.name}.tmp-build"), ignore_errors=True)  # old fixed name: never reused
         tmp.mkdir(parents=True)
 
-    collective_call(world, prepare if world.rank == 0 else lambda: None)
-    try:
-        per_rank_files = collective_call(world, lambda: write_ranks(tmp), gather=True)
-        if world.rank == 0:
-            files = {k: v for part in per_rank_files for k, v in part.items()}
-            (tmp / "engine.json").write_text(json.dumps(describe(files), indent=1))
-            for f in extra_files:
-                shutil.copy2(f, tmp / f.name)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        world.barrier()
-    except BaseException:
-        if world.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with sigterm_raises():
+        collective_call(world, prepare if world.rank == 0 else lambda: None)
+        try:
+            per_rank_files = collective_call(world, lambda: write_ranks(tmp), gather=True)
+            if world.rank == 0:
+                files = {k: v for part in per_rank_files for k, v in part.items()}
+                (tmp / "engine.json").write_text(json.dumps(describe(files), indent=1))
+                for f in extra_files:
+                    shutil.copy2(f, tmp / f.name)
+                if out.exists():
+                    shutil.rmtree(out)
+                tmp.rename(out)
+            world.barrier()
+        except BaseException as exc:
+            if world.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(exc, KeyboardInterrupt):
+                    log.warning("build interrupted (%s): removed the partial engine %s", exc or "SIGINT", tmp)
+            raise
 
 
 def engine_description(model: ModelConfig, mapping: Mapping, build_config: BuildConfig, vocab_size_padded: int,

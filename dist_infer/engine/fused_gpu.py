@@ -4,7 +4,8 @@ At batch 1 a decode step is ~5 ms of weight reads; unfused, the norms, RoPE
 and activation add ~40 tiny kernels per layer (~3 ms on an H100 even inside a
 CUDA graph). Each function here is one kernel:
 - `add_rmsnorm`: residual add + RMSNorm (float32 statistics, as transformers);
-- `rope_write_kv`: RoPE on q (in place) and k, then k/v into the paged cache;
+- `rope_write_kv`: RoPE on q (in place) and k, then k/v into the paged cache
+  (quantized to FP8 with the layer's scales for --kv-cache-dtype fp8);
 - `silu_mul`: SiLU(gate) * up on the fused gate_up projection.
 """
 
@@ -48,9 +49,17 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rope_write_kv_kernel(Q, K, V, Positions, InvFreq, KCache, VCache, Slots, scaling,
+def _to_cache(x, Scale, Cache, FP8: tl.constexpr):
+    """A float32 value as the cache stores it: FP8 holds x / scale, clamped to e4m3's +-448."""
+    if FP8:
+        x = tl.clamp(x / tl.load(Scale), -448.0, 448.0)
+    return x.to(Cache.dtype.element_ty)
+
+
+@triton.jit
+def _rope_write_kv_kernel(Q, K, V, Positions, InvFreq, KCache, VCache, Slots, KScale, VScale, scaling,
                           stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cs, stride_ch,
-                          NUM_Q_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+                          NUM_Q_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, FP8: tl.constexpr):
     token = tl.program_id(0)
     head = tl.program_id(1)  # q heads first, then kv heads
     i = tl.arange(0, HALF_PAD)
@@ -72,25 +81,34 @@ def _rope_write_kv_kernel(Q, K, V, Positions, InvFreq, KCache, VCache, Slots, sc
         x1 = tl.load(kbase + i, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(kbase + HALF + i, mask=mask, other=0.0).to(tl.float32)
         cbase = slot * stride_cs + kv * stride_ch
-        tl.store(KCache + cbase + i, (x1 * cos - x2 * sin).to(KCache.dtype.element_ty), mask=mask)
-        tl.store(KCache + cbase + HALF + i, (x2 * cos + x1 * sin).to(KCache.dtype.element_ty), mask=mask)
+        tl.store(KCache + cbase + i, _to_cache(x1 * cos - x2 * sin, KScale, KCache, FP8), mask=mask)
+        tl.store(KCache + cbase + HALF + i, _to_cache(x2 * cos + x1 * sin, KScale, KCache, FP8), mask=mask)
         vbase = V + token * stride_vn + kv * stride_vh
-        tl.store(VCache + cbase + i, tl.load(vbase + i, mask=mask, other=0.0), mask=mask)
-        tl.store(VCache + cbase + HALF + i, tl.load(vbase + HALF + i, mask=mask, other=0.0), mask=mask)
+        v1 = tl.load(vbase + i, mask=mask, other=0.0).to(tl.float32)
+        v2 = tl.load(vbase + HALF + i, mask=mask, other=0.0).to(tl.float32)
+        tl.store(VCache + cbase + i, _to_cache(v1, VScale, VCache, FP8), mask=mask)
+        tl.store(VCache + cbase + HALF + i, _to_cache(v2, VScale, VCache, FP8), mask=mask)
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   inv_freq: torch.Tensor, scaling: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """q [N, heads, hd] rotated in place; rotated k [N, kv, hd] and v go to cache slots."""
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
+    """q [N, heads, hd] rotated in place; rotated k [N, kv, hd] and v go to cache slots.
+    An FP8 cache (float8_e4m3fn) stores value / scale: k_scale, v_scale are its layer's
+    one-element float32 scales."""
     n, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     half = head_dim // 2
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("an FP8 KV cache needs its k_scale and v_scale")
     _rope_write_kv_kernel[(n, heads + kv_heads)](
-        q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping, scaling,
+        q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping,
+        k_scale if fp8 else k_cache, v_scale if fp8 else v_cache, scaling,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1),
-        NUM_Q_HEADS=heads, HALF=half, HALF_PAD=triton.next_power_of_2(half), num_warps=1)
+        NUM_Q_HEADS=heads, HALF=half, HALF_PAD=triton.next_power_of_2(half), FP8=fp8, num_warps=1)
 
 
 @triton.jit

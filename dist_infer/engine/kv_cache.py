@@ -70,22 +70,64 @@ class StepBatch:
                    parts[5])
 
 
+# Storage for --kv-cache-dtype (config.KV_CACHE_DTYPES); "auto" keeps the engine's dtype.
+KV_STORAGE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: e4m3 saturates here, past it is NaN
+
+
 class PagedKVCache:
-    """K and V pools per local layer: [num_blocks * block_size, kv_heads, head_dim]."""
+    """K and V pools per local layer: [num_blocks * block_size, kv_heads, head_dim].
+
+    `dtype` is what attention computes in; `storage_dtype` what the pools hold
+    (default: the same). An FP8 pool stores value / scale as float8 e4m3, clamped to
+    +-448, with one float32 scale per layer for K and one for V (`k_scale`, `v_scale`
+    [num_layers]); readers upcast and multiply back. The scales are 1.0, vLLM's
+    default without calibration data: K and V of Llama-family models stay far
+    below 448, and e4m3 keeps ~2 significant digits from 2**-6 up."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", storage_dtype: torch.dtype | None = None):
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.storage_dtype = storage_dtype or dtype
         shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
         # torch.empty: pages the OS never touches cost no memory on the CPU.
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k = torch.empty(shape, dtype=self.storage_dtype, device=device)
+        self.v = torch.empty(shape, dtype=self.storage_dtype, device=device)
+        # Fixed device tensors, so CUDA graphs read whatever they hold at replay.
+        self.k_scale = torch.ones(num_layers, dtype=torch.float32, device=device)
+        self.v_scale = torch.ones(num_layers, dtype=torch.float32, device=device)
+
+    @property
+    def quantized(self) -> bool:
+        return self.storage_dtype == torch.float8_e4m3fn
+
+    @staticmethod
+    def block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
+                    storage_dtype: torch.dtype) -> int:
+        """Bytes of one block across this rank's layers, K and V."""
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=storage_dtype).element_size()
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        # k, v: [N, kv_heads, hd]
-        self.k[layer].index_copy_(0, slot_mapping, k)
-        self.v[layer].index_copy_(0, slot_mapping, v)
+        # k, v: [N, kv_heads, hd] in the compute dtype; slot_mapping [N]
+        self._store(self.k[layer], k, self.k_scale[layer], slot_mapping)
+        self._store(self.v[layer], v, self.v_scale[layer], slot_mapping)
+
+    def _store(self, pool: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor) -> None:
+        if not self.quantized:
+            pool.index_copy_(0, slots, x)
+            return
+        q = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(self.storage_dtype)
+        # index_copy_ has no float8 CPU kernel: copy the bytes.
+        pool.view(torch.uint8).index_copy_(0, slots, q.view(torch.uint8))
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at `slots` [S] in the compute dtype: [S, kv_heads, hd] each."""
+        k, v = self.k[layer, slots], self.v[layer, slots]
+        if not self.quantized:
+            return k, v
+        return (k.float() * self.k_scale[layer]).to(self.dtype), (v.float() * self.v_scale[layer]).to(self.dtype)
 
     def sequence_slots(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
         offsets = torch.arange(self.block_size, device=block_table.device)
@@ -101,7 +143,7 @@ def paged_attention_reference(q: torch.Tensor, cache: PagedKVCache, layer: int, 
         qs, qe, ctx = batch.query_starts[i], batch.query_starts[i + 1], batch.context_lens[i]
         blocks = batch.block_tables[i, : -(-ctx // cache.block_size)]
         slots = cache.sequence_slots(blocks, ctx)
-        k, v = cache.k[layer, slots], cache.v[layer, slots]  # [ctx, kv_heads, hd]
+        k, v = cache.read(layer, slots)  # [ctx, kv_heads, hd], upcast from FP8 storage
         q_pos = batch.positions[qs:qe, None]
         k_pos = torch.arange(ctx, device=q.device)[None, :]
         mask = k_pos <= q_pos  # [n, ctx]

@@ -56,8 +56,9 @@ class Attention(nn.Module):
         if x.is_cuda:  # one kernel: RoPE on q in place, RoPE'd k and v into the cache
             from dist_infer.engine.fused_gpu import rope_write_kv
 
-            rope_write_kv(q, k, v, batch.positions, rope.inv_freq, rope.scaling, cache.k[self.layer_slot],
-                          cache.v[self.layer_slot], batch.slot_mapping)
+            layer = self.layer_slot
+            rope_write_kv(q, k, v, batch.positions, rope.inv_freq, rope.scaling, cache.k[layer], cache.v[layer],
+                          batch.slot_mapping, cache.k_scale[layer : layer + 1], cache.v_scale[layer : layer + 1])
         else:
             cos, sin = cos_sin
             q = Rotary.apply(q, cos, sin)

@@ -2,17 +2,18 @@
 
 Modes (TensorRT-LLM's names; `dist-infer build --quant MODE`):
 
-    int8_wo  qweight int8 [out, in],        scales float32 [out]           W8A16
-    int4_wo  qweight uint8 [out, in/2],     scales float32 [out, in/group] W4A16
-             (two INT4 values per byte: even input column in the low nibble, stored + 8)
+    int8_wo  qweight int8 [out, in],          scales float32 [out]             W8A16
+    int4_wo  qweight uint8 [out, in/2],       scales, offsets [out, in/group]  W4A16
+             (codes 0..15, two per byte: even input column in the low nibble;
+             w ~= code * scale + offset, scales and offsets in the model dtype)
     fp8      qweight float8_e4m3fn [out, in], scales float32 [out], and each token's
              activations quantized to FP8 with its own scale at run time
 
-All scales are symmetric (no zero points): w ~= q * scale (an INT4 group's scale
-may be negative, and is chosen from a few clipped candidates by squared
-error: `quantize_int4`). Scales are kept in
-float32: they are a small fraction of the bytes (int4 group 128: 1/16 of the
-packed weight) and float32 is what torch._scaled_mm takes.
+INT8 and FP8 are symmetric (w ~= q * scale, scale = row absmax / qmax), their
+scales float32: a small fraction of the bytes, and what torch._scaled_mm takes.
+INT4 is asymmetric: each group has its own grid from (clipped) min to max,
+chosen among a few clipped ranges by squared error (`quantize_int4`), the
+layout AutoAWQ/GPTQ checkpoints import into (partition/prequantized.py).
 
 TP commutes with quantization, so a sharded engine holds exactly the slices of
 the unsharded quantized weight:
@@ -44,7 +45,7 @@ from dist_infer.engine.layers import DENSE, LinearMethod
 from dist_infer.errors import LayoutError
 
 INT8_MAX = 127
-INT4_MIN, INT4_MAX = -8, 7
+INT4_LEVELS = 16  # codes 0..15
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -75,58 +76,72 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return q.float() * scales[:, None]  # [out, in] float32
 
 
-# ---------------------------------------------------------------- INT4, per group of inputs
+# ---------------------------------------------------------------- INT4, per group of inputs, asymmetric
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int values in [-8, 7], [out, in] -> uint8 [out, in/2]; column 2j in the low nibble, 2j+1 in the high."""
-    u = (q.to(torch.int16) - INT4_MIN).to(torch.uint8)  # [0, 15]
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes in [0, 15], [out, in] -> uint8 [out, in/2]; column 2j in the low nibble, 2j+1 in the high."""
+    u = codes.to(torch.uint8)
     return u[:, 0::2] | (u[:, 1::2] << 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in/2] -> int8 [out, in] in [-8, 7]."""
-    low, high = packed & 0xF, packed >> 4
-    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1).to(torch.int8) + INT4_MIN
+    """uint8 [out, in/2] -> uint8 codes [out, in] in [0, 15]."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
-# Scales tried per INT4 group (of the group's absmax): clipping the largest values a little
-# often lowers the error of all the others. A negative scale maps the largest magnitude to -8,
-# so that all 16 codes cover the group (as llama.cpp's Q4_0 does); dequantization is still q * scale.
-_INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+# Each group's grid is w ~= code * scale + offset, code in [0, 15]: AWQ/GPTQ's zero points, kept as
+# the float value of code 0 (offset = -zero * scale), the form TensorRT-LLM's W4A16 kernels take.
+# The build tries clipped ranges [lo * a, hi * b] of each group (a, b in the ratios below) and keeps
+# the one with the least squared error: clipping a group's extremes a little often lowers the error
+# of all its other values.
+_INT4_CLIP_RATIOS = (1.0, 0.9, 0.8)
 
 
-def _int4_candidate_scales(groups: torch.Tensor) -> torch.Tensor:
-    """groups [out, G, group] -> candidate scales [C, out, G]: +absmax/7 and -peak/8, clipped."""
-    peak = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)  # signed, [out, G]
-    bases = (_scale(peak.abs(), INT4_MAX), -peak / -INT4_MIN)
-    return torch.stack([base * r for r in _INT4_CLIP_RATIOS for base in bases])
+def _int4_grid(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) of the 16 codes spanning [lo, hi]; a constant group gets scale 1 (codes 0)."""
+    span = hi - lo
+    return torch.where(span > 0, span / (INT4_LEVELS - 1), torch.ones_like(span)), lo
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (uint8 [out, in/2], float32 scales [out, in/group]), each group's scale the
-    candidate with the least squared error."""
+def _int4_candidate(groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype):
+    """groups [out, G, group] on the grid over [lo, hi] ([out, G]) with its scale and offset
+    rounded to `dtype` as the engine stores them: (codes, scales, offsets, squared error [out, G])."""
+    scales, offsets = (t.to(dtype).float() for t in _int4_grid(lo, hi))
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # a span too small for `dtype`
+    codes = torch.round((groups - offsets[..., None]) / scales[..., None]).clamp_(0, INT4_LEVELS - 1)
+    err = (codes * scales[..., None] + offsets[..., None] - groups).square().sum(-1)
+    return codes, scales, offsets, err
+
+
+def _keep_better(best: tuple, cand: tuple) -> tuple:
+    """Per group, the candidate (codes, scales, offsets, err) with the smaller error."""
+    better = cand[3] < best[3]  # [out, G]
+    codes = torch.where(better[..., None], cand[0], best[0])
+    return (codes, *(torch.where(better, c, b) for c, b in zip(cand[1:], best[1:])))
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32):
+    """w [out, in] -> (uint8 [out, in/2], scales [out, in/group], offsets [out, in/group]), scales and
+    offsets in `dtype`. Each group is quantized from its own values alone, so TP slices commute."""
     out, inp = w.shape
     if inp % group_size:
         raise LayoutError(f"int4_wo: {inp} input features are not a multiple of the group size {group_size}.")
     groups = w.float().reshape(out, inp // group_size, group_size)  # [out, G, group]
-    best_q, best_scales, best_err = None, None, None
-    for scales in _int4_candidate_scales(groups):                    # [out, G] each
-        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-        q = torch.round(groups / scales[..., None]).clamp_(INT4_MIN, INT4_MAX)
-        err = (q * scales[..., None] - groups).square().sum(dim=-1)  # [out, G]
-        if best_err is None:
-            best_q, best_scales, best_err = q, scales, err
-            continue
-        better = err < best_err
-        best_q = torch.where(better[..., None], q, best_q)
-        best_scales, best_err = torch.where(better, scales, best_scales), torch.minimum(err, best_err)
-    return pack_int4(best_q.reshape(out, inp)), best_scales
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    best = None
+    for a in _INT4_CLIP_RATIOS:
+        for b in _INT4_CLIP_RATIOS:
+            cand = _int4_candidate(groups, lo * a, hi * b, dtype)
+            best = cand if best is None else _keep_better(best, cand)
+    codes, scales, offsets, _ = best
+    return pack_int4(codes.reshape(out, inp)), scales.to(dtype), offsets.to(dtype)
 
 
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    q = unpack_int4(packed).float()                # [out, in]
-    group_size = q.shape[1] // scales.shape[1]
-    return (q.reshape(q.shape[0], -1, group_size) * scales[..., None]).reshape(q.shape)
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """-> float32 [out, in]: each code * its group's scale + offset."""
+    codes = unpack_int4(packed).float()  # [out, in]
+    groups = codes.reshape(codes.shape[0], scales.shape[1], -1)  # [out, G, group]
+    return (groups * scales.float()[..., None] + offsets.float()[..., None]).reshape(codes.shape)
 
 
 # ---------------------------------------------------------------- FP8 e4m3
@@ -158,8 +173,9 @@ def int8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     return F.linear(x, dequantize_int8(qweight, scales).to(x.dtype))
 
 
-def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, dequantize_int4(qweight, scales).to(x.dtype))
+def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                          offsets: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, dequantize_int4(qweight, scales, offsets).to(x.dtype))
 
 
 def fp8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -181,12 +197,13 @@ def _kernel(name: str, x: torch.Tensor):
 # ---------------------------------------------------------------- linear methods
 
 class _QuantizedLinear:
-    """Weights stored as `qweight` + `scales`, multiplied by the mode's kernel op."""
+    """Weights stored as `qweight` + `scales` (+ `offsets` for INT4), multiplied by the mode's kernel op."""
 
     kernel: str
+    params: tuple[str, ...] = ("qweight", "scales")  # the kernel's arguments after x, in order
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = _kernel(self.kernel, x)(x, layer.qweight, layer.scales)  # [N, out]
+        y = _kernel(self.kernel, x)(x, *(getattr(layer, p) for p in self.params))  # [N, out]
         return y if bias is None else y + bias
 
 
@@ -207,10 +224,12 @@ class Int8WeightOnly(_QuantizedLinear):
 
 
 class Int4WeightOnly(_QuantizedLinear):
-    """int4_wo: INT4 weights packed two per byte, one float32 scale per `group_size` inputs."""
+    """int4_wo: INT4 codes packed two per byte, a scale and an offset per `group_size` inputs
+    (in the model dtype: half the bytes of float32 and what the GPU kernel reads)."""
 
     mode = "int4_wo"
     kernel = "int4_linear"
+    params = ("qweight", "scales", "offsets")
     per_channel_scales = False  # groups never straddle TP shards, so each rank's own data decides
 
     def __init__(self, group_size: int):
@@ -221,11 +240,12 @@ class Int4WeightOnly(_QuantizedLinear):
             raise LayoutError(f"int4_wo: a linear layer has {in_features} input features per rank, not a "
                               f"multiple of the group size {self.group_size}; rebuild the engine.")
         layer.qweight = _param(out_features, in_features // 2, dtype=torch.uint8)
-        layer.scales = _param(out_features, in_features // self.group_size, dtype=torch.float32)
+        layer.scales = _param(out_features, in_features // self.group_size, dtype=dtype)
+        layer.offsets = _param(out_features, in_features // self.group_size, dtype=dtype)
 
     def quantize(self, w: torch.Tensor, dtype: torch.dtype, row_absmax=None) -> dict[str, torch.Tensor]:
-        q, scales = quantize_int4(w, self.group_size)
-        return {"qweight": q, "scales": scales}
+        q, scales, offsets = quantize_int4(w, self.group_size, dtype)
+        return {"qweight": q, "scales": scales, "offsets": offsets}
 
 
 class Fp8Linear(_QuantizedLinear):

@@ -66,7 +66,7 @@ _CODE_STD = {torch.int8: 127 / 3**0.5, torch.uint8: 16 / 12**0.5, torch.float8_e
 def _random_codes(shape, dtype: torch.dtype, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     if dtype == torch.int8:
         return torch.randint(-127, 128, shape, generator=gen, device=device, dtype=torch.int8)
-    if dtype == torch.uint8:  # two INT4 codes per byte, each uniform in [-8, 7]
+    if dtype == torch.uint8:  # two INT4 codes per byte, each uniform in [0, 15]
         return torch.randint(0, 256, shape, generator=gen, device=device, dtype=torch.uint8)
     return torch.randn(shape, generator=gen, device=device).to(dtype)
 
@@ -140,6 +140,8 @@ def write_random_rank(path: Path, specs, device: torch.device, seed: int) -> dic
                 t, code_std = _random_codes(shape, dtype, gen, device), _CODE_STD[dtype]
             elif name.endswith(".scales"):
                 t.fill_(0.02 / code_std)
+            elif name.endswith(".offsets"):  # INT4: codes 0..15 centred on 7.5
+                t.fill_(-7.5 * 0.02 / code_std)
             else:
                 t.normal_(0.0, 0.02, generator=gen)
             data = t.reshape(-1).view(torch.uint8).cpu().numpy()

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from dist_infer.comm.base import collective_call
 from dist_infer.comm.groups import ParallelGroups
-from dist_infer.config import BuildConfig, Mapping, ModelConfig
+from dist_infer.config import BuildConfig, KVCacheConfig, Mapping, ModelConfig
 from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
-from dist_infer.engine.kv_cache import PagedKVCache, StepBatch, paged_attention_reference
+from dist_infer.engine.kv_cache import KV_STORAGE_DTYPES, PagedKVCache, StepBatch, paged_attention_reference
 from dist_infer.engine.model import StageModel, local_heads
 from dist_infer.errors import CheckpointError, EngineError, LaunchError
 from dist_infer.partition.checkpoint import verify_file
@@ -73,21 +73,46 @@ class EngineSpec:
         return self.build.max_batch_size * self.blocks_per_seq + 1
 
 
+def kv_budget_bytes(config: KVCacheConfig, free_bytes: int | None, reserved_bytes: int = 0) -> float | None:
+    """Bytes the KV pool may take on one rank (None: no limit but the engine's).
+    GPU: `memory_fraction` of the memory free after the weights, once the step's working
+    memory (`reserved_bytes`: activations, logits, graph pools) is set aside, as TensorRT-LLM
+    measures it after warm-up. CPU (free_bytes None): only config.max_bytes. Both: the smaller."""
+    budgets = [] if free_bytes is None else [config.memory_fraction * max(free_bytes - reserved_bytes, 0)]
+    if config.max_bytes is not None:
+        budgets.append(config.max_bytes)
+    return min(budgets, default=None)
+
+
+def kv_pool_blocks(wanted: int, block_bytes: int, config: KVCacheConfig, free_bytes: int | None = None,
+                   reserved_bytes: int = 0) -> int:
+    """One rank's KV pool in blocks: `wanted` (max_batch_size full-length sequences plus
+    the scratch block), or what the budget holds if that is fewer. An FP8 pool's blocks
+    are half the bytes of a bf16 pool's, so the same budget holds twice the blocks."""
+    budget = kv_budget_bytes(config, free_bytes, reserved_bytes)
+    return wanted if budget is None else min(wanted, int(budget // block_bytes))
+
+
+FP8_MIN_CAPABILITY = (8, 9)  # Triton's float8 e4m3 conversions: Ada, Hopper and newer
+
+
 class RankEngine:
     """One rank's model shard, its KV cache and (on CUDA) its decode graphs.
     Construct with `load_rank_engine`, which sizes the KV pool across ranks."""
 
-    kv_memory_fraction = 0.9  # of the GPU memory free after loading weights
-
     def __init__(self, spec: EngineSpec, groups: ParallelGroups, device: str = "cpu", verify: bool = True,
-                 weights: dict[str, torch.Tensor] | None = None):
+                 weights: dict[str, torch.Tensor] | None = None, kv_cache: KVCacheConfig | None = None):
         spec.check_world(groups.world.size)
         self.spec = spec
         self.mapping = groups.mapping
         self.device = torch.device(device)
         self.dtype = DTYPES[spec.build.dtype]
+        self.kv_cache_config = kv_cache or KVCacheConfig()
+        # What the pool stores: the engine's dtype, or float8 e4m3 for --kv-cache-dtype fp8.
+        self.kv_storage_dtype = KV_STORAGE_DTYPES[self.kv_cache_config.dtype] or self.dtype
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            self._check_fp8_kv_support()
         weights = self._load_weights(verify) if weights is None else weights
         self.model = StageModel(spec.model, self.mapping, groups.tp, spec.vocab_size_padded, self.dtype,
                                 spec.build.quant_config)
@@ -105,45 +130,60 @@ class RankEngine:
 
             self.attention = gpu_attention
 
+    def _check_fp8_kv_support(self) -> None:
+        capability = torch.cuda.get_device_capability(self.device)
+        if self.kv_storage_dtype == torch.float8_e4m3fn and capability < FP8_MIN_CAPABILITY:
+            raise LaunchError(f"--kv-cache-dtype fp8 needs a GPU with FP8 (compute capability 8.9 or newer: Ada, "
+                              f"Hopper, Blackwell); {torch.cuda.get_device_name(self.device)} is "
+                              f"{capability[0]}.{capability[1]}. Leave the KV cache in the engine's dtype "
+                              "(--kv-cache-dtype auto).")
+
+    @property
+    def kv_block_bytes(self) -> int:
+        return PagedKVCache.block_bytes(len(self.model.layer_ids), self.spec.build.kv_block_size, self.kv_heads,
+                                        self.spec.model.head_dim, self.kv_storage_dtype)
+
     def kv_blocks_that_fit(self) -> int:
-        """Blocks for max_batch_size full sequences, or what fits in `kv_memory_fraction`
-        of the GPU memory left after the weights, whichever is smaller (this rank only)."""
-        wanted = self.spec.num_kv_blocks
-        if self.device.type != "cuda":
-            return wanted
-        block_bytes = (2 * len(self.model.layer_ids) * self.spec.build.kv_block_size * self.kv_heads
-                       * self.spec.model.head_dim * torch.empty((), dtype=self.dtype).element_size())
-        free, _ = torch.cuda.mem_get_info(self.device)
-        # Headroom for activations and logits of the largest step, and the graphs' pool.
-        headroom = 2 * 1024**3 + 4 * self.spec.build.max_batch_size * self.spec.model.vocab_size * 4
-        return min(wanted, max(int((free * self.kv_memory_fraction - headroom) // block_bytes), 0))
+        """This rank's KV pool in blocks (see kv_pool_blocks); load_rank_engine takes the
+        smallest over the ranks."""
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        # Set aside the largest step's activations and logits, and the graphs' pool.
+        reserved = 2 * 1024**3 + 4 * self.spec.build.max_batch_size * self.spec.model.vocab_size * 4
+        return kv_pool_blocks(self.spec.num_kv_blocks, self.kv_block_bytes, self.kv_cache_config, free, reserved)
 
     def allocate(self, num_blocks: int, cuda_graphs: bool = True) -> None:
         """Allocate the KV pool (the same size on every rank) and capture the decode graphs."""
         if num_blocks < self.spec.blocks_per_seq + 1:
-            raise EngineError(f"GPU memory left after the weights holds {num_blocks} KV blocks of "
+            raise EngineError(f"the KV pool's memory budget holds {num_blocks} KV blocks of "
                               f"{self.spec.build.kv_block_size} tokens, fewer than one {self.spec.build.max_seq_len}-"
-                              "token sequence needs. Rebuild with a smaller --max-seq-len, or spread the model over "
-                              "more GPUs (larger tp or pp).")
+                              "token sequence needs. Give it more (a larger --kv-cache-free-gpu-memory-fraction or "
+                              "--kv-cache-bytes), halve its bytes per token (--kv-cache-dtype fp8), rebuild with a "
+                              "smaller --max-seq-len, or spread the model over more GPUs (larger tp or pp).")
         if num_blocks < self.spec.num_kv_blocks:
             log.warning("KV pool holds %d blocks (%d tokens), less than max_batch_size x max_seq_len; the scheduler "
                         "admits requests as blocks free up", num_blocks, num_blocks * self.spec.build.kv_block_size)
         self.cache = PagedKVCache(len(self.model.layer_ids), num_blocks, self.spec.build.kv_block_size,
-                                  self.kv_heads, self.spec.model.head_dim, self.dtype, self.device)
+                                  self.kv_heads, self.spec.model.head_dim, self.dtype, self.device,
+                                  storage_dtype=self.kv_storage_dtype)
+        log.debug("KV pool: %d blocks of %d tokens, %s, %.1f MiB", num_blocks, self.spec.build.kv_block_size,
+                  self.kv_storage_dtype, num_blocks * self.kv_block_bytes / 2**20)
         if self.device.type == "cuda" and cuda_graphs:
             self._capture_graphs()
 
     def _use_kernel_cache(self) -> None:
         """Keep this rank's compiled Triton kernels inside the engine directory, so
-        reloading the engine (on any node sharing the directory) compiles nothing."""
-        if self.spec.directory is None or "TRITON_CACHE_DIR" in os.environ:
+        reloading the engine (on any node sharing the directory) compiles nothing. A
+        TRITON_CACHE_DIR the user set wins; one an earlier load (or a parent process) set
+        for another engine does not (DIST_INFER_TRITON_CACHE remembers which is ours)."""
+        ours = os.environ.get("DIST_INFER_TRITON_CACHE")
+        if self.spec.directory is None or os.environ.get("TRITON_CACHE_DIR", ours) != ours:
             return
         cache = self.spec.directory / f"rank{self.mapping.rank}" / "triton-cache"
         try:
             cache.mkdir(parents=True, exist_ok=True)
         except OSError:  # a read-only engine directory: Triton's default per-user cache applies
             return
-        os.environ["TRITON_CACHE_DIR"] = str(cache)
+        os.environ["TRITON_CACHE_DIR"] = os.environ["DIST_INFER_TRITON_CACHE"] = str(cache)
 
     def _capture_graphs(self) -> None:
         from dist_infer.engine.cuda_graphs import MIXED_TOKEN_BUCKETS, DecodeGraphs, MixedGraphs, default_buckets
@@ -224,13 +264,18 @@ class RankEngine:
 
 def load_rank_engine(spec: EngineSpec, groups: ParallelGroups, device: str = "cpu", verify: bool = True,
                      cuda_graphs: bool = True, weights: dict[str, torch.Tensor] | None = None,
-                     max_kv_blocks: int | None = None) -> RankEngine:
+                     max_kv_blocks: int | None = None, kv_cache: KVCacheConfig | None = None) -> RankEngine:
     """Collective over groups.world: load every rank's weights, agree on one KV
     pool size (the smallest that fits anywhere), allocate, capture graphs. A
     user error on any rank is raised on every rank. max_kv_blocks caps the pool
-    (to leave memory to others, or to exercise preemption)."""
+    (to leave memory to others, or to exercise preemption); kv_cache says how the
+    pool is sized (memory fraction, bytes) and stored (dtype)."""
     world = groups.world
-    engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify, weights))
+    kv_cache = kv_cache or KVCacheConfig()
+    engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify, weights, kv_cache))
+    if kv_cache.free_gpu_memory_fraction is not None and engine.device.type != "cuda" and world.rank == 0:
+        log.warning("--kv-cache-free-gpu-memory-fraction sizes a GPU's pool and is ignored on CPU; the CPU pool "
+                    "holds max_batch_size full-length sequences, or what --kv-cache-bytes allows")
     blocks = min(collective_call(world, engine.kv_blocks_that_fit, gather=True))
     blocks = min(blocks, max_kv_blocks or blocks)
     collective_call(world, lambda: engine.allocate(blocks, cuda_graphs))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from dist_infer.config import Mapping, ModelConfig, check_layout
 from dist_infer.errors import CheckpointError
+from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
 from dist_infer.partition.checkpoint import FORMAT, FORMAT_VERSION, rank_file
 from dist_infer.partition.rules import REPLICATED, Shard, padded_vocab, plan_tensor
 from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, dtype_from_code, file_sha256
@@ -106,18 +106,23 @@ def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = Fals
     check_output_dir(out, source.directory, force)
     plan = plan_partition(source, config, tp, pp)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_dir(out, "tmp")  # .OUT.tmp-HOST-PID
+    remove_dead_temp_dirs(out, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:
-        _write_shards(source, plan, tmp, tp * pp, progress)
-        _write_metadata(source, config, plan, tmp, tp, pp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # SIGTERM (scancel, kill) raises like Ctrl-C, so the temp directory is removed either way.
+    with sigterm_raises():
+        try:
+            _write_shards(source, plan, tmp, tp * pp, progress)
+            _write_metadata(source, config, plan, tmp, tp, pp)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, KeyboardInterrupt):
+                log.warning("partition interrupted (%s): removed the partial output %s", exc or "SIGINT", tmp)
+            raise
     log.info("wrote %d rank files to %s", tp * pp, out)
     return out
 
@@ -145,6 +150,7 @@ def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], direct
                     cached_key, cached = key, _read_shard(source, shard)
                 writers[shard.rank].write(shard.name, cached)
             cached = None
+            slow_down_for_tests()
             bar.update(torch.Size(source.tensors[name].shape).numel())
     for writer in writers.values():
         writer.close()

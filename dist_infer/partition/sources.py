@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from dist_infer.errors import CheckpointError
+from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +123,18 @@ def import_gguf(gguf_file: Path, out_dir: Path | None = None) -> Path:
     if (out_dir / "config.json").is_file():
         return out_dir
     log.info("importing %s into %s (dequantizing once; takes ~30 s for 135M params)", gguf_file.name, out_dir)
+    tmp = temp_dir(out_dir, "tmp")
+    remove_dead_temp_dirs(out_dir, "tmp")
+    tmp.mkdir(parents=True)
+    with sigterm_raises():  # SIGTERM cleans up like Ctrl-C
+        _import_into(gguf_file, tmp, out_dir)
+    return out_dir
+
+
+def _import_into(gguf_file: Path, tmp: Path, out_dir: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
         kwargs = dict(gguf_file=gguf_file.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
@@ -145,7 +152,6 @@ def import_gguf(gguf_file: Path, out_dir: Path | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 GGUF_MAGIC = b"GGUF"

@@ -10,7 +10,11 @@ Each step:
 
 So a long prompt is spread over several steps and never stalls the decoding
 streams, and the tokens one step runs (hence its activation memory) are bounded
-by `max_num_batched_tokens`.
+by `max_num_batched_tokens`. A step that decodes is held to the smaller
+`max_decode_step_tokens` when set: on the GPU that is the largest step a CUDA
+graph replays, so the running streams' inter-token latency stays that of a
+graph step however many prompts arrive at once; prompts that arrive while
+nothing decodes still get the whole `max_num_batched_tokens`.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ class SchedulerConfig:
     max_num_seqs: int              # sequences in one step (the engine's max batch size)
     max_num_batched_tokens: int    # tokens in one step, prefill chunks and decodes together
     max_model_len: int             # prompt + output of one sequence
+    max_decode_step_tokens: int | None = None  # tokens in a step that decodes (None: max_num_batched_tokens)
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            if getattr(self, name) < 1:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_decode_step_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
@@ -82,15 +87,26 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         chunks: dict[int, ScheduledChunk] = {}
         preempted: list[Sequence] = []
-        budget = self._schedule_running(self.config.max_num_batched_tokens, chunks, preempted)
+        decoding = [s for s in self.running if s.num_uncomputed == 1]
+        prefilling = [s for s in self.running if s.num_uncomputed > 1]  # both keep admission order
+        budget = self._schedule_running(decoding, self.config.max_num_batched_tokens, chunks, preempted)
+        budget = self._schedule_running(prefilling, self._prefill_budget(budget, chunks), chunks, preempted)
         if not preempted:
             self._admit_waiting(budget, chunks)
         freed, self._freed = self._freed, []
         return SchedulerOutput(list(chunks.values()), preempted, freed)
 
-    def _schedule_running(self, budget: int, chunks: dict[int, ScheduledChunk], preempted: list[Sequence]) -> int:
-        # Decodes first (stable sort keeps admission order within each group).
-        for seq in sorted(self.running, key=lambda s: s.num_uncomputed > 1):
+    def _prefill_budget(self, budget: int, decodes: dict[int, ScheduledChunk]) -> int:
+        """What the step's decodes leave for prompt tokens. With a decode-step cap, at least
+        one KV block's worth: prompts keep moving even when decodes alone fill the cap."""
+        cap = self.config.max_decode_step_tokens
+        if not decodes or cap is None:
+            return budget
+        return min(budget, max(cap - len(decodes), self.blocks.block_size))
+
+    def _schedule_running(self, seqs: list[Sequence], budget: int, chunks: dict[int, ScheduledChunk],
+                          preempted: list[Sequence]) -> int:
+        for seq in seqs:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:

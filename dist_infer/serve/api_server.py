@@ -35,6 +35,7 @@ from dist_infer.client import EngineClient, EngineDeadError, EngineDrainingError
 from dist_infer.engine.runtime import EngineSpec
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import RequestError
+from dist_infer.serve.limits import BodySizeLimit, HttpLimits, deadline_protocol
 from dist_infer.serve.metrics import Metrics, RequestTimer
 from dist_infer.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields,
                                        TritonGenerateRequest)
@@ -44,6 +45,7 @@ from dist_infer.workers.prompts import load_tokenizer
 
 log = logging.getLogger("dist_infer.serve")
 RETRY_AFTER = {"Retry-After": "1"}
+MAX_HEADER_BYTES = 64 * 1024  # request line + headers; more is refused (400) before the body is read
 
 
 @dataclass
@@ -91,7 +93,11 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     except ValueError as exc:
         raise APIError(400, str(exc), "messages") from exc
-    out = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    try:
+        out = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)
+    except Exception as exc:  # the template's own checks (jinja raise_exception), e.g. on the roles' order
+        raise APIError(400, f"the model's chat template refuses these messages: {exc}", "messages") from exc
     return list(out["input_ids"])
 
 
@@ -103,7 +109,11 @@ def engine_request(state: ServerState, body: SamplingFields, prompt_ids: list[in
                        f"requested {len(prompt_ids) + (max_tokens or 1)} tokens ({len(prompt_ids)} in the prompt, "
                        f"{max_tokens or 1} for the completion). Reduce the prompt or max_tokens.", "max_tokens",
                        "context_length_exceeded")
-    sampling = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed, logprobs, prompt_logprobs)
+    try:
+        sampling = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed, logprobs,
+                                  prompt_logprobs)
+    except RequestError as exc:  # the engine's own checks, should the request models let a value through
+        raise APIError(400, str(exc)) from exc
     return Request(prompt_ids, max_tokens or room, sampling, tuple(body.stop or ()), body.ignore_eos)
 
 
@@ -209,13 +219,18 @@ def sse(obj) -> str:
 # ---- OpenAI routes ----------------------------------------------------------------------------------------
 
 
-async def completions(state: ServerState, body: CompletionRequest, http: HTTPRequest):
+def completion_requests(state: ServerState, body: CompletionRequest) -> tuple[list[list[int]], list[Request]]:
+    """(prompt ids, engine requests) of a completions body, or an APIError (4xx)."""
     check_model(state, body.model)
     prompts = [tokenize_prompt(state, p) for p in body.prompts()]
     # echo + logprobs: the prompt's own logprobs. max_tokens 0 (scoring only) runs one token and drops it.
     prompt_lps = body.logprobs if body.echo else None
     max_tokens = 16 if body.max_tokens is None else max(body.max_tokens, 1)
-    requests = [engine_request(state, body, ids, max_tokens, body.logprobs, prompt_lps) for ids in prompts]
+    return prompts, [engine_request(state, body, ids, max_tokens, body.logprobs, prompt_lps) for ids in prompts]
+
+
+async def completions(state: ServerState, body: CompletionRequest, http: HTTPRequest):
+    prompts, requests = completion_requests(state, body)
     admit(state)
     rid, echoes = f"cmpl-{uuid.uuid4().hex}", [_echo_text(state, body, p) for p in body.prompts()]
     if body.stream:
@@ -291,11 +306,15 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
             t.cancel()
 
 
-async def chat_completions(state: ServerState, body: ChatCompletionRequest, http: HTTPRequest):
+def chat_request(state: ServerState, body: ChatCompletionRequest) -> Request:
+    """The engine request of a chat body, or an APIError (4xx)."""
     check_model(state, body.model)
-    prompt = chat_prompt(state, body)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    request = engine_request(state, body, prompt, body.output_limit, top)
+    return engine_request(state, body, chat_prompt(state, body), body.output_limit, top)
+
+
+async def chat_completions(state: ServerState, body: ChatCompletionRequest, http: HTTPRequest):
+    request = chat_request(state, body)
     admit(state)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
@@ -369,10 +388,11 @@ async def triton_stream(state: ServerState, name: str, request: Request) -> Asyn
 # ---- the app -----------------------------------------------------------------------------------------------
 
 
-def build_app(state: ServerState) -> FastAPI:
+def build_app(state: ServerState, limits: HttpLimits = HttpLimits()) -> FastAPI:
     app = FastAPI(title="dist_infer", version=dist_infer.__version__)
     _install_error_handlers(app)
     _install_auth(app, state)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, error_body=error_json)
 
     @app.get("/health")
     async def health():
@@ -433,6 +453,16 @@ def _install_triton_routes(app: FastAPI, state: ServerState) -> None:
         request = triton_request(state, name, body)
         admit(state)
         return await sse_response(triton_stream(state, name, request), done=False)
+
+
+def error_json(status: int, message: str) -> bytes:
+    return json.dumps(APIError(status, message).body()).encode()
+
+
+def uvicorn_limits(limits: HttpLimits) -> dict:
+    """uvicorn.Config's arguments for the limits (serve/limits.py says why each)."""
+    return dict(http=deadline_protocol(limits.read_timeout_s), timeout_keep_alive=limits.keep_alive_s,
+                limit_concurrency=limits.connections_that_fit(), h11_max_incomplete_event_size=MAX_HEADER_BYTES)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -541,9 +571,10 @@ async def serve_http(args: argparse.Namespace) -> int:
                         spec.build.max_seq_len, spec.model.vocab_size, spec.build.max_batch_size, args.max_queue,
                         os.environ.get("DIST_INFER_API_KEY") or None, Metrics(args.served_model_name or "engine"))
     watch_parent(state)
+    limits = HttpLimits.from_env()
     await client.wait_ready(timeout_s=60)
-    config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(build_app(state, limits), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=5, **uvicorn_limits(limits))
     server = DrainingServer(config, state, args.shutdown_timeout)
     await server.serve()
     await client.close()

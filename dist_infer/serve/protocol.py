@@ -18,6 +18,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | int | None = None,
                  headers: dict | None = None):
+        # A message may quote the client's text: lone surrogates in it would fail the UTF-8 response.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers or {}
         self.code = code if code is not None else status
@@ -28,14 +30,42 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def check_unicode(value, where: str = "body") -> None:
+    """JSON lets a string hold a lone surrogate (\\ud800), which is not Unicode text: it can be
+    neither tokenized nor sent back as UTF-8. Refuse it (400), naming where it is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate, which is not valid Unicode; send UTF-8 "
+                             "text (escape a character outside the BMP as a surrogate pair)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_unicode(key, where)
+            check_unicode(item, f"{where}.{key}" if isinstance(key, str) and key.isascii() else where)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_unicode(item, f"{where}[{index}]")
+
+
+class RequestBody(BaseModel):
+    """A request body: unknown fields ignored, every string valid Unicode."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        check_unicode(data)
+        return data
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestBody):
     """What completions and chat share."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -136,10 +166,8 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
-class TritonGenerateRequest(BaseModel):
+class TritonGenerateRequest(RequestBody):
     """Triton's generate extension, as its tensorrtllm backend takes it."""
-
-    model_config = ConfigDict(extra="ignore")
 
     text_input: str = Field(min_length=1)
     max_tokens: int = Field(64, ge=1)

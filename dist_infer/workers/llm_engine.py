@@ -5,6 +5,12 @@ within the token budget, preemptions when the KV pool runs dry); they go to
 every rank as one delta StepPlan; the sampled tokens come back and each
 request's detokenizer and stop checks run on them. `generate(list)` is a
 thin loop over `step()` for `dist-infer run` and `bench`.
+
+One step is always in flight: `step()` collects the launched step's tokens,
+records them (EOS and length finishes), launches the next step, and only then
+detokenizes and checks stop strings, so the device computes while rank 0
+turns tokens into text. A request that a stop string (or an abort) finishes
+has one more token computed in the step already launched; it is dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from dist_infer.engine.runtime import EngineSpec
-from dist_infer.engine.sampling import SamplingParams
+from dist_infer.engine.sampling import Logprobs, SamplingParams
 from dist_infer.errors import RequestError
 from dist_infer.scheduler import (BlockManager, IncrementalDetokenizer, ScheduledChunk, Scheduler, SchedulerConfig,
                                   Sequence)
@@ -28,6 +34,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 STEP_HISTORY = 100_000  # step timings kept (a server runs for weeks)
+
+
+def mixed_graph_tokens(engine) -> int | None:
+    """The largest step with prompt tokens in it that the engine replays from a CUDA graph."""
+    return max((max(g.buckets) for g in engine.graphs if g.varlen), default=None)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,8 @@ class Request:
 class EngineOptions:
     max_num_batched_tokens: int | None = None  # None: max(DEFAULT, max_batch_size)
     enable_prefix_caching: bool = True
+    # Tokens in a step that decodes. None: the largest step a CUDA graph replays (uncapped without graphs).
+    max_decode_step_tokens: int | None = None
 
 
 @dataclass
@@ -103,6 +116,25 @@ class _RequestState:
     prompt_lps: list[TokenLogprob] = field(default_factory=list)
 
 
+@dataclass
+class _LaunchedStep:
+    plan: StepPlan
+    chunks: list[ScheduledChunk]
+    result: StepResult | None  # rank 0's part as launched (tokens still on the device)
+    started: float
+
+
+@dataclass
+class _Sampled:
+    """A token recorded for a request; its text and logprobs are made after the next launch."""
+
+    state: _RequestState
+    token: int
+    result: StepResult
+    row: int
+    first: bool
+
+
 class LLMEngine:
     def __init__(self, worker: RankWorker, spec: EngineSpec, tokenizer=None, options: EngineOptions = EngineOptions()):
         self.worker = worker
@@ -112,7 +144,8 @@ class LLMEngine:
         self.max_seq_len = build.max_seq_len
         tokens = options.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, build.max_batch_size)
         try:
-            config = SchedulerConfig(build.max_batch_size, tokens, build.max_seq_len)
+            decode_step = options.max_decode_step_tokens or mixed_graph_tokens(worker.engine)
+            config = SchedulerConfig(build.max_batch_size, tokens, build.max_seq_len, decode_step)
         except ValueError as exc:
             raise RequestError(f"--max-num-batched-tokens: {exc}") from exc
         self.blocks = BlockManager(worker.engine.cache.num_blocks, build.kv_block_size, options.enable_prefix_caching)
@@ -123,8 +156,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._seeds = random.SystemRandom()
         self.num_steps = 0
-        # (tokens in step, seconds on the ranks) of recent steps; reset by generate()
+        # (tokens in step, seconds from launch to collected tokens) of recent steps; reset by generate()
         self.step_times: deque[tuple[int, float]] = deque(maxlen=STEP_HISTORY)
+        self._in_flight: _LaunchedStep | None = None
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -179,7 +213,7 @@ class LLMEngine:
         return self._final(state, [], "")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
@@ -188,17 +222,34 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step on every rank; returns a delta for each request that got a token."""
+        """Finish one step on every rank (launching it first if none is in flight) and start
+        the next; returns a delta for each request that got a token."""
+        launched, self._in_flight = self._in_flight or self._launch(), None
+        if launched is None:
+            return []
+        sampled = self._record(launched, self._collect(launched))
+        self._in_flight = self._launch()
+        return self._outputs(sampled)
+
+    def _launch(self) -> _LaunchedStep | None:
         scheduled = self.scheduler.schedule()
         plan = StepPlan([self._chunk_work(c) for c in scheduled.chunks], [s.seq_id for s in scheduled.preempted],
                         scheduled.freed_ids)
         if not plan.chunks and not plan.finished and not plan.preempted:
-            return []
+            return None
         started = time.perf_counter()
-        result = self.worker.step(plan)
+        return _LaunchedStep(plan, scheduled.chunks, self.worker.launch(plan), started)
+
+    def _collect(self, launched: _LaunchedStep) -> StepResult:
+        result = self.worker.collect(launched.plan, launched.result)
         self.num_steps += 1
-        self.step_times.append((plan.num_tokens, time.perf_counter() - started))
-        return self._process(scheduled.chunks, result)
+        self.step_times.append((launched.plan.num_tokens, time.perf_counter() - launched.started))
+        return result
+
+    def finish_in_flight(self) -> list[RequestOutput]:
+        """Collect the step in flight, launching no other (before shutting the ranks down)."""
+        launched, self._in_flight = self._in_flight, None
+        return self._outputs(self._record(launched, self._collect(launched))) if launched else []
 
     def keepalive(self) -> None:
         """An empty step: idle ranks stay inside their collective timeout, and the
@@ -223,54 +274,78 @@ class LLMEngine:
         end = min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1)
         return seq.token_ids[chunk.start + 1:end + 1] or None
 
-    def _process(self, chunks: list[ScheduledChunk], result: StepResult) -> list[RequestOutput]:
-        outputs, row, prompt_row = [], 0, 0
-        for chunk in chunks:
-            if result.prompt_logprobs is not None:
-                prompt_row = self._collect_prompt_logprobs(chunk, result, prompt_row)
-            self.scheduler.computed(chunk)
-            if not chunk.samples:
-                continue
-            state = self._by_seq[chunk.seq.seq_id]
-            try:
-                outputs.append(self._append_token(state, result, row))
-            except Exception as exc:  # one request's failure (e.g. its detokenizer) must not stop the others
-                log.exception("request %s failed", state.request_id)
-                self._release(state, "error")
-                outputs.append(self._final(state, [], "", error=f"{type(exc).__name__}: {exc}"))
-            row += 1
-        return outputs
+    def _record(self, launched: _LaunchedStep, result: StepResult) -> list[_Sampled]:
+        """What the next plan depends on: KV now cached, tokens appended, EOS and length finishes.
+        Chunks of requests finished since the launch (stop string, abort) are dropped."""
+        sampled, row, prompt_row = [], 0, 0
+        for chunk, work in zip(launched.chunks, launched.plan.chunks):
+            state = self._by_seq.get(chunk.seq.seq_id)
+            if work.prompt_targets:
+                self._collect_prompt_logprobs(state, work.prompt_targets, result.prompt_logprobs, prompt_row)
+                prompt_row += len(work.prompt_targets)
+            if state is not None:
+                self.scheduler.computed(chunk)
+                if chunk.samples:
+                    sampled.append(self._take_token(state, result, row))
+            row += chunk.samples
+        return sampled
 
-    def _collect_prompt_logprobs(self, chunk: ScheduledChunk, result: StepResult, row: int) -> int:
-        state = self._by_seq.get(chunk.seq.seq_id)
-        targets = self._prompt_targets(state, chunk) if state is not None else None
-        if not targets:
-            return row
-        k, lp = state.request.sampling.prompt_logprobs, result.prompt_logprobs
-        for i, token in enumerate(targets):
-            top = list(zip(lp.top_ids[row + i, :k].tolist(), lp.top[row + i, :k].tolist()))
-            state.prompt_lps.append(TokenLogprob(token, float(lp.token[row + i]), top))
-        return row + len(targets)
-
-    def _append_token(self, state: _RequestState, result: StepResult, row: int) -> RequestOutput:
+    def _take_token(self, state: _RequestState, result: StepResult, row: int) -> _Sampled:
         token, seq = result.tokens[row], state.seq
         seq.token_ids.append(token)
-        queue_s = None
-        if state.first_token_s is None:
-            state.first_token_s, queue_s = time.perf_counter() - state.arrival, state.scheduled_s
-        if state.detok is not None:
-            state.detok.add(token)
-        logprobs = None if result.logprobs is None or state.request.sampling.logprobs is None else \
-            [self._token_logprob(result, row, token, state.request.sampling.logprobs)]
+        first = state.first_token_s is None
+        if first:
+            state.first_token_s = time.perf_counter() - state.arrival
         reason = self._finish_reason(state)
         if reason:
             self._release(state, reason)
+        return _Sampled(state, token, result, row, first)
+
+    def _outputs(self, sampled: list[_Sampled]) -> list[RequestOutput]:
+        outputs = []
+        for s in sampled:
+            try:
+                outputs.append(self._output(s))
+            except Exception as exc:  # one request's failure (e.g. its detokenizer) must not stop the others
+                log.exception("request %s failed", s.state.request_id)
+                self._release(s.state, "error")
+                outputs.append(self._final(s.state, [], "", error=f"{type(exc).__name__}: {exc}"))
+        return outputs
+
+    @staticmethod
+    def _collect_prompt_logprobs(state: _RequestState | None, targets: list[int], lp: Logprobs, row: int) -> None:
+        """Rows row.. of the step's prompt logprobs belong to this chunk's targets."""
+        if state is None:
+            return  # finished since the launch
+        k = state.request.sampling.prompt_logprobs
+        for i, token in enumerate(targets):
+            top = list(zip(lp.top_ids[row + i, :k].tolist(), lp.top[row + i, :k].tolist()))
+            state.prompt_lps.append(TokenLogprob(token, float(lp.token[row + i]), top))
+
+    def _output(self, s: _Sampled) -> RequestOutput:
+        """The request's delta: its token's text (a stop string finishes it here), logprobs."""
+        state, seq = s.state, s.state.seq
+        if state.detok is not None:
+            state.detok.add(s.token)
+            if state.detok.stopped_at is not None:
+                self._stop_at_string(state)
+        sampling = state.request.sampling
+        logprobs = None if s.result.logprobs is None or sampling.logprobs is None else \
+            [self._token_logprob(s.result, s.row, s.token, sampling.logprobs)]
+        reason = state.finish_reason
         text = state.detok.delta(finished=reason is not None) if state.detok is not None else ""
-        prompt_lps = state.prompt_lps if queue_s is not None and state.request.sampling.prompt_logprobs is not None \
-            else None
-        return RequestOutput(state.request_id, [token], text, reason is not None, reason, seq.num_prompt_tokens,
+        queue_s = state.scheduled_s if s.first else None
+        prompt_lps = state.prompt_lps if s.first and sampling.prompt_logprobs is not None else None
+        return RequestOutput(state.request_id, [s.token], text, reason is not None, reason, seq.num_prompt_tokens,
                              len(seq.output_ids), seq.num_cached_tokens, logprobs, queue_s=queue_s,
                              prompt_logprobs=prompt_lps)
+
+    def _stop_at_string(self, state: _RequestState) -> None:
+        """A stop string outranks a length finish of the same token (the text was cut)."""
+        if state.finish_reason is None:
+            self._release(state, "stop")
+        elif state.finish_reason == "length":
+            state.finish_reason = "stop"
 
     @staticmethod
     def _token_logprob(result: StepResult, row: int, token: int, k: int) -> TokenLogprob:
@@ -281,8 +356,6 @@ class LLMEngine:
     def _finish_reason(self, state: _RequestState) -> str | None:
         req, seq = state.request, state.seq
         if not req.ignore_eos and seq.token_ids[-1] in self.eos_ids:
-            return "stop"
-        if state.detok is not None and state.detok.stopped_at is not None:
             return "stop"
         if len(seq.output_ids) >= req.max_new_tokens or seq.num_tokens >= self.max_seq_len:
             return "length"
@@ -310,7 +383,7 @@ class LLMEngine:
         states = [self._add(f"generate-{id(requests)}-{i}", r) for i, r in enumerate(requests)]
         while self.has_unfinished():
             outputs = self.step()
-            if not outputs and not self.scheduler.running:
+            if self.scheduler.waiting and not self.scheduler.running and self._in_flight is None:
                 raise RuntimeError(f"no request could be scheduled ({self.blocks.num_free} free KV blocks)")
             for out in outputs:
                 if out.error:
@@ -332,4 +405,5 @@ class LLMEngine:
                  len(self.step_times), elapsed, generated / max(elapsed, 1e-9))
 
     def shutdown(self) -> None:
+        self.finish_in_flight()
         self.worker.stop()

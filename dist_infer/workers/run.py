@@ -14,11 +14,14 @@ from pathlib import Path
 from dist_infer.comm import ParallelGroups, world_from_launch
 from dist_infer.comm.base import collective_call
 from dist_infer.comm.bootstrap import resolve_device
+from dist_infer.config import KVCacheConfig
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
-from dist_infer.errors import DistInferError
+from dist_infer.errors import DistInferError, RankLostError
+from dist_infer.interrupts import sigterm_raises
 from dist_infer.workers.llm_engine import Completion, EngineOptions, LLMEngine, Request
 from dist_infer.workers.prompts import load_tokenizer, read_prompts, tokenize
+from dist_infer.workers.watchdog import StepWatchdog, default_step_timeout, naming_lost_ranks
 from dist_infer.workers.worker import RankWorker
 
 log = logging.getLogger(__name__)
@@ -43,29 +46,42 @@ class RunOptions:
     max_num_batched_tokens: int | None = None
     prefix_cache: bool = True
     num_kv_blocks: int | None = None
+    kv_cache: KVCacheConfig = KVCacheConfig()  # --kv-cache-dtype / -free-gpu-memory-fraction / -bytes
+    step_timeout: float | None = None  # None: watchdog.default_step_timeout(device)
 
 
 def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu", cuda_graphs: bool = True,
-                 max_kv_blocks: int | None = None) -> tuple[EngineSpec, RankWorker]:
+                 max_kv_blocks: int | None = None, kv_cache: KVCacheConfig | None = None,
+                 step_timeout: float | None = None) -> tuple[EngineSpec, RankWorker]:
     """Join the launch's world and load this rank's engine (collectively: a
-    problem on any rank stops every rank with the same message)."""
+    problem on any rank stops every rank with the same message); with peers,
+    start the step watchdog (see workers/watchdog.py)."""
     world = world_from_launch()
     device = collective_call(world, lambda: resolve_device(device, world.rank))
     spec = collective_call(world, lambda: EngineSpec.read(engine_dir))
     collective_call(world, lambda: spec.check_world(world.size))
     groups = ParallelGroups.build(world, spec.mapping, device)
     started = time.perf_counter()
-    engine = load_rank_engine(spec, groups, device, verify, cuda_graphs, max_kv_blocks=max_kv_blocks)
+    engine = load_rank_engine(spec, groups, device, verify, cuda_graphs, max_kv_blocks=max_kv_blocks,
+                              kv_cache=kv_cache)
     log.info("loaded engine rank %d (tp_rank %d, pp_rank %d, layers %d-%d) on %s:%s pid %d in %.2f s",
              groups.mapping.rank, groups.mapping.tp_rank, groups.mapping.pp_rank, engine.model.layer_ids.start,
              engine.model.layer_ids.stop - 1, socket.gethostname(), device, os.getpid(), time.perf_counter() - started)
-    return spec, RankWorker(engine, groups)
+    worker = RankWorker(engine, groups)
+    if world.size > 1:
+        worker.watchdog = StepWatchdog(world, worker.progress, step_timeout or default_step_timeout(device))
+        worker.watchdog.start()
+    return spec, worker
 
 
 def run(opts: RunOptions) -> int:
-    spec, worker = start_worker(opts.engine, opts.verify, opts.device, max_kv_blocks=opts.num_kv_blocks)
+    spec, worker = start_worker(opts.engine, opts.verify, opts.device, max_kv_blocks=opts.num_kv_blocks,
+                                kv_cache=opts.kv_cache, step_timeout=opts.step_timeout)
     try:
-        code = _run_rank(opts, spec, worker)
+        with naming_lost_ranks(worker.watchdog, worker.groups.world.rank):
+            code = _run_rank(opts, spec, worker)
+    except RankLostError:
+        raise  # no orderly close with a peer gone: the job is aborted
     except DistInferError:
         worker.close()  # every rank got here in step (the error was collective): an orderly shutdown
         raise
@@ -82,7 +98,7 @@ def _run_rank(opts: RunOptions, spec: EngineSpec, worker: RankWorker) -> int:
     def prepare() -> list[Request]:
         nonlocal llm
         tokenizer = load_tokenizer(opts.engine)
-        llm = LLMEngine(worker, spec, tokenizer, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache))
+        llm = _RunEngine(worker, spec, tokenizer, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache))
         ids = tokenize(read_prompts(opts.prompts, opts.prompts_file), tokenizer, opts.chat_template)
         _warn_if_capped(ids, opts.max_new_tokens, spec.build.max_seq_len)
         return [Request(p, opts.max_new_tokens, _sampling(opts, i), tuple(opts.stop), opts.ignore_eos)
@@ -90,16 +106,62 @@ def _run_rank(opts: RunOptions, spec: EngineSpec, worker: RankWorker) -> int:
 
     # Rank 0 prepares; the other ranks are already in serve(), so a bad request
     # must still release them: stop them before re-raising.
+    interrupted = False
     try:
         requests = prepare()
-        completions = llm.generate(requests)
+        with sigterm_raises():
+            completions = llm.generate(requests)
     except DistInferError as exc:
         exc.collective = True  # stop() below releases the other ranks: no abort needed
         raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (scancel): the finished answers are not lost
+        interrupted = True
+        _report_interrupted(llm, opts.json_output, exc)
+        raise
     finally:
-        worker.stop()
+        # After an interrupt the other ranks may be inside the interrupted step: no orderly
+        # stop (it could wait forever); rank 0's non-zero exit makes the launcher end them.
+        if not interrupted:
+            worker.stop()
     _print(completions, opts.json_output)
     return 0
+
+
+class _RunEngine(LLMEngine):
+    """Keeps every request's state, finished ones included, so that an interrupted
+    run can still print the answers it finished."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: dict = {}
+
+    def step(self):
+        self.seen.update(self.requests)  # the engine forgets a request once it finishes
+        outputs = super().step()
+        for out in outputs:
+            if out.finished:
+                log.debug("request %s finished (%s)", out.request_id, out.finish_reason)
+        return outputs
+
+    def finished_so_far(self) -> tuple[list[Completion], int]:
+        """(the completions of finished requests, how many requests there were)"""
+        self.seen.update(self.requests)
+        done = [(int(rid.rsplit("-", 1)[1]), state) for rid, state in self.seen.items()
+                if state.finish_reason in ("stop", "length")]
+        return [self._completion(i, state) for i, state in sorted(done, key=lambda d: d[0])], len(self.seen)
+
+
+def _report_interrupted(llm: _RunEngine | None, as_json: bool, exc: KeyboardInterrupt) -> None:
+    """Print the answers finished before the interrupt, and say on stderr how many were lost."""
+    finished, total = llm.finished_so_far() if llm is not None else ([], 0)
+    _print(finished, as_json, numbered=total > 1)
+    lost = sorted(set(range(total)) - {c.index for c in finished})
+    if not total:
+        print(f"dist-infer run: interrupted ({exc or 'SIGINT'}) before generation started.", file=sys.stderr)
+        return
+    which = f" (prompts {', '.join(map(str, lost[:20]))}{' ...' if len(lost) > 20 else ''})" if lost else ""
+    print(f"dist-infer run: interrupted ({exc or 'SIGINT'}): printed the {len(finished)} answers finished so "
+          f"far; {len(lost)} of {total} prompts did not finish{which}. Run those again.", file=sys.stderr, flush=True)
 
 
 def _warn_if_capped(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int) -> None:
@@ -124,11 +186,12 @@ def _sampling(opts: RunOptions, index: int) -> SamplingParams:
     return SamplingParams(opts.temperature, opts.top_k, opts.top_p, seed)
 
 
-def _print(completions: list[Completion], as_json: bool) -> None:
+def _print(completions: list[Completion], as_json: bool, numbered: bool | None = None) -> None:
+    numbered = len(completions) > 1 if numbered is None else numbered
     for c in completions:
         if as_json:
             print(json.dumps(asdict(c)), flush=True)
-        elif len(completions) == 1:
+        elif not numbered:
             print(c.text if c.text is not None else " ".join(map(str, c.output_ids)), flush=True)
         else:
             body = c.text if c.text is not None else " ".join(map(str, c.output_ids))

@@ -23,9 +23,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dist_infer.config import KVCacheConfig
 from dist_infer.errors import LaunchError
 from dist_infer.log import launch_rank
 from dist_infer.workers.engine_loop import EngineAddresses, EngineLoop
+from dist_infer.workers.watchdog import naming_lost_ranks
 from dist_infer.workers.llm_engine import EngineOptions, LLMEngine
 from dist_infer.workers.run import start_worker
 
@@ -47,6 +49,8 @@ class ServeOptions:
     max_num_batched_tokens: int | None = None
     prefix_cache: bool = True
     num_kv_blocks: int | None = None
+    kv_cache: KVCacheConfig = KVCacheConfig()  # --kv-cache-dtype / -free-gpu-memory-fraction / -bytes
+    step_timeout: float | None = None  # None: watchdog.default_step_timeout(device)
     frontend: bool = True              # False: engine only (dist_infer.LLM connects to --ipc-dir)
     ipc_dir: Path | None = None
     frontend_args: list[str] = field(default_factory=list)
@@ -61,7 +65,13 @@ class ServeOptions:
 
 
 def serve(opts: ServeOptions) -> int:
-    spec, worker = start_worker(opts.engine, opts.verify, opts.device, max_kv_blocks=opts.num_kv_blocks)
+    spec, worker = start_worker(opts.engine, opts.verify, opts.device, max_kv_blocks=opts.num_kv_blocks,
+                                kv_cache=opts.kv_cache, step_timeout=opts.step_timeout)
+    with naming_lost_ranks(worker.watchdog, worker.groups.world.rank):
+        return _serve_rank(opts, spec, worker)
+
+
+def _serve_rank(opts: ServeOptions, spec, worker) -> int:
     if worker.groups.world.rank != 0:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -77,7 +87,7 @@ def serve(opts: ServeOptions) -> int:
     try:
         loop.run(should_stop=lambda: frontend is not None and frontend.poll() is not None)
     finally:
-        worker.stop()
+        engine.shutdown()  # the step in flight, then the other ranks
         loop.close()
     code = _stop_frontend(frontend)
     worker.close()

@@ -24,6 +24,7 @@ from dist_infer.comm.groups import ParallelGroups
 from dist_infer.engine.kv_cache import StepBatch
 from dist_infer.engine.runtime import RankEngine
 from dist_infer.engine.sampling import Logprobs, Sampler, SamplingParams
+from dist_infer.workers.watchdog import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class StepPlan:
 
 @dataclass
 class StepResult:
-    tokens: list[int]                   # one per sampling chunk, in plan order
+    tokens: list[int] | torch.Tensor    # one per sampling chunk, in plan order (on the device until delivered)
     logprobs: Logprobs | None = None    # for those chunks, when any of their sequences asked
     logits: torch.Tensor | None = None  # [B, V] float32 when the plan asked
     prompt_logprobs: Logprobs | None = None  # every chunk's prompt_targets, concatenated in plan order
@@ -71,6 +72,8 @@ class RankWorker:
         self.sampler = Sampler(engine.device) if self.mapping.rank == self.mapping.sampler_rank else None
         self.block_tables: dict[int, list[int]] = {}
         self.params: dict[int, SamplingParams] = {}  # every rank: rank 0 sizes the logprobs it receives
+        self.progress = StepProgress()  # read by the step watchdog's thread
+        self.watchdog = None  # a StepWatchdog when the rank has peers (workers/run.py: start_worker)
 
     def _apply(self, plan: StepPlan) -> None:
         for seq_id in plan.finished:
@@ -99,6 +102,19 @@ class RankWorker:
 
     def execute(self, plan: StepPlan) -> StepResult | None:
         """Run this rank's part of a step. Returns the result on rank 0 only."""
+        return self._finish(plan, self._start(plan))
+
+    def _start(self, plan: StepPlan) -> StepResult | None:
+        self.progress.begin()
+        return self._launch(plan)
+
+    def _finish(self, plan: StepPlan, launched: StepResult | None) -> StepResult | None:
+        result = self._deliver(plan, launched)
+        self.progress.end()
+        return result
+
+    def _launch(self, plan: StepPlan) -> StepResult | None:
+        """Queue this rank's part of a step on the device; the sampler rank's tokens stay there."""
         self._apply(plan)
         if not plan.chunks:
             return StepResult([]) if self.groups.world.rank == 0 else None
@@ -119,7 +135,7 @@ class RankWorker:
             prompt = self._prompt_logprobs(plan, out, last_rows)
             result = self._sample(plan, out if last_rows is None else out[last_rows])
             result.prompt_logprobs = prompt
-        return self._deliver(plan, result)
+        return result
 
     @staticmethod
     def _logit_rows(plan: StepPlan, batch: StepBatch) -> list[int] | None:
@@ -153,13 +169,15 @@ class RankWorker:
         tokens = self.sampler(sampled, [plan.chunks[i].seq_id for i in rows])
         width = self.logprobs_width(plan)
         logprobs = None if width is None else self.sampler.logprobs(sampled, tokens, width)
-        return StepResult(tokens.tolist(), logprobs, logits if plan.return_logits else None)
+        return StepResult(tokens, logprobs, logits if plan.return_logits else None)
 
     def _deliver(self, plan: StepPlan, result: StepResult | None) -> StepResult | None:
         """Tokens (and logprobs, logits if asked) from the sampler rank to rank 0."""
         world, src = self.groups.world, self.mapping.sampler_rank
+        if not plan.chunks:
+            return result  # nothing ran: rank 0 has its empty result already
         if src == 0:
-            return result
+            return self._on_host(result) if world.rank == 0 else None
         if world.rank == src:
             for t in self._result_tensors(result):
                 world.send(t.cpu().contiguous(), dst=0)
@@ -169,8 +187,18 @@ class RankWorker:
         return self._receive(plan, src)
 
     @staticmethod
+    def _on_host(result: StepResult) -> StepResult:
+        """Tokens as a list (the step's one wait for the device); logits copied out of the CUDA
+        graph's output buffer, which the next step overwrites while rank 0 reads this one."""
+        if isinstance(result.tokens, torch.Tensor):
+            result.tokens = result.tokens.tolist()
+        if result.logits is not None:
+            result.logits = result.logits.clone()
+        return result
+
+    @staticmethod
     def _result_tensors(result: StepResult) -> list[torch.Tensor]:
-        out = [torch.tensor(result.tokens, dtype=torch.int64)]
+        out = [torch.as_tensor(result.tokens, dtype=torch.int64).cpu()]
         if result.logprobs is not None:
             out += [result.logprobs.token, result.logprobs.top_ids, result.logprobs.top]
         if result.logits is not None:
@@ -208,8 +236,17 @@ class RankWorker:
 
     def step(self, plan: StepPlan) -> StepResult:
         """Rank 0: broadcast the plan and run it."""
+        return self.collect(plan, self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> StepResult | None:
+        """Rank 0: broadcast the plan and queue rank 0's part; `collect` waits for the result.
+        In between rank 0's host is free (the device runs the step)."""
         self.groups.world.broadcast_object(plan)
-        return self.execute(plan)
+        return self._start(plan)
+
+    def collect(self, plan: StepPlan, launched: StepResult | None) -> StepResult:
+        """Rank 0: the launched step's sampled tokens (and logprobs, logits), on the host."""
+        return self._finish(plan, launched)
 
     def stop(self) -> None:
         """Rank 0: release the other ranks from `serve`."""

@@ -176,30 +176,44 @@ def test_int8_error_is_at_most_half_a_step_per_channel():
 
 
 def test_int4_packs_two_per_byte_and_errs_at_most_half_a_step_per_group():
-    codes = torch.randint(-8, 8, (6, 64), dtype=torch.int8)
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (6, 64), dtype=torch.uint8)
     packed = quant.pack_int4(codes)
     assert packed.dtype == torch.uint8 and packed.shape == (6, 32)
     assert torch.equal(quant.unpack_int4(packed), codes)
-    assert packed[0, 0].item() == (codes[0, 0] + 8) | ((codes[0, 1] + 8) << 4)  # even column low nibble
+    assert packed[0, 0].item() == codes[0, 0] | (codes[0, 1] << 4)  # even column low nibble
 
     w = torch.randn(8, 128)
     w[:, 32:64] *= 100  # one group of large values must not coarsen the others
-    w[3, :32] = 0
-    q, scales = quant.quantize_int4(w, 32)
-    assert q.shape == (8, 64) and scales.shape == (8, 4)
+    w[3, :32] = 0.25    # a constant group is exact
+    w[4, 64:96] = w[4, 64:96].abs() + 3  # an all-positive group uses all 16 codes too
+    q, scales, offsets = quant.quantize_int4(w, 32)
+    assert q.shape == (8, 64) and scales.shape == offsets.shape == (8, 4) and (scales > 0).all()
     groups = w.reshape(8, 4, 32)
-    err = (quant.dequantize_int4(q, scales) - w).reshape(8, 4, 32)
-    step = scales.abs()[..., None]
-    # Values inside the codes' range [-8, 7] x scale round to the nearest code; a clipped value
-    # (the scale search may clip) errs by more, but each group's squared error is at most that
-    # of plain absmax / 7 scaling, the first candidate.
-    inside = (groups / scales[..., None] >= -8.5) & (groups / scales[..., None] <= 7.5)
-    assert (err.abs()[inside] <= step.expand_as(err)[inside] / 2 + 1e-5).all()
-    plain = groups.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 7
-    plain_err = (torch.round(groups / plain).clamp(-8, 7) * plain - groups).square().sum(-1)
+    err = (quant.dequantize_int4(q, scales, offsets) - w).reshape(8, 4, 32)
+    # A value inside its group's grid [offset, offset + 15 scale] rounds to the nearest code; a
+    # clipped one errs by more, but each group's squared error is at most plain min/max's.
+    pos = (groups - offsets[..., None]) / scales[..., None]
+    inside = (pos >= -0.5) & (pos <= 15.5)
+    assert (err.abs()[inside] <= scales[..., None].expand_as(err)[inside] / 2 + 1e-5).all()
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = ((hi - lo) / 15).clamp_min(1e-30)
+    plain_err = (torch.round((groups - lo) / step).clamp(0, 15) * step + lo - groups).square().sum(-1)
     assert (err.square().sum(-1) <= plain_err + 1e-6).all()
-    assert err[:, 0].abs().max() < 0.3  # a group of N(0, 1) values: absmax ~2.5, step ~0.36
-    assert (err[3, 0] == 0).all() and (quant.unpack_int4(q)[3, :32] == 0).all()
+    assert err[:, 0].abs().max() < 0.4  # a group of N(0, 1) values: range ~5, step ~0.33 (clipped: more)
+    assert (err[3, 0] == 0).all() and err[4, 2].abs().max() < 0.2
+
+
+def test_int4_is_exact_on_a_grid_of_16_levels_per_group():
+    """Weights that already lie on an asymmetric 4-bit grid per group (a GGUF Q4_1 or AWQ
+    checkpoint dequantized) come back exactly: SmolLM2's g32 quality is the source's."""
+    codes = torch.randint(0, 16, (4, 64))
+    codes[:, 0], codes[:, 32], codes[:, 1], codes[:, 33] = 0, 0, 15, 15  # every group spans its grid
+    scale = torch.rand(4, 2) + 0.1
+    low = torch.randn(4, 2)
+    w = (codes.reshape(4, 2, 32) * scale[..., None] + low[..., None]).reshape(4, 64)
+    q, scales, offsets = quant.quantize_int4(w, 32)
+    torch.testing.assert_close(quant.dequantize_int4(q, scales, offsets), w, rtol=0, atol=1e-6)
 
 
 def test_fp8_error_is_relative_to_each_value():
@@ -251,9 +265,13 @@ def test_tp_shards_are_slices_of_the_unsharded_quantized_weights(engines, mode):
             assert torch.equal(raw(part[f"{name}.qweight"]), raw(q[:, rank * cols:(rank + 1) * cols]))
             want = scales if scales.ndim == 1 else scales[:, rank * scales.shape[1] // 2:(rank + 1) * scales.shape[1] // 2]
             assert torch.equal(part[f"{name}.scales"], want), name
+            if mode == "int4_wo":
+                offsets = full[f"{name}.offsets"]
+                half = offsets.shape[1] // 2
+                assert torch.equal(part[f"{name}.offsets"], offsets[:, rank * half:(rank + 1) * half]), name
         gate_up = "layers.1.mlp.gate_up_proj"  # [gate; up] rows, each split over tp
         rows = [slice(h * 128 + rank * 64, h * 128 + (rank + 1) * 64) for h in range(2)]
-        for t in ("qweight", "scales"):
+        for t in ("qweight", "scales", "offsets")[:3 if mode == "int4_wo" else 2]:
             want = torch.cat([full[f"{gate_up}.{t}"][r] for r in rows])
             assert torch.equal(raw(part[f"{gate_up}.{t}"]), raw(want))
 
@@ -442,8 +460,9 @@ def test_random_weight_engine_quantized(mode, tmp_path):
     out = build_random_engine("tiny-llama", tmp_path / "e", 2, 1, build_cfg, with_tokenizer=False, device="cpu")
     weights = load_file(out / rank_weights_file(1))
     dequantize = {"int8_wo": quant.dequantize_int8, "int4_wo": quant.dequantize_int4, "fp8": quant.dequantize_fp8}[mode]
-    w = dequantize(weights["layers.0.mlp.down_proj.qweight"], weights["layers.0.mlp.down_proj.scales"])
-    assert 0.019 < w.std().item() < 0.021
+    params = ("qweight", "scales", "offsets")[:3 if mode == "int4_wo" else 2]
+    w = dequantize(*(weights[f"layers.0.mlp.down_proj.{p}"] for p in params))
+    assert 0.019 < w.std().item() < 0.021 and abs(w.mean().item()) < 0.002
     load_stage(out, 1, SimpleNamespace(rank=1, size=2))  # the file's tensors are exactly the model's
 
 

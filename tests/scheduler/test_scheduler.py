@@ -10,8 +10,8 @@ from dist_infer.scheduler import BlockManager, Scheduler, SchedulerConfig, Seque
 BS = 4
 
 
-def _sched(blocks=64, seqs=8, tokens=64, max_len=64, prefix=True) -> Scheduler:
-    return Scheduler(SchedulerConfig(seqs, tokens, max_len), BlockManager(blocks, BS, prefix))
+def _sched(blocks=64, seqs=8, tokens=64, max_len=64, prefix=True, decode_step=None) -> Scheduler:
+    return Scheduler(SchedulerConfig(seqs, tokens, max_len, decode_step), BlockManager(blocks, BS, prefix))
 
 
 def _add(s: Scheduler, seq_id: int, n: int, first_token: int = 0) -> Sequence:
@@ -33,6 +33,8 @@ def test_config_validated():
         SchedulerConfig(8, 4, 64)
     with pytest.raises(ValueError, match="max_model_len"):
         SchedulerConfig(1, 4, 0)
+    with pytest.raises(ValueError, match="max_decode_step_tokens"):
+        SchedulerConfig(1, 4, 8, 0)
 
 
 def test_prefill_then_decode_with_block_deltas():
@@ -66,6 +68,33 @@ def test_chunked_prefill_under_budget_keeps_decodes_running():
         _run(s, out)
     assert seen == [[(1, 0, 7, False)], [(1, 7, 7, False)], [(1, 14, 6, True)], [(1, 20, 1, True)]]
     assert b.num_computed == 21
+
+
+def test_decode_step_cap_spreads_a_burst_of_prompts_over_graph_sized_steps():
+    s = _sched(seqs=8, tokens=64, max_len=128, decode_step=16)
+    first = _add(s, 0, 3)
+    _run(s, s.schedule())                                 # nothing decoded: the whole budget is open
+    burst = [_add(s, i, 12) for i in range(1, 5)]         # 48 prompt tokens arrive at once
+    sizes = []
+    while any(seq.num_computed < 12 for seq in burst):
+        out = s.schedule()
+        decodes = [c for c in out.chunks if c.start >= c.seq.num_prompt_tokens]
+        assert first in [c.seq for c in decodes] and out.num_tokens <= 16
+        sizes.append(out.num_tokens)
+        _run(s, out)
+    assert sizes[0] == 16 and len(sizes) >= 4                # 1 decode + 15 prompt tokens per step
+
+
+def test_decode_step_cap_leaves_a_prefill_floor_and_is_open_without_decodes():
+    s = _sched(seqs=8, tokens=64, max_len=128, decode_step=4)
+    for i in range(4):
+        _add(s, i, 2)
+    out = s.schedule()
+    assert out.num_tokens == 8                            # prompts alone: max_num_batched_tokens
+    _run(s, out)                                          # all 4 decode from now on
+    late = _add(s, 9, 10)
+    out = s.schedule()
+    assert [c.num_tokens for c in out.chunks if c.seq is late] == [BS]  # 4 decodes fill the cap; one block more
 
 
 def test_max_num_seqs_limits_admission():

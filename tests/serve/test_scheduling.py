@@ -187,14 +187,16 @@ def _is_rank(pid: int, rank: int) -> bool:
 
 
 def test_idle_server_outlives_the_collective_timeout(tiny):
-    """gloo ranks with a 4 s collective timeout, idle for 9 s: the empty keepalive steps
-    keep them inside it, and the next request is answered."""
+    """gloo ranks with a 4 s collective timeout and a 3 s step watchdog, idle for 9 s: the
+    empty keepalive steps keep them inside the collective timeout, the watchdog's beacons
+    flow while they wait, and the next request is answered."""
     from .server import free_port
 
     engine, _ = tiny
     env = {"DIST_INFER_COMM": "gloo", "DIST_INFER_GLOO_TIMEOUT": "4", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
-    srv = Server(engine(2, 1), 2, "--served-model-name", "tiny", "--keepalive", "1", env=env).wait_healthy()
+    srv = Server(engine(2, 1), 2, "--served-model-name", "tiny", "--keepalive", "1", "--step-timeout", "3",
+                 env=env).wait_healthy()
     try:
         time.sleep(9)
         r = httpx.post(f"{srv.url}/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 3},

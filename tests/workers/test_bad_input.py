@@ -222,8 +222,9 @@ def assert_refused(proc, *words):
     (["--device", "tpu"], ["argument --device", "unknown device 'tpu'", "use cpu or cuda"]),
     (["--stop", ""], ["argument --stop", "empty stop string"]),
     (["--prompt", "hi", "--prompt", "  "], ["prompt 1 (--prompt number 2) is empty"]),
+    (["--step-timeout", "0"], ["argument --step-timeout", "must be a positive number of seconds"]),
 ], ids=["negative-temperature", "nan-temperature", "top-p-2", "top-p-0", "negative-top-k", "max-new-tokens-0",
-        "kv-blocks-0", "device-tpu", "empty-stop", "empty-prompt"])
+        "kv-blocks-0", "device-tpu", "empty-stop", "empty-prompt", "step-timeout-0"])
 def test_bad_run_arguments_refused_at_parse_time(tmp_path, args, words):
     proc = run_cli("run", "--engine", str(tmp_path / "never-read"), *args, timeout=30)
     assert_refused(proc, *words)

@@ -97,3 +97,32 @@ def test_unseeded_requests_get_distinct_streams(worker):
     params = SamplingParams(temperature=1.0)
     outs = engine.generate([Request(PROMPTS[0], 12, params, ignore_eos=True)] * 2)
     assert outs[0].output_ids != outs[1].output_ids
+
+
+@pytest.fixture(scope="module")
+def text_worker(tmp_path_factory):
+    """tiny-llama with the embedded SmolLM2 tokenizer: requests with stop strings."""
+    out = tmp_path_factory.mktemp("llm-engine-text") / "engine"
+    build_random_engine("tiny-llama", out, build=BuildConfig(dtype="float32", max_batch_size=4, max_seq_len=64,
+                                                             kv_block_size=4), device="cpu")
+    spec = EngineSpec.read(out)
+    groups = ParallelGroups.build(LocalCommunicator(), spec.mapping)
+    from transformers import AutoTokenizer
+    return spec, RankWorker(load_rank_engine(spec, groups, "cpu"), groups), AutoTokenizer.from_pretrained(out)
+
+
+def test_a_stop_string_found_while_the_next_step_runs_ends_the_request_exactly(text_worker):
+    spec, w, tokenizer = text_worker
+    prompts = [[40, 41, 42, 43], [50, 51]]
+    plain = LLMEngine(w, spec, tokenizer).generate([Request(p, 24, ignore_eos=True) for p in prompts])
+    text = plain[0].text
+    stop = next(text[i:i + 3] for i in range(4, len(text) - 3) if text[i:i + 3].strip() and text.find(text[i:i + 3]) == i)
+    engine = LLMEngine(w, spec, tokenizer)
+    engine.add_request("stopped", Request(prompts[0], 24, stop=(stop,), ignore_eos=True))
+    engine.add_request("other", Request(prompts[1], 24, ignore_eos=True))
+    outs = _run(engine)
+    stopped = outs["stopped"]
+    assert "".join(o.new_text for o in stopped) == text[:text.index(stop)]
+    assert stopped[-1].finish_reason == "stop" and [o.finished for o in stopped].count(True) == 1
+    assert [t for o in outs["other"] for t in o.new_token_ids] == plain[1].output_ids  # its neighbour unharmed
+    assert engine.blocks.usage == 0.0 and not engine.requests and not engine.has_unfinished()
