@@ -9,6 +9,7 @@ over) / step time / device copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -26,7 +27,7 @@ from dist_infer.engine.model import StageModel
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import LaunchError
-from dist_infer.presets import PRESETS
+from dist_infer.presets import PRESETS, preset_hf_config
 from dist_infer.workers.llm_engine import EngineOptions, LLMEngine, Request
 from dist_infer.workers.worker import RankWorker
 
@@ -108,7 +109,8 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     if engine_dir is not None:  # a built engine (e.g. the one `serve` is measured on)
         spec = collective_call(world, lambda: EngineSpec.read(engine_dir))
         collective_call(world, lambda: spec.check_world(world.size))
-        hf_config, model_cfg, dtype, preset = None, spec.model, spec.build.dtype, str(engine_dir)
+        hf_config = engine_hf_config(engine_dir, spec.model.vocab_size) if baseline == "hf" else None
+        model_cfg, dtype, preset = spec.model, spec.build.dtype, str(engine_dir)
         tp, pp = spec.mapping.tp, spec.mapping.pp
         groups = ParallelGroups.build(world, spec.mapping, str(device))
         engine = load_rank_engine(spec, groups, str(device), verify=False, cuda_graphs=cuda_graphs, kv_cache=kv_cache)
@@ -199,14 +201,39 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
                       mbu=f"{r.mbu:.3f}", **{"copy_bw(gb/s)": f"{bandwidth / 1e9:.0f}",
                                              "gpu_step_p50(ms)": f"{r.gpu_step_ms:.3f}"})
         if r.batch in hf_results:
-            hf_tps = hf_results[r.batch]
-            fields.update(hf_tokens_per_sec=f"{hf_tps:.2f}", speedup_vs_hf=f"{r.tokens / r.latency_s / hf_tps:.2f}")
+            fields.update(hf_fields(hf_results[r.batch], r.tokens / r.latency_s, r.latency_s, peak_gb))
         print(bench_line(**fields), flush=True)
     return 0
 
 
-def hf_baseline(hf_config, batch_sizes, input_len, output_len, dtype, device) -> dict[int, float]:
-    """transformers `generate` (eager, default cache) on the same shapes and GPU: tokens/s per batch size."""
+@dataclass
+class HFResult:
+    tokens_per_sec: float
+    latency_s: float   # the whole generate call: prompt and every new token
+    peak_gb: float     # torch's peak allocation during it, the weights included
+
+
+def hf_fields(hf: HFResult, tokens_per_sec: float, latency_s: float, peak_gb: float) -> dict[str, str]:
+    """The baseline's columns of a [BENCHMARK] line, and how much less latency and memory ours takes."""
+    return {"hf_tokens_per_sec": f"{hf.tokens_per_sec:.2f}", "speedup_vs_hf": f"{tokens_per_sec / hf.tokens_per_sec:.2f}",
+            "hf_latency(ms)": f"{hf.latency_s * 1e3:.2f}", "hf_gpu_peak_mem(gb)": f"{hf.peak_gb:.2f}",
+            "latency_reduction_vs_hf": f"{1 - latency_s / hf.latency_s:.3f}",
+            "peak_mem_reduction_vs_hf": f"{1 - peak_gb / hf.peak_gb:.3f}"}
+
+
+def engine_hf_config(engine_dir: Path, vocab_size: int):
+    """The transformers config of a random-weights engine: its preset at the engine's vocabulary."""
+    meta = json.loads((Path(engine_dir) / "engine.json").read_text()).get("random_weights")
+    if not meta:
+        raise LaunchError(f"--baseline hf with --engine needs a random-weights engine (`dist-infer build "
+                          f"--random-weights PRESET`); {engine_dir} was built from a checkpoint. Measure "
+                          "transformers on that checkpoint yourself, or drop --baseline.")
+    return preset_hf_config(meta["preset"], vocab_size=vocab_size)
+
+
+def hf_baseline(hf_config, batch_sizes, input_len, output_len, dtype, device) -> dict[int, HFResult]:
+    """transformers `generate` (eager, default cache) on the same shapes and GPU: tokens/s, latency and
+    peak GPU memory per batch size."""
     from transformers import LlamaForCausalLM
 
     with torch.device(device):
@@ -219,12 +246,15 @@ def hf_baseline(hf_config, batch_sizes, input_len, output_len, dtype, device) ->
         with torch.inference_mode():
             model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})
             torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             res = model.generate(ids, **kwargs)
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-        out[batch] = batch * (res.shape[1] - input_len) / seconds
-        log.info("HF generate batch %d: %.1f tok/s", batch, out[batch])
+        out[batch] = HFResult(batch * (res.shape[1] - input_len) / seconds, seconds,
+                              torch.cuda.max_memory_allocated(device) / 1e9)
+        log.info("HF generate batch %d: %.1f tok/s, %.0f ms, peak %.2f GB", batch, out[batch].tokens_per_sec,
+                 seconds * 1e3, out[batch].peak_gb)
     del model
     torch.cuda.empty_cache()
     return out

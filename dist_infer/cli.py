@@ -360,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     k.add_argument("--baseline", choices=["hf"], help="also run transformers generate on rank 0's GPU")
     k.add_argument("--no-cuda-graphs", action="store_true")
-    k.add_argument("--engine", help="measure this built engine instead of a random-weight preset (no --baseline)")
+    k.add_argument("--engine", help="measure this built engine instead of a random-weight preset (--baseline hf: "
+                                    "a random-weights engine, against transformers at its preset and vocabulary)")
     _kv_cache_args(k)
     k.set_defaults(func=_bench)
 
