@@ -9,6 +9,7 @@ over) / step time / device copy bandwidth measured in the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -99,9 +100,63 @@ def bench_line(**fields) -> str:
     return "[BENCHMARK] " + " ".join(f"{k} {v}" for k, v in fields.items())
 
 
+@dataclass(frozen=True)
+class MaxLoad:
+    """trtllm-bench's throughput mode: every request submitted at once, the running batch as large
+    as `max_batch` and the KV pool allow, steps of at most `max_num_batched_tokens` tokens."""
+    num_requests: int
+    max_batch: int | None = None  # None: the engine's max batch size
+    max_num_batched_tokens: int = 8192
+
+
+@dataclass
+class MaxLoadResult:
+    num_requests: int
+    max_batch: int
+    wall_s: float          # from submitting every request to the last token
+    output_tokens: int
+    ttft_s: list[float]    # per request, from the common submission
+    steps: int
+
+
+def max_load_requests(num: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0) -> list[Request]:
+    """Random prompts (no shared prefixes), every answer exactly `output_len` tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    return [Request(torch.randint(0, vocab_size, (input_len,), generator=gen).tolist(), output_len, SamplingParams(),
+                    ignore_eos=True) for _ in range(num)]
+
+
+def run_max_load(llm: LLMEngine, requests: list[Request]) -> MaxLoadResult:
+    """One short warm-up pass (compiles the eager prefill shapes), then every request at once."""
+    max_batch = llm.scheduler.config.max_num_seqs
+    llm.generate([dataclasses.replace(r, max_new_tokens=4) for r in requests[:max_batch]])
+    t0 = time.perf_counter()
+    completions = llm.generate(requests)
+    wall = time.perf_counter() - t0
+    return MaxLoadResult(len(requests), max_batch, wall, sum(len(c.output_ids) for c in completions),
+                         [c.first_token_s for c in completions], len(llm.step_times))
+
+
+def max_load_fields(r: MaxLoadResult) -> dict[str, str]:
+    """The [BENCHMARK] columns of a max-load case: output tokens/s end to end, requests/s, TTFT."""
+    return {"num_requests": str(r.num_requests), "max_batch_size": str(r.max_batch), "steps": str(r.steps),
+            "tokens_per_sec": f"{r.output_tokens / r.wall_s:.2f}", "requests_per_sec": f"{r.num_requests / r.wall_s:.3f}",
+            "total_generated_tokens": str(r.output_tokens), "wall_time(s)": f"{r.wall_s:.3f}",
+            "ttft_p50(ms)": f"{_percentile(r.ttft_s, 50) * 1e3:.1f}",
+            "ttft_p99(ms)": f"{_percentile(r.ttft_s, 99) * 1e3:.1f}"}
+
+
+def check_max_load(max_load: MaxLoad | None, engine_max_batch: int) -> None:
+    if max_load and max_load.max_batch and max_load.max_batch > engine_max_batch:
+        raise LaunchError(f"--max-batch-size {max_load.max_batch} is above the engine's max batch size "
+                          f"({engine_max_batch}); rebuild it with `dist-infer build --max-batch-size "
+                          f"{max_load.max_batch}`, or ask for at most {engine_max_batch}.")
+
+
 def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: int, output_len: int,
               dtype: str = "bfloat16", baseline: str | None = None, cuda_graphs: bool = True,
-              warmup: int = 1, engine_dir: Path | None = None, kv_cache: KVCacheConfig | None = None) -> int:
+              warmup: int = 1, engine_dir: Path | None = None, kv_cache: KVCacheConfig | None = None,
+              max_load: MaxLoad | None = None) -> int:
     world = world_from_launch()
     device = torch.device(collective_call(world, lambda: resolve_device("cuda", world.rank)))
     torch.cuda.set_device(device)
@@ -109,6 +164,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     if engine_dir is not None:  # a built engine (e.g. the one `serve` is measured on)
         spec = collective_call(world, lambda: EngineSpec.read(engine_dir))
         collective_call(world, lambda: spec.check_world(world.size))
+        collective_call(world, lambda: check_max_load(max_load, spec.build.max_batch_size))
         hf_config = engine_hf_config(engine_dir, spec.model.vocab_size) if baseline == "hf" else None
         model_cfg, dtype, preset = spec.model, spec.build.dtype, str(engine_dir)
         tp, pp = spec.mapping.tp, spec.mapping.pp
@@ -122,7 +178,8 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         hf_config = preset_config(preset)
         model_cfg = ModelConfig.from_hf(hf_config)
         check_layout(model_cfg, tp, pp)
-        build = BuildConfig(dtype=dtype, max_batch_size=max(batch_sizes),
+        max_batch = (max_load.max_batch or 512) if max_load else max(batch_sizes)
+        build = BuildConfig(dtype=dtype, max_batch_size=max_batch,
                             max_seq_len=input_len + output_len + 16, kv_block_size=16)
         spec = EngineSpec(directory=None, model=model_cfg, mapping=mapping, build=build,
                           vocab_size_padded=-(-model_cfg.vocab_size // tp) * tp, files={})
@@ -148,6 +205,11 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     engine_kv_dtype, kv_blocks = str(engine.cache.storage_dtype).removeprefix("torch."), engine.cache.num_blocks
     kv_bytes_per_token = 2 * len(engine.model.layer_ids) * engine.cache.k.shape[2] * model_cfg.head_dim * \
         engine.cache.k.element_size()
+    if max_load:
+        row = dict(model_name=preset, world_size=world.size, tp=tp, pp=pp, precision=dtype,
+                   quant=spec.build.quant or "none", kv_cache_dtype=engine_kv_dtype, kv_cache_blocks=kv_blocks,
+                   input_length=input_len, output_length=output_len)
+        return _bench_max_load(worker, spec, max_load, row, model_cfg.vocab_size, device)
     # As before the step-wise engine: every prompt prefilled in one step, no prefix reuse between repeats.
     options = EngineOptions(max_num_batched_tokens=max(batch_sizes) * input_len, enable_prefix_caching=False)
     llm = LLMEngine(worker, spec, options=options)
@@ -203,6 +265,23 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         if r.batch in hf_results:
             fields.update(hf_fields(hf_results[r.batch], r.tokens / r.latency_s, r.latency_s, peak_gb))
         print(bench_line(**fields), flush=True)
+    return 0
+
+
+def _bench_max_load(worker: RankWorker, spec: EngineSpec, max_load: MaxLoad, row: dict, vocab_size: int,
+                    device: torch.device) -> int:
+    # Throughput, not inter-token latency: steps that decode may take prefill chunks up to the whole
+    # token budget (eager past the largest mixed CUDA graph), as trtllm-bench's max_num_tokens does.
+    tokens = max_load.max_num_batched_tokens
+    options = EngineOptions(tokens, False, max_decode_step_tokens=tokens, max_num_seqs=max_load.max_batch)
+    llm = LLMEngine(worker, spec, options=options)
+    torch.cuda.reset_peak_memory_stats(device)
+    requests = max_load_requests(max_load.num_requests, row["input_length"], row["output_length"], vocab_size)
+    result = run_max_load(llm, requests)
+    llm.shutdown()
+    worker.close()
+    peak = {"gpu_peak_mem(gb)": f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f}"}
+    print(bench_line(**row, **max_load_fields(result), **peak), flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from dist_infer.errors import CheckpointError, DistInferError
+from dist_infer.errors import CheckpointError, DistInferError, LaunchError
 
 log = logging.getLogger("dist_infer")
 
@@ -96,7 +96,20 @@ def _bench(args) -> int:
 
     return run_bench(args.model, args.tp, args.pp, args.batch_size, args.input_len, args.output_len,
                      dtype=args.dtype, baseline=args.baseline, cuda_graphs=not args.no_cuda_graphs,
-                     engine_dir=Path(args.engine) if args.engine else None, kv_cache=_kv_cache_config(args))
+                     engine_dir=Path(args.engine) if args.engine else None, kv_cache=_kv_cache_config(args),
+                     max_load=_max_load(args))
+
+
+def _max_load(args):
+    from dist_infer.bench import MaxLoad
+
+    if args.num_requests is None:
+        if args.max_batch_size is not None:
+            raise LaunchError("--max-batch-size sizes the max-load run; add --num-requests N.")
+        return None
+    if args.baseline:
+        raise LaunchError("--baseline hf compares fixed batches; drop it with --num-requests (max-load mode).")
+    return MaxLoad(args.num_requests, args.max_batch_size, args.max_num_batched_tokens)
 
 
 def _kv_cache_config(args):
@@ -363,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--engine", help="measure this built engine instead of a random-weight preset (--baseline hf: "
                                     "a random-weights engine, against transformers at its preset and vocabulary)")
     _kv_cache_args(k)
+    k.add_argument("--num-requests", type=_int_at_least(1), default=None, metavar="N",
+                   help="max-load mode (trtllm-bench's throughput run): submit N requests of --input-len/--output-len "
+                        "at once and report end-to-end output tokens/s and TTFT; --batch-size is then unused")
+    k.add_argument("--max-batch-size", type=_int_at_least(1), default=None, metavar="B",
+                   help="with --num-requests: sequences in the running batch (default: the engine's max batch "
+                        "size; presets are built for 512)")
+    k.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=8192, metavar="T",
+                   help="with --num-requests: tokens in one step, prefill chunks and decodes together")
     k.set_defaults(func=_bench)
 
     la = sub.add_parser("launch", help="start a job from a cluster file (clusters/*.yaml): mpirun, sbatch or Ray",

@@ -34,7 +34,7 @@ StepFn = Callable[[torch.Tensor, StepBatch], torch.Tensor]
 
 
 def default_buckets(max_batch: int) -> list[int]:
-    buckets = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b < max_batch]
+    buckets = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768) if b < max_batch]
     return buckets + [max_batch]
 
 

@@ -56,6 +56,7 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     # Tokens in a step that decodes. None: the largest step a CUDA graph replays (uncapped without graphs).
     max_decode_step_tokens: int | None = None
+    max_num_seqs: int | None = None  # sequences in the running batch (None: the engine's max batch size)
 
 
 @dataclass
@@ -145,7 +146,8 @@ class LLMEngine:
         tokens = options.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, build.max_batch_size)
         try:
             decode_step = options.max_decode_step_tokens or mixed_graph_tokens(worker.engine)
-            config = SchedulerConfig(build.max_batch_size, tokens, build.max_seq_len, decode_step)
+            seqs = min(options.max_num_seqs or build.max_batch_size, build.max_batch_size)
+            config = SchedulerConfig(seqs, tokens, build.max_seq_len, decode_step)
         except ValueError as exc:
             raise RequestError(f"--max-num-batched-tokens: {exc}") from exc
         self.blocks = BlockManager(worker.engine.cache.num_blocks, build.kv_block_size, options.enable_prefix_caching)
