@@ -73,16 +73,23 @@ def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, s
              mask=(g < GROUP)[:, None] & dmask[None, :])
 
 
+# (BLOCK_N, num_warps, num_stages) of the decode kernel per KV element size in bytes.
+DECODE_LAUNCH = {2: (64, 4, 2), 1: (64, 4, 2)}  # scripts/tune_decode_attention.py measures others
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, page: int, scale: float,
                            sliding_window: int | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, launch: tuple[int, int, int] | None = None
+                           ) -> torch.Tensor:
     """q [B, heads, hd]; k/v_cache [slots, kv_heads, hd] (q's dtype, or FP8 with k/v_scale:
-    one-element float32 tensors, real = stored * scale) -> [B, heads, hd]."""
+    one-element float32 tensors, real = stored * scale) -> [B, heads, hd]. `launch`: (BLOCK_N,
+    num_warps, num_stages), default DECODE_LAUNCH's for the cache's element size."""
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
+    block_n, warps, stages = launch or DECODE_LAUNCH[k_cache.element_size()]
     _paged_decode_kernel[(batch, kv_heads)](
         q, k_cache, v_cache, out, block_tables, context_lens, *_scale_args(k_cache, k_scale, v_scale), scale,
         sliding_window or 0,
@@ -90,7 +97,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
-        BLOCK_N=64, HAS_WINDOW=sliding_window is not None, KV_SCALED=k_scale is not None, num_warps=4, num_stages=2)
+        BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, KV_SCALED=k_scale is not None, num_warps=warps,
+        num_stages=stages)
     return out
 
 

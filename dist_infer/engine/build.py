@@ -2,7 +2,10 @@
 
 Each rank builds only its own engine from its own shard, streaming one
 tensor at a time (fuse q/k/v and gate/up, cast to the build dtype or quantize
-linear weights with `--quant`, engine/quant.py). Launched as one process per rank under
+linear weights with `--quant`, engine/quant.py). A checkpoint partitioned from a
+pre-quantized model (AWQ/GPTQ -> int4_wo, FP8 -> fp8; partition/prequantized.py)
+already holds its linears in the engine's form: the build adopts its mode and only
+concatenates them. Launched as one process per rank under
 mpirun, or as a single process that builds every rank in turn. The engine is
 assembled in a hidden temp directory and renamed into place by rank 0 once
 every rank has succeeded.
@@ -14,6 +17,7 @@ every rank has succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,11 +31,11 @@ import torch
 
 from dist_infer import __version__
 from dist_infer.comm.base import Communicator, collective_call
-from dist_infer.config import BuildConfig, Mapping, ModelConfig, QuantConfig
+from dist_infer.config import DEFAULT_QUANT_GROUP_SIZE, BuildConfig, Mapping, ModelConfig, QuantConfig
 from dist_infer.engine.layers import RowParallelLinear
 from dist_infer.engine.model import StageModel
 from dist_infer.engine.quant import check_quant_layout
-from dist_infer.errors import EngineError, LaunchError
+from dist_infer.errors import EngineError, LaunchError, LayoutError
 from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
 from dist_infer.partition.checkpoint import PartitionedCheckpoint
 from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, file_sha256
@@ -125,6 +129,9 @@ def engine_tensors(model: StageModel, source: RankSource, dtype: torch.dtype) ->
 
 
 def _linear_weight(prefix: str, module, method, source: RankSource, dtype: torch.dtype):
+    if _is_prequantized(prefix, source):
+        yield from _prequantized_weight(prefix, module, method, source)
+        return
     names = hf_sources(prefix, "weight", source.names)
     w = source.read(names)  # [out_local, in_local], the checkpoint's dtype
     row_absmax = None
@@ -132,6 +139,45 @@ def _linear_weight(prefix: str, module, method, source: RankSource, dtype: torch
         row_absmax = source.row_absmax(names[0], w)  # scales of the whole row, as at tp=1
     for param, t in method.quantize(w, dtype, row_absmax).items():
         yield f"{prefix}.{param}", t
+
+
+def _row_absmax_peers(model: StageModel, names: set[str]) -> list[int]:
+    """The TP peers whose shards this rank reads. Only per-channel scales of row-parallel weights
+    that the build quantizes need them (their rows' absmax); a dense, group-wise or pre-quantized
+    build reads its own shard alone (node-local storage works)."""
+    quantizes_rows = any(n.endswith(("o_proj.weight", "down_proj.weight")) for n in names)
+    if not (quantizes_rows and _needs_row_absmax(model)):
+        return []
+    return [r for r in model.mapping.tp_group_ranks if r != model.mapping.rank]
+
+
+def _is_prequantized(prefix: str, source: RankSource) -> bool:
+    """Whether the rank file holds this decoder linear already quantized (in the engine's form)."""
+    return prefix.startswith("layers.") and hf_sources(prefix, "qweight", source.names)[0] in source.names
+
+
+def _prequantized_weight(prefix: str, module, method, source: RankSource):
+    """q/k/v (gate/up) concatenated along the outputs as they are: qweight [out, ...] keeps its
+    codes, scales and offsets are cast to the engine's dtype for them (the skeleton's)."""
+    for param in method.params:
+        want = getattr(module, param)  # a meta tensor with the engine's dtype and shape
+        yield f"{prefix}.{param}", source.read(hf_sources(prefix, param, source.names)).to(want.dtype)
+
+
+def adopt_checkpoint_quantization(build_config: BuildConfig, quantization: dict | None) -> BuildConfig:
+    """A pre-quantized checkpoint fixes the build's mode (and INT4 group size); --quant may only repeat it."""
+    if not quantization:
+        return build_config
+    mode, group = quantization["mode"], quantization.get("group_size") or build_config.quant_group_size
+    source = f"its linear layers are pre-quantized ({quantization.get('format')}), which build as --quant {mode}"
+    if build_config.quant not in (None, mode):
+        raise LayoutError(f"--quant {build_config.quant} conflicts with the checkpoint: {source} without "
+                          f"requantizing. Drop --quant (or pass --quant {mode}); for {build_config.quant}, partition "
+                          "an unquantized copy of the model and build that with --quant.")
+    if build_config.quant_group_size not in (DEFAULT_QUANT_GROUP_SIZE, group) and mode == "int4_wo":
+        raise LayoutError(f"--quant-group-size {build_config.quant_group_size} conflicts with the checkpoint: {source} "
+                          f"with groups of {group} inputs, fixed when it was quantized. Drop --quant-group-size.")
+    return dataclasses.replace(build_config, quant=mode, quant_group_size=group)
 
 
 def _needs_row_absmax(model: StageModel) -> bool:
@@ -146,11 +192,9 @@ def build_rank(ckpt: PartitionedCheckpoint, rank: int, directory: Path, build_co
     path = directory / rank_weights_file(rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     specs = engine_tensor_specs(model)
-    # Only per-channel scales of row-parallel weights need the TP peers' shards (their rows'
-    # absmax); a dense or group-wise build reads its own shard alone (node-local storage works).
-    peers = [r for r in mapping.tp_group_ranks if r != rank] if _needs_row_absmax(model) else []
     with ExitStack() as files:
         own = files.enter_context(ckpt.open_rank(rank))
+        peers = _row_absmax_peers(model, set(own.keys()))
         source = RankSource(own, [files.enter_context(ckpt.open_rank(r, verify=False)) for r in peers])
         writer = StreamingSafetensorsWriter(path, specs, metadata={"format": "pt"})
         for name, tensor in engine_tensors(model, source, dtype):
@@ -170,7 +214,7 @@ def build(checkpoint_dir: Path, out: Path, build_config: BuildConfig, world: Com
         raise LaunchError(f"the checkpoint has {n} ranks (tp={ckpt.mapping.tp} pp={ckpt.mapping.pp}); "
                           f"build it with `mpirun -n {n} dist-infer build ...` or in one process, "
                           f"not with {world.size} processes.")
-    build_config = build_config.resolved(ckpt.model)
+    build_config = adopt_checkpoint_quantization(build_config, ckpt.quantization).resolved(ckpt.model)
     collective_call(world, lambda: check_quant_layout(ckpt.model, ckpt.mapping.tp, build_config.quant_config))
 
     def build_mine(tmp: Path) -> dict:
@@ -182,7 +226,7 @@ def build(checkpoint_dir: Path, out: Path, build_config: BuildConfig, world: Com
 
     def describe(files: dict) -> dict:
         return engine_description(ckpt.model, ckpt.mapping, build_config, ckpt.config["vocab_size_padded"], files,
-                                  time.perf_counter() - started)
+                                  time.perf_counter() - started, ckpt.quantization)
 
     write_engine(out, world, force, build_mine, describe, ckpt.tokenizer_files())
     if world.rank == 0:
@@ -230,8 +274,9 @@ def write_engine(out: Path, world: Communicator, force: bool, write_ranks: Calla
 
 
 def engine_description(model: ModelConfig, mapping: Mapping, build_config: BuildConfig, vocab_size_padded: int,
-                       files: dict, seconds: float) -> dict:
-    """engine.json's content."""
+                       files: dict, seconds: float, prequantized: dict | None = None) -> dict:
+    """engine.json's content; `prequantized`: how the source checkpoint was quantized, if it was
+    (its mode is build.quant, which loading checks like any --quant build's)."""
     return {
         "format": ENGINE_FORMAT,
         "format_version": ENGINE_FORMAT_VERSION,
@@ -243,4 +288,9 @@ def engine_description(model: ModelConfig, mapping: Mapping, build_config: Build
         "files": files,
         "build_time_s": round(seconds, 3),
         "host": os.uname().nodename,
+        **({"prequantized_checkpoint": _without_source_config(prequantized)} if prequantized else {}),
     }
+
+
+def _without_source_config(quantization: dict) -> dict:
+    return {k: v for k, v in quantization.items() if k != "source_config"}

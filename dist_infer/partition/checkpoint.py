@@ -1,7 +1,9 @@
 """The partitioned checkpoint format (what `dist-infer partition` writes and
 `dist-infer build` reads):
 
-    config.json          {"format", "format_version", "model", "mapping", ...}
+    config.json          {"format", "format_version", "model", "mapping", ..., and for a
+                         pre-quantized source "quantization": {"mode", "format", "source_config",
+                         and for INT4 "group_size" (the engine's), "checkpoint_group_size"}}
     manifest.json        {"files": {name: {size, sha256}}, "shards": {rank: [Shard...]}}
     rank{N}.safetensors  that rank's shards, HF names, source dtype
     tokenizer files      copied from the source, when it has them
@@ -24,7 +26,13 @@ from dist_infer.partition.safetensors_stream import file_sha256
 from dist_infer.partition.sources import TOKENIZER_FILES
 
 FORMAT = "dist_infer-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this dist_infer reads; 2: linears pre-quantized in the engine's form
+
+
+def format_version(quantization: dict | None) -> int:
+    """What a checkpoint is written as: 1 when dense, so older dist_infer versions still read it;
+    2 with pre-quantized linears, which they would misread."""
+    return 2 if quantization else 1
 
 
 def rank_file(rank: int) -> str:
@@ -107,6 +115,16 @@ class PartitionedCheckpoint:
         if not manifest_path.is_file():
             raise CheckpointError(f"{manifest_path} is missing; the checkpoint is incomplete. Partition again.")
         self.manifest = _read_json(manifest_path)
+
+    @property
+    def quantization(self) -> dict | None:
+        """How the source checkpoint was quantized (partition/prequantized.py), or None:
+        {"mode": "int4_wo" | "fp8", "format": "awq" | "gptq" | ..., "group_size": int (INT4)}."""
+        quantization = self.config.get("quantization")
+        if quantization is not None and not (isinstance(quantization, dict) and "mode" in quantization):
+            raise CheckpointError(f"{self.directory / 'config.json'}: field quantization must be an object with a "
+                                  f"mode, got {quantization!r}. {REPARTITION}")
+        return quantization
 
     def shards(self, rank: int) -> list[Shard]:
         return [Shard(**s) for s in self.manifest["shards"][str(rank)]]

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from dist_infer.config import Mapping, ModelConfig, check_layout
 from dist_infer.errors import CheckpointError
 from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
-from dist_infer.partition.checkpoint import FORMAT, FORMAT_VERSION, rank_file
+from dist_infer.partition import prequantized
+from dist_infer.partition.checkpoint import FORMAT, format_version, rank_file
 from dist_infer.partition.rules import REPLICATED, Shard, padded_vocab, plan_tensor
 from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, dtype_from_code, file_sha256
 from dist_infer.partition.sources import SourceCheckpoint, open_source
@@ -55,7 +56,9 @@ def shard_shape(shard: Shard, source_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def plan_partition(source: SourceCheckpoint, model: ModelConfig, tp: int, pp: int) -> dict[int, list[Shard]]:
-    missing = required_weights(model) - set(source.tensors)
+    # A pre-quantized linear holds `qweight` (engine form) where a dense one holds `weight`.
+    present = {n.removesuffix(".qweight") + ".weight" if n.endswith(".qweight") else n for n in source.tensors}
+    missing = required_weights(model) - present
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} weights the config needs, e.g. "
                               f"{sorted(missing)[:3]}; it is incomplete or not a {model.architecture} model.")
@@ -103,6 +106,7 @@ def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = Fals
     source = open_source(model)
     config = _model_config(source)
     check_layout(config, tp, pp)
+    source = prequantized.wrap(source, config, tp)  # AWQ/GPTQ/FP8 linears in the engine's form
     check_output_dir(out, source.directory, force)
     plan = plan_partition(source, config, tp, pp)
 
@@ -165,13 +169,15 @@ def _write_metadata(source: SourceCheckpoint, config: ModelConfig, plan: dict[in
     manifest = {"files": files,
                 "shards": {str(r): [dataclasses.asdict(s) for s in plan[r]] for r in range(tp * pp)}}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    quantization = getattr(source, "quantization", None)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(quantization),
         "model": config.to_dict(),
         "mapping": Mapping(tp, pp).to_dict(),
         "vocab_size_padded": padded_vocab(config, tp),
         "source": str(source.directory),
+        **({"quantization": quantization} if quantization else {}),
     }
     (directory / "config.json").write_text(json.dumps(meta, indent=1))
     for f in source.tokenizer_files():

@@ -6,6 +6,10 @@ Llama-family weights are [out_features, in_features]:
   replicated and added once, after the all-reduce;
 - vocab-parallel (split dim 0, padded to a multiple of tp): embed_tokens, lm_head;
 - replicated: norms.
+A pre-quantized checkpoint's linears arrive in the engine's form (partition/prequantized.py):
+`qweight`, `scales`, `offsets` are [out, ...] and split like the weight (row-parallel: along
+dim 1, where INT4 groups never straddle ranks); a per-output-channel scale [out] of a
+row-parallel layer is replicated.
 K/V heads are split when tp divides them and replicated when tp is a multiple
 of them (rank r then holds KV head r // (tp / kv_heads), which is exactly the
 head its query heads attend with).
@@ -25,6 +29,9 @@ REPLICATED = -1
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Tensors some checkpoints carry that are recomputed, not loaded.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+# A row-parallel linear's tensors: dense `weight`, or a pre-quantized checkpoint's engine-form
+# `qweight`, `scales`, `offsets` (partition/prequantized.py), and `bias`.
+_ROW_PARALLEL_PARAMS = ("weight", "qweight", "scales", "offsets", "bias")
 
 
 @dataclass(frozen=True)
@@ -67,10 +74,12 @@ def _layer_rule(param: str, model: ModelConfig, tp: int, tp_rank: int, shape) ->
         return 0, heads.start * hd, heads.stop * hd
     if param.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
         return (0, *_split(shape[0], tp, tp_rank))
-    if param in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-        return (1, *_split(shape[1], tp, tp_rank))
-    if param in ("self_attn.o_proj.bias", "mlp.down_proj.bias",
-                 "input_layernorm.weight", "post_attention_layernorm.weight"):
+    module, _, leaf = param.rpartition(".")
+    if module in ("self_attn.o_proj", "mlp.down_proj") and leaf in _ROW_PARALLEL_PARAMS:
+        if len(shape) == 2:  # the weight (dense or quantized [out, in/2]) and INT4 group scales [out, in/group]
+            return (1, *_split(shape[1], tp, tp_rank))
+        return REPLICATED, 0, shape[0]  # bias, and per-output-channel scales [out] (FP8) of the whole row
+    if param in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         return REPLICATED, 0, shape[0]
     raise CheckpointError(f"unknown layer weight 'model.layers.N.{param}'; is this a Llama-family checkpoint?")
 

@@ -1,0 +1,73 @@
+"""Device time of the paged decode attention kernel per launch config, bf16 and FP8 KV, at the
+max-load shape (Llama-3-8B: 32 query heads over 8 KV heads, head dim 128; 16-token pages).
+
+    python3 scripts/tune_decode_attention.py --batch 64 1024 --context 192 1024
+
+Prints one row per (KV dtype, batch, context, config): microseconds per call and GB/s of KV read;
+the best config per KV dtype (summed over the shapes) last. DECODE_LAUNCH in
+dist_infer/engine/attention_gpu.py holds the chosen ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from dist_infer.engine.attention_gpu import DECODE_LAUNCH, paged_decode_attention
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+CONFIGS = [(n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))]
+
+
+def make_case(batch: int, context: int, kv_dtype: torch.dtype):
+    pages = -(-context // PAGE)
+    slots = (batch * pages + 1) * PAGE
+    k = torch.randn(slots, KV_HEADS, HEAD_DIM, device="cuda").to(kv_dtype)
+    v = torch.randn(slots, KV_HEADS, HEAD_DIM, device="cuda").to(kv_dtype)
+    tables = (1 + torch.randperm(batch * pages, device="cuda")).view(batch, pages)  # scattered pages
+    lens = torch.full((batch,), context, device="cuda")
+    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    scales = (torch.ones(1, device="cuda"), torch.ones(1, device="cuda")) if kv_dtype != torch.bfloat16 else (None, None)
+    return q, k, v, tables, lens, scales
+
+
+def time_us(fn, reps: int = 20) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 1024])
+    parser.add_argument("--context", type=int, nargs="+", default=[192, 1024])
+    args = parser.parse_args()
+    totals: dict[tuple, float] = {}
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        for batch, context in itertools.product(args.batch, args.context):
+            q, k, v, tables, lens, scales = make_case(batch, context, kv_dtype)
+            kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k.element_size()
+            for cfg in CONFIGS:
+                us = time_us(lambda: paged_decode_attention(q, k, v, tables, lens, PAGE, 0.088, None, *scales,
+                                                            launch=cfg))
+                totals[kv_dtype, cfg] = totals.get((kv_dtype, cfg), 0.0) + us
+                mark = " (current)" if cfg == DECODE_LAUNCH[k.element_size()] else ""
+                print(f"{str(kv_dtype)[6:]:>14} b{batch:<5} ctx{context:<5} {cfg}: {us:9.1f} us "
+                      f"{kv_bytes / us / 1e3:7.0f} GB/s{mark}")
+            del q, k, v
+    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        best = min(CONFIGS, key=lambda c: totals[kv_dtype, c])
+        size = torch.empty(0, dtype=kv_dtype).element_size()
+        print(f"best {kv_dtype}: {best} total {totals[kv_dtype, best]:.0f} us; current "
+              f"{DECODE_LAUNCH[size]} total {totals[kv_dtype, DECODE_LAUNCH[size]]:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
