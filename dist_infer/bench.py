@@ -100,6 +100,45 @@ def bench_line(**fields) -> str:
     return "[BENCHMARK] " + " ".join(f"{k} {v}" for k, v in fields.items())
 
 
+class BenchReport:
+    """Every case's `[BENCHMARK]` line on stdout and, with --output-json, the same fields as JSON
+    for dashboards (numbers as numbers), written once at the end, atomically."""
+
+    def __init__(self, path: Path | None = None):
+        self.path, self.rows = path, []
+
+    def emit(self, fields: dict) -> None:
+        print(bench_line(**fields), flush=True)
+        self.rows.append({k: _as_number(v) for k, v in fields.items()})
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"results": self.rows}, indent=1) + "\n")
+        tmp.replace(self.path)
+        log.info("wrote %d results to %s", len(self.rows), self.path)
+
+
+def _as_number(value):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+def check_output_json(path: Path | None) -> None:
+    """Refuse an --output-json that cannot be written, before any rank loads anything."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise LaunchError(f"--output-json {path} is a directory; name a file, e.g. {path / 'bench.json'}.")
+    if not path.parent.is_dir():
+        raise LaunchError(f"--output-json {path}: the directory {path.parent} does not exist; create it first.")
+
+
 @dataclass(frozen=True)
 class MaxLoad:
     """trtllm-bench's throughput mode: every request submitted at once, the running batch as large
@@ -156,7 +195,8 @@ def check_max_load(max_load: MaxLoad | None, engine_max_batch: int) -> None:
 def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: int, output_len: int,
               dtype: str = "bfloat16", baseline: str | None = None, cuda_graphs: bool = True,
               warmup: int = 1, engine_dir: Path | None = None, kv_cache: KVCacheConfig | None = None,
-              max_load: MaxLoad | None = None) -> int:
+              max_load: MaxLoad | None = None, report: BenchReport | None = None) -> int:
+    report = report or BenchReport()
     world = world_from_launch()
     device = torch.device(collective_call(world, lambda: resolve_device("cuda", world.rank)))
     torch.cuda.set_device(device)
@@ -209,7 +249,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         row = dict(model_name=preset, world_size=world.size, tp=tp, pp=pp, precision=dtype,
                    quant=spec.build.quant or "none", kv_cache_dtype=engine_kv_dtype, kv_cache_blocks=kv_blocks,
                    input_length=input_len, output_length=output_len)
-        return _bench_max_load(worker, spec, max_load, row, model_cfg.vocab_size, device)
+        return _bench_max_load(worker, spec, max_load, row, model_cfg.vocab_size, device, report)
     # As before the step-wise engine: every prompt prefilled in one step, no prefix reuse between repeats.
     options = EngineOptions(max_num_batched_tokens=max(batch_sizes) * input_len, enable_prefix_caching=False)
     llm = LLMEngine(worker, spec, options=options)
@@ -264,12 +304,13 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
                                              "gpu_step_p50(ms)": f"{r.gpu_step_ms:.3f}"})
         if r.batch in hf_results:
             fields.update(hf_fields(hf_results[r.batch], r.tokens / r.latency_s, r.latency_s, peak_gb))
-        print(bench_line(**fields), flush=True)
+        report.emit(fields)
+    report.save()
     return 0
 
 
 def _bench_max_load(worker: RankWorker, spec: EngineSpec, max_load: MaxLoad, row: dict, vocab_size: int,
-                    device: torch.device) -> int:
+                    device: torch.device, report: BenchReport) -> int:
     # Throughput, not inter-token latency: steps that decode may take prefill chunks up to the whole
     # token budget (eager past the largest mixed CUDA graph), as trtllm-bench's max_num_tokens does.
     tokens = max_load.max_num_batched_tokens
@@ -281,7 +322,8 @@ def _bench_max_load(worker: RankWorker, spec: EngineSpec, max_load: MaxLoad, row
     llm.shutdown()
     worker.close()
     peak = {"gpu_peak_mem(gb)": f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f}"}
-    print(bench_line(**row, **max_load_fields(result), **peak), flush=True)
+    report.emit({**row, **max_load_fields(result), **peak})
+    report.save()
     return 0
 
 

@@ -92,12 +92,14 @@ def _serve(args) -> int:
 
 
 def _bench(args) -> int:
-    from dist_infer.bench import run_bench
+    from dist_infer.bench import BenchReport, check_output_json, run_bench
 
+    output_json = Path(args.output_json) if args.output_json else None
+    check_output_json(output_json)
     return run_bench(args.model, args.tp, args.pp, args.batch_size, args.input_len, args.output_len,
                      dtype=args.dtype, baseline=args.baseline, cuda_graphs=not args.no_cuda_graphs,
                      engine_dir=Path(args.engine) if args.engine else None, kv_cache=_kv_cache_config(args),
-                     max_load=_max_load(args))
+                     max_load=_max_load(args), report=BenchReport(output_json))
 
 
 def _max_load(args):
@@ -384,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "size; presets are built for 512)")
     k.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=8192, metavar="T",
                    help="with --num-requests: tokens in one step, prefill chunks and decodes together")
+    k.add_argument("--output-json", metavar="FILE",
+                   help="also write every case's figures to FILE as JSON ({\"results\": [{field: value}]})")
     k.set_defaults(func=_bench)
 
     la = sub.add_parser("launch", help="start a job from a cluster file (clusters/*.yaml): mpirun, sbatch or Ray",

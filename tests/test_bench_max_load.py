@@ -1,11 +1,15 @@
 """bench's max-load mode (`--num-requests`): every request submitted at once through the real
-LLMEngine, here on a one-rank CPU engine (the GPU figures are in docs/PERFORMANCE.md)."""
+LLMEngine, here on a one-rank CPU engine (the GPU figures are in docs/PERFORMANCE.md); and
+`--output-json`, the figures for dashboards."""
 
 from __future__ import annotations
 
 import pytest
 
-from dist_infer.bench import MaxLoad, MaxLoadResult, check_max_load, max_load_fields, max_load_requests, run_max_load
+import json
+
+from dist_infer.bench import (BenchReport, MaxLoad, MaxLoadResult, check_max_load, check_output_json, max_load_fields,
+                              max_load_requests, run_max_load)
 from dist_infer.cli import main
 from dist_infer.comm import LocalCommunicator, ParallelGroups
 from dist_infer.config import BuildConfig
@@ -77,3 +81,26 @@ def test_zero_requests_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--num-requests", "0"])
     assert exc.value.code == 2 and "--num-requests" in capsys.readouterr().err
+
+
+def test_report_prints_each_line_and_writes_the_same_figures_as_json(tmp_path, capsys):
+    report = BenchReport(tmp_path / "bench.json")
+    report.emit({"model_name": "llama-3-8b", "batch_size": 64, **max_load_fields(
+        MaxLoadResult(num_requests=4, max_batch=2, wall_s=2.0, output_tokens=512, ttft_s=[0.1, 0.2], steps=70))})
+    report.emit({"model_name": "x", "tokens_per_sec": "1.50"})
+    report.save()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[BENCHMARK] model_name llama-3-8b batch_size 64 num_requests 4")
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert rows[0]["tokens_per_sec"] == 256.0 and rows[0]["num_requests"] == 4 and rows[0]["model_name"] == "llama-3-8b"
+    assert rows[1] == {"model_name": "x", "tokens_per_sec": 1.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temp file left
+
+
+def test_unwritable_output_json_is_refused_before_loading(tmp_path, capsys):
+    check_output_json(None)
+    check_output_json(tmp_path / "ok.json")
+    with pytest.raises(LaunchError, match="is a directory"):
+        check_output_json(tmp_path)
+    assert main(["bench", "--output-json", str(tmp_path / "missing" / "b.json")]) == 2
+    assert "does not exist; create it first" in capsys.readouterr().err
