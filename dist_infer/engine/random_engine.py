@@ -35,7 +35,6 @@ request as with a real model; benchmarks ask for `ignore_eos`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import struct
@@ -52,7 +51,7 @@ from dist_infer.engine.build import (DTYPES, engine_description, engine_tensor_s
                                      stage_skeleton, write_engine)
 from dist_infer.engine.quant import check_quant_layout
 from dist_infer.errors import EngineError, LayoutError
-from dist_infer.partition.safetensors_stream import DTYPE_CODES
+from dist_infer.partition.safetensors_stream import DTYPE_CODES, FileDigest
 from dist_infer.partition.sources import TOKENIZER_FILES
 from dist_infer.presets import preset_hf_config
 
@@ -113,7 +112,7 @@ def _tensor_specs(cfg: ModelConfig, mapping: Mapping, vocab_padded: int, dtype: 
 
 def write_random_rank(path: Path, specs, device: torch.device, seed: int) -> dict:
     """Stream one rank's safetensors file: each tensor made on `device`, copied to the host,
-    written and hashed while the next is made. Returns engine.json's {"size", "sha256"}."""
+    written and hashed while the next is made. Returns engine.json's entry (safetensors_stream.FileDigest)."""
     header, offset = {}, 0
     for name, shape, dtype in specs:
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -123,7 +122,7 @@ def write_random_rank(path: Path, specs, device: torch.device, seed: int) -> dic
     header["__metadata__"] = {"format": "pt"}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # safetensors aligns the data start to 8 bytes
-    digest = hashlib.sha256()
+    digest = FileDigest()
     gen = torch.Generator(device).manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     # One thread hashes (in order) while this one writes; hashlib and file writes release the GIL.
@@ -156,7 +155,7 @@ def write_random_rank(path: Path, specs, device: torch.device, seed: int) -> dic
     size = path.stat().st_size
     if size != 8 + len(head) + offset:
         raise EngineError(f"{path} is {size} bytes, expected {8 + len(head) + offset}; the disk may be full.")
-    return {"size": size, "sha256": digest.hexdigest()}
+    return digest.entry()
 
 
 def build_random_engine(preset: str, out: Path, tp: int = 1, pp: int = 1, build: BuildConfig | None = None,

@@ -4,7 +4,9 @@
     config.json          {"format", "format_version", "model", "mapping", ..., and for a
                          pre-quantized source "quantization": {"mode", "format", "source_config",
                          and for INT4 "group_size" (the engine's), "checkpoint_group_size"}}
-    manifest.json        {"files": {name: {size, sha256}}, "shards": {rank: [Shard...]}}
+    manifest.json        {"files": {name: {size, sha256, piece_bytes, piece_sha256}}, "shards": {rank: [Shard...]}}
+                         (piece_sha256: the sha256 of each piece_bytes-long piece, verified in parallel;
+                         entries without them, from older versions, are verified whole)
     rank{N}.safetensors  that rank's shards, HF names, source dtype
     tokenizer files      copied from the source, when it has them
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ from safetensors.torch import load_file
 from dist_infer.config import Mapping, ModelConfig
 from dist_infer.errors import CheckpointError
 from dist_infer.partition.rules import Shard
-from dist_infer.partition.safetensors_stream import file_sha256
+from dist_infer.partition.safetensors_stream import HASH_THREADS, file_sha256, piece_sha256
 from dist_infer.partition.sources import TOKENIZER_FILES
 
 FORMAT = "dist_infer-checkpoint"
@@ -47,8 +50,26 @@ def verify_file(path: Path, expected: dict, what: str, fix: str) -> None:
     if size != expected["size"]:
         raise CheckpointError(f"{what}: {path} is {size} bytes, the manifest says {expected['size']} "
                               f"(truncated or replaced). {fix}")
-    if file_sha256(path) != expected["sha256"]:
+    if "piece_sha256" in expected:
+        _verify_pieces(path, expected, what, fix)
+    elif file_sha256(path) != expected["sha256"]:
         raise CheckpointError(f"{what}: {path} is corrupt (sha256 differs from the manifest). {fix}")
+
+
+def _verify_pieces(path: Path, expected: dict, what: str, fix: str) -> None:
+    piece, digests = expected.get("piece_bytes"), expected["piece_sha256"]
+    if not (isinstance(piece, int) and piece > 0 and isinstance(digests, list)) or \
+            len(digests) != max(1, -(-expected["size"] // piece)):
+        raise CheckpointError(f"{what}: the manifest entry of {path.name} is damaged (piece_bytes {piece!r}, "
+                              f"piece_sha256 not one hash per piece of its {expected['size']} bytes). {fix}")
+    with ThreadPoolExecutor(min(len(digests), HASH_THREADS)) as pool:
+        found = list(pool.map(lambda i: piece_sha256(path, i * piece, piece), range(len(digests))))
+    bad = [i for i, (got, want) in enumerate(zip(found, digests)) if got != want]
+    if bad:
+        start = bad[0] * piece
+        raise CheckpointError(f"{what}: {path} is corrupt (sha256 of bytes {start}-{min(start + piece, expected['size'])} "
+                              f"differs from the manifest{f', and {len(bad) - 1} more pieces' if len(bad) > 1 else ''}). "
+                              f"{fix}")
 
 
 REPARTITION = "Partition the model again (`dist-infer partition --model ... --out DIR --force`)."

@@ -26,7 +26,7 @@ from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, slow_do
 from dist_infer.partition import prequantized
 from dist_infer.partition.checkpoint import FORMAT, format_version, rank_file
 from dist_infer.partition.rules import REPLICATED, Shard, padded_vocab, plan_tensor
-from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, dtype_from_code, file_sha256
+from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, dtype_from_code, file_entry
 from dist_infer.partition.sources import SourceCheckpoint, open_source
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _write_metadata(source: SourceCheckpoint, config: ModelConfig, plan: dict[in
     files = {}
     for rank in range(tp * pp):
         path = directory / rank_file(rank)
-        files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        files[path.name] = file_entry(path)
     manifest = {"files": files,
                 "shards": {str(r): [dataclasses.asdict(s) for s in plan[r]] for r in range(tp * pp)}}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import completions, flip_middle_bytes, make_tiny_model, run_cli, write_prompts
+from dist_infer.partition.safetensors_stream import file_entry
 
 TP, PP = 2, 2
 WORLD = TP * PP
@@ -92,7 +93,7 @@ def test_mpi_build_matches_single_process_build(ckpt, engine):
     # The sizes and hashes engine.json records are those of the files written.
     for name in weight_files:
         path = mpi_out / name
-        assert b["files"][name] == {"size": path.stat().st_size, "sha256": multi[name]}
+        assert b["files"][name] == file_entry(path) and b["files"][name]["sha256"] == multi[name]
     # No temp directory is left beside the output.
     assert sorted(p.name for p in ckpt.parent.iterdir() if p.name.startswith(".")) == []
 

@@ -19,7 +19,7 @@ from dist_infer.engine.model import StageModel
 from dist_infer.engine.random_engine import _ShapeGroup, build_random_engine, write_random_rank
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.errors import EngineError, LayoutError
-from dist_infer.partition.safetensors_stream import file_sha256
+from dist_infer.partition.safetensors_stream import file_entry
 from dist_infer.presets import PRESETS
 from dist_infer.workers.prompts import load_tokenizer
 
@@ -83,7 +83,7 @@ def test_multi_rank_engine_has_each_ranks_shapes_and_hashes(smollm2_dir, tmp_pat
     assert load_tokenizer(out) is not None
     for rank in range(4):
         path = out / rank_weights_file(rank)
-        assert spec.files[rank_weights_file(rank)] == {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        assert spec.files[rank_weights_file(rank)] == file_entry(path)
         m = spec.mapping.with_rank(rank)
         with torch.device("meta"):
             model = StageModel(spec.model, m, _ShapeGroup(m.tp_rank, 2), spec.vocab_size_padded, torch.bfloat16)
@@ -140,7 +140,7 @@ def test_streamed_safetensors_file_round_trips(tmp_path):
     specs = [("b", (3, 5), torch.bfloat16), ("a.norm.weight", (7,), torch.float32), ("c", (2, 2, 2), torch.float16)]
     entry = write_random_rank(tmp_path / "r" / "w.safetensors", specs, torch.device("cpu"), seed=0)
     path = tmp_path / "r" / "w.safetensors"
-    assert entry == {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    assert entry == file_entry(path)
     got = load_file(path)
     assert {n: (tuple(t.shape), t.dtype) for n, t in got.items()} == {n: (s, d) for n, s, d in specs}
     assert torch.equal(got["a.norm.weight"], torch.ones(7))

@@ -402,7 +402,7 @@ def test_failure_mid_way_leaves_nothing(where, tmp_path, tiny_dirs, monkeypatch)
         monkeypatch.setattr(SourceCheckpoint, "read", fail_after(SourceCheckpoint.read, 7, OSError("I/O error")))
         expected = OSError
     elif where == "metadata":
-        monkeypatch.setattr(partitioner, "file_sha256", fail_after(partitioner.file_sha256, 2, RuntimeError("boom")))
+        monkeypatch.setattr(partitioner, "file_entry", fail_after(partitioner.file_entry, 2, RuntimeError("boom")))
         expected = RuntimeError
     else:
         monkeypatch.setattr(StreamingSafetensorsWriter, "write",

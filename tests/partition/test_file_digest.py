@@ -1,0 +1,71 @@
+"""Checkpoint and engine files are hashed whole and per piece (safetensors_stream.FileDigest /
+file_entry); loading verifies the pieces in parallel (checkpoint.verify_file) and names the
+byte range that differs. Entries written before pieces existed are verified whole."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from dist_infer.errors import CheckpointError
+from dist_infer.partition.checkpoint import verify_file
+from dist_infer.partition.safetensors_stream import FileDigest, file_entry
+
+PIECE = 300
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    data = os.urandom(1000)  # pieces of 300, 300, 300 and 100 bytes
+    path = tmp_path / "rank0.safetensors"
+    path.write_bytes(data)
+    return path, data
+
+
+def test_pieces_are_the_sha256_of_each_slice_and_streaming_agrees(data_file):
+    path, data = data_file
+    entry = file_entry(path, PIECE)
+    assert entry["size"] == 1000 and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["piece_sha256"] == [hashlib.sha256(data[i:i + PIECE]).hexdigest() for i in range(0, 1000, PIECE)]
+    streamed = FileDigest(PIECE)
+    for i in range(0, 1000, 7):  # blocks that straddle piece boundaries
+        streamed.update(data[i:i + 7])
+    assert streamed.entry() == entry
+
+
+def test_an_empty_file_has_one_empty_piece(tmp_path):
+    (tmp_path / "e").write_bytes(b"")
+    assert file_entry(tmp_path / "e", PIECE) == FileDigest(PIECE).entry()
+    verify_file(tmp_path / "e", file_entry(tmp_path / "e", PIECE), "engine rank 0", "Rebuild.")
+
+
+@pytest.mark.parametrize("offset, byte_range", [(0, "0-300"), (650, "600-900"), (999, "900-1000")])
+def test_a_changed_byte_is_found_in_its_piece(data_file, offset, byte_range):
+    path, data = data_file
+    entry = file_entry(path, PIECE)
+    verify_file(path, entry, "engine rank 0", "Rebuild.")
+    damaged = bytearray(data)
+    damaged[offset] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=f"corrupt \\(sha256 of bytes {byte_range} differs.*Rebuild"):
+        verify_file(path, entry, "engine rank 0", "Rebuild.")
+
+
+def test_entries_without_pieces_are_verified_whole(data_file):
+    path, data = data_file
+    legacy = {"size": 1000, "sha256": hashlib.sha256(data).hexdigest()}
+    verify_file(path, legacy, "checkpoint rank 0", "Partition again.")
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="corrupt \\(sha256 differs from the manifest\\)"):
+        verify_file(path, legacy, "checkpoint rank 0", "Partition again.")
+
+
+@pytest.mark.parametrize("edit", [{"piece_bytes": 0}, {"piece_bytes": "300"}, {"piece_sha256": "abc"},
+                                  {"piece_sha256": ["0" * 64]}])
+def test_a_damaged_entry_is_a_clear_error(data_file, edit):
+    path, _ = data_file
+    entry = {**file_entry(path, PIECE), **edit}
+    with pytest.raises(CheckpointError, match="manifest entry of rank0.safetensors is damaged.*Rebuild"):
+        verify_file(path, entry, "engine rank 0", "Rebuild.")
