@@ -5,7 +5,7 @@ max-load shape (Llama-3-8B: 32 query heads over 8 KV heads, head dim 128; 16-tok
 
 Prints one row per (KV dtype, batch, context, config): microseconds per call and GB/s of KV read;
 the best config per KV dtype (summed over the shapes) last. DECODE_LAUNCH in
-dist_infer/engine/attention_gpu.py holds the chosen ones.
+dist_infer/engine/attention_gpu.py holds the chosen ones (DEFAULT_DECODE_LAUNCH otherwise).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import itertools
 
 import torch
 
-from dist_infer.engine.attention_gpu import DECODE_LAUNCH, paged_decode_attention
+from dist_infer.engine.attention_gpu import decode_launch, paged_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 CONFIGS = [(n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))]
@@ -58,7 +58,7 @@ def main() -> None:
                 us = time_us(lambda: paged_decode_attention(q, k, v, tables, lens, PAGE, 0.088, None, *scales,
                                                             launch=cfg))
                 totals[kv_dtype, cfg] = totals.get((kv_dtype, cfg), 0.0) + us
-                mark = " (current)" if cfg == DECODE_LAUNCH[k.element_size()] else ""
+                mark = " (current)" if cfg == decode_launch(k.element_size()) else ""
                 print(f"{str(kv_dtype)[6:]:>14} b{batch:<5} ctx{context:<5} {cfg}: {us:9.1f} us "
                       f"{kv_bytes / us / 1e3:7.0f} GB/s{mark}")
             del q, k, v
@@ -66,7 +66,7 @@ def main() -> None:
         best = min(CONFIGS, key=lambda c: totals[kv_dtype, c])
         size = torch.empty(0, dtype=kv_dtype).element_size()
         print(f"best {kv_dtype}: {best} total {totals[kv_dtype, best]:.0f} us; current "
-              f"{DECODE_LAUNCH[size]} total {totals[kv_dtype, DECODE_LAUNCH[size]]:.0f} us")
+              f"{decode_launch(size)} total {totals[kv_dtype, decode_launch(size)]:.0f} us")
 
 
 if __name__ == "__main__":

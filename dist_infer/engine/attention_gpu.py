@@ -73,8 +73,14 @@ def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, s
              mask=(g < GROUP)[:, None] & dmask[None, :])
 
 
-# (BLOCK_N, num_warps, num_stages) of the decode kernel per KV element size in bytes.
-DECODE_LAUNCH = {2: (64, 4, 2), 1: (64, 4, 2)}  # scripts/tune_decode_attention.py measures others
+# (BLOCK_N, num_warps, num_stages) of the decode kernel, per KV element size in bytes where it differs
+# from the default (scripts/tune_decode_attention.py measures others; none has won end to end yet).
+DECODE_LAUNCH: dict[int, tuple[int, int, int]] = {}
+DEFAULT_DECODE_LAUNCH = (64, 4, 2)
+
+
+def decode_launch(element_size: int) -> tuple[int, int, int]:
+    return DECODE_LAUNCH.get(element_size, DEFAULT_DECODE_LAUNCH)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -84,12 +90,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            ) -> torch.Tensor:
     """q [B, heads, hd]; k/v_cache [slots, kv_heads, hd] (q's dtype, or FP8 with k/v_scale:
     one-element float32 tensors, real = stored * scale) -> [B, heads, hd]. `launch`: (BLOCK_N,
-    num_warps, num_stages), default DECODE_LAUNCH's for the cache's element size."""
+    num_warps, num_stages), default `decode_launch` of the cache's element size."""
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     out = torch.empty_like(q)
-    block_n, warps, stages = launch or DECODE_LAUNCH[k_cache.element_size()]
+    block_n, warps, stages = launch or decode_launch(k_cache.element_size())
     _paged_decode_kernel[(batch, kv_heads)](
         q, k_cache, v_cache, out, block_tables, context_lens, *_scale_args(k_cache, k_scale, v_scale), scale,
         sliding_window or 0,
