@@ -78,17 +78,67 @@ def _run(args) -> int:
 
 
 def _serve(args) -> int:
-    from dist_infer.workers.serve import ServeOptions, check_serve_options, serve
+    from dist_infer.workers.serve import check_serve_options, serve
 
-    opts = ServeOptions(
+    opts = serve_options(args)
+    check_serve_options(opts)  # every rank, before any rank loads anything
+    return serve(opts)
+
+
+def serve_options(args):
+    """ServeOptions from `serve`'s parsed flags (also the Ray driver's, for `serve --restart N`)."""
+    from dist_infer.workers.serve import ServeOptions
+
+    return ServeOptions(
         engine=Path(args.engine), host=args.host, port=args.port, served_model_name=args.served_model_name,
         max_queue=args.max_queue, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
         keepalive_s=args.keepalive, device=args.device, verify=not args.no_verify,
         max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
         num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout,
-        frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None)
-    check_serve_options(opts)  # every rank, before any rank loads anything
-    return serve(opts)
+        frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None,
+        connect=args.connect, restart=args.restart, launcher_cmd=args.launcher_cmd, rank_cmd=args.rank_cmd,
+        control_host=args.control_host, start_timeout=args.start_timeout, rank_args=rank_serve_args(args.raw_argv))
+
+
+# `serve --restart N`: flags of the supervisor and its front-end, not passed on to the ranks it starts
+# (the API key never leaves this process).
+SUPERVISOR_FLAGS = ("--restart", "--launcher-cmd", "--rank-cmd", "--control-host", "--start-timeout", "--host",
+                    "--port", "--api-key", "--max-queue", "--served-model-name")
+
+
+def rank_serve_args(argv: list[str]) -> list[str]:
+    """The supervisor's own command line without its own flags: the ranks' `serve` arguments.
+    (The serve parser allows no abbreviations, so the flags are matched exactly.)"""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in SUPERVISOR_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in SUPERVISOR_FLAGS)):
+            out.append(arg)
+    return out
+
+
+def _connect_addresses(text: str):
+    from dist_infer.workers.engine_loop import EngineAddresses
+
+    try:
+        return EngineAddresses.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _command(text: str) -> list[str]:
+    import shlex
+
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r} into words: {exc}") from None
+    if not words:
+        raise argparse.ArgumentTypeError("an empty command")
+    return words
 
 
 def _bench(args) -> int:
@@ -281,6 +331,25 @@ def _kv_cache_args(p: argparse.ArgumentParser) -> None:
                         "The pool never exceeds max_batch_size full-length sequences")
 
 
+def _restart_args(p: argparse.ArgumentParser) -> None:
+    """Supervised restart (README: "Restart after a failure"); the last three are what the ranks get."""
+    p.add_argument("--restart", type=_int_at_least(0), default=0, metavar="N",
+                   help="run the HTTP front-end here and the rank job as its child; when the job fails, start it "
+                        "again (at most N times) and resume every unfinished request (default 0: no supervisor)")
+    p.add_argument("--launcher-cmd", type=_command, default=[], metavar="CMD",
+                   help="with --restart: the command that starts the ranks, e.g. 'mpirun -n 4' (not needed for a "
+                        "one-rank engine)")
+    p.add_argument("--rank-cmd", type=_command, default=[], metavar="CMD",
+                   help="with --restart: how a rank runs dist_infer (default: this Python -m dist_infer)")
+    p.add_argument("--control-host", default="127.0.0.1", metavar="ADDR",
+                   help="with --restart: this node's address that rank 0 connects to (default 127.0.0.1; set it "
+                        "when rank 0 runs on another node)")
+    p.add_argument("--start-timeout", type=_seconds, default=300.0, metavar="S",
+                   help="with --restart: a (re)started rank job must have its engine ready within S seconds")
+    p.add_argument("--engine-only", dest="no_frontend", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--connect", type=_connect_addresses, default=None, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dist-infer", description="Distributed LLM inference: "
                                      "partition -> build -> run (under mpirun, Ray or Slurm).")
@@ -342,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     _kv_cache_args(r)
     r.set_defaults(func=_run)
 
-    v = sub.add_parser("serve", help="OpenAI- and Triton-compatible HTTP server; launch with `mpirun -n TP*PP`")
+    # No abbreviated flags: `serve --restart` passes its argv on to the ranks minus its own flags (rank_serve_args).
+    v = sub.add_parser("serve", help="OpenAI- and Triton-compatible HTTP server; launch with `mpirun -n TP*PP`",
+                       allow_abbrev=False)
     v.add_argument("--engine", required=True)
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     v.add_argument("--port", type=int, default=8000)
@@ -360,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--keepalive", type=float, default=30.0, help=argparse.SUPPRESS)  # idle ranks' empty-step period
     v.add_argument("--no-frontend", action="store_true", help=argparse.SUPPRESS)     # engine only (dist_infer.LLM)
     v.add_argument("--ipc-dir", help=argparse.SUPPRESS)                              # its sockets' directory
+    _restart_args(v)
     v.set_defaults(func=_serve)
 
     from dist_infer.presets import PRESETS
@@ -403,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # serve --restart passes it on to the ranks
     if args.command == "run":
         _check_prompts(parser, args.prompt)
     from dist_infer.log import launch_rank, setup_logging

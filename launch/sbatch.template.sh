@@ -32,6 +32,22 @@ export PMIX_MCA_psec=${PMIX_MCA_psec:-native}
 
 echo "dist_infer: job $SLURM_JOB_ID, $SLURM_NTASKS ranks on $SLURM_JOB_NODELIST ($RANKS)" >&2
 @SERVE_LINE@
+SUPERVISE=@SUPERVISE@     # yes: serve --restart N
+if [ "$SUPERVISE" = yes ]; then
+    # This batch shell's node (rank 0's) runs the HTTP front-end and a supervisor, which starts
+    # the ranks (LAUNCH, then DIST_INFER) and starts them again in this allocation when they fail.
+    case "$RANKS" in
+        srun)
+            [ "$SRUN_MPI" = none ] && export DIST_INFER_COMM=gloo
+            LAUNCH=(srun --mpi="$SRUN_MPI" --kill-on-bad-exit=1 @SRUN_ARGS@) ;;
+        mpirun)
+            LAUNCH=(@MPIRUN@ -n "$SLURM_NTASKS" @MPIRUN_ARGS@) ;;
+        *)
+            echo "RANKS must be srun or mpirun, got $RANKS" >&2; exit 2 ;;
+    esac
+    exec "${DIST_INFER[@]}" "${RUN_ARGS[@]}" --launcher-cmd "$(printf '%q ' "${LAUNCH[@]}")" \
+        --rank-cmd "$(printf '%q ' "${DIST_INFER[@]}")" --control-host "$MASTER_ADDR"
+fi
 case "$RANKS" in
     srun)
         # A wrong --mpi plugin does not fail: every rank would start alone.

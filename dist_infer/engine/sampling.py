@@ -6,6 +6,11 @@ request), one uniform number per sampled token, so a request's samples do not
 depend on what else is in the batch, on preemption or on chunked prefill. The
 filtering and the draw are batched tensor ops: rows are sorted once, top-k and
 top-p cut the sorted rows, and the token is found by inverse CDF.
+
+Token i of a seeded request always uses draw i of its stream. A request resumed
+after an engine restart (prompt + the tokens already delivered) says how many
+it sampled before (`resume_at`), and its stream skips that many draws, so a
+seeded answer is the same with or without a restart.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class SamplingParams:
     seed: int | None = None   # None = a random stream
     logprobs: int | None = None  # None = no logprobs; k = the sampled token's and the top k's
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (`echo`)
+    resume_at: int = 0  # tokens sampled before a restart: the random stream starts after their draws
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -40,6 +46,8 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and not 0 <= k <= MAX_LOGPROBS:
                 raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
+        if self.resume_at < 0:
+            raise RequestError(f"resume_at must be >= 0, got {self.resume_at}")
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +93,14 @@ def _param_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, 
     return t.to(device), k.to(device), p.to(device)
 
 
+def _stream_at(seed: int | None, draws_done: int) -> random.Random:
+    """The request's random stream, past the draws of the tokens it sampled before a restart."""
+    stream = random.Random(seed)
+    for _ in range(draws_done):
+        stream.random()
+    return stream
+
+
 class Sampler:
     """Lives on the rank that samples (TP rank 0 of the last stage)."""
 
@@ -95,7 +111,7 @@ class Sampler:
 
     def add(self, seq_id: int, params: SamplingParams) -> None:
         self._params[seq_id] = params
-        self._streams[seq_id] = random.Random(params.seed)
+        self._streams[seq_id] = _stream_at(params.seed, params.resume_at)
 
     def drop(self, seq_id: int) -> None:
         self._params.pop(seq_id, None)

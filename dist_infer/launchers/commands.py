@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class LaunchPlan:
     output: Path | None = None                            # Slurm: the job's output file (%j = job id)
     wait: bool = False                                    # Slurm: wait for the job, print its output
     serving: str | None = None                            # `serve`: the URL the server listens on
+    supervised: bool = False                              # `serve --restart N`: argv runs the front-end
 
     def render(self) -> str:
         lines = [f"# {self.launcher}: {self.world_size} ranks"]
@@ -180,11 +182,48 @@ def _plan_mpirun(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) 
         argv += ["--mca", "plm_rsh_agent", str(Path(opts.rsh_agent).absolute())]
     for name, value in cluster.env.items():
         argv += ["-x", f"{name}={value}"]
-    argv += [*opts.extra_args, *rank_command(cluster), *run_args]
+    argv += opts.extra_args
     serve = serve_address(run_args)
+    if restarts(run_args):
+        # serve --restart N: this machine runs the front-end + supervisor, which runs mpirun (again).
+        first = cluster.nodes[0].host  # rank 0's node: it connects back to this machine
+        host = "127.0.0.1" if all(_is_local(node.host) for node in cluster.nodes) else _address_towards(first)
+        argv = supervisor_command(run_args, argv, rank_command(cluster), host)
+        serving = f"http://{serve[0] or host}:{serve[1]}"
+        return LaunchPlan("mpirun", argv, n, {hostfile: text}, serving=serving, supervised=True)
+    argv += [*rank_command(cluster), *run_args]
     # mpirun fills the hostfile's slots in order, so rank 0 runs on the first node.
     serving = f"http://{serve[0] or cluster.nodes[0].host}:{serve[1]}" if serve else None
     return LaunchPlan("mpirun", argv, n, {hostfile: text}, serving=serving)
+
+
+def restarts(run_args: list[str]) -> bool:
+    """`serve --restart N` with N >= 1: a supervised server (dist_infer/serve/supervisor.py)."""
+    value = _flag_value(run_args, "--restart") if _subcommand(run_args) == "serve" else None
+    return value is not None and value not in ("0", "")
+
+
+def supervisor_command(run_args: list[str], launcher: list[str], rank: list[str], control_host: str,
+                       python: tuple[str, ...] | None = None) -> list[str]:
+    """`dist-infer serve --restart N ...` told how to start the ranks: the launcher's command
+    (mpirun, srun), then each rank's `dist-infer` command."""
+    return [*(python or (sys.executable, "-m", "dist_infer")), *run_args, "--launcher-cmd", shlex.join(launcher),
+            "--rank-cmd", shlex.join(rank), "--control-host", control_host]
+
+
+def _address_towards(host: str) -> str:
+    """This machine's address on its route to `host` (a UDP connect sends nothing; the hostname's
+    own address is often a loopback one in /etc/hosts)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostname()
+
+
+def _is_local(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1") or host == socket.gethostname()
 
 
 # ----------------------------------------------------------------- slurm
@@ -205,6 +244,7 @@ def _plan_slurm(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) -
         "SERVE_LINE": _serve_echo(serve) if serve else "",
         # mpirun inside the allocation: the compute node's own (on PATH after slurm.setup).
         "SRUN_ARGS": shlex.join(s.srun_args), "MPIRUN": "mpirun", "MPIRUN_ARGS": shlex.join(mpirun_args),
+        "SUPERVISE": "yes" if restarts(run_args) else "no",
     }
     script = fill_template(SBATCH_TEMPLATE.read_text(), fields)
     path = launch_dir / f"{cluster.name}.sbatch"
@@ -289,9 +329,11 @@ def _plan_ray(cluster: ClusterConfig, mapping: Mapping, run_args: list[str]) -> 
         driver += ["--env", f"{name}={value}"]
     driver += ["--", *run_args]
     serve = serve_address(run_args)
-    serving = f"http://{serve[0] or '<rank 0 node>'}:{serve[1]}" if serve else None
+    # serve --restart N: the driver runs the front-end (on this machine, or the head with submit)
+    where = "<the driver's node>" if restarts(run_args) else "<rank 0 node>"
+    serving = f"http://{serve[0] or where}:{serve[1]}" if serve else None
     if not r.submit:
-        return LaunchPlan("ray", driver, mapping.world_size, serving=serving)
+        return LaunchPlan("ray", driver, mapping.world_size, serving=serving, supervised=restarts(run_args))
     ray = Path(sys.executable).parent / "ray"
     argv = [str(ray) if ray.exists() else "ray", "job", "submit", "--address", r.address,
             "--runtime-env-json", json.dumps(runtime_env(cluster), sort_keys=True), "--", *driver]

@@ -6,6 +6,7 @@ import codecs
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +38,26 @@ def launch(cluster_file: str | Path, args: list[str], dry_run: bool = False, log
     if plan.launcher == "slurm":
         return _sbatch(plan)
     sys.stdout.flush()
-    return subprocess.call(plan.argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return _run_supervisor(plan.argv, env) if plan.supervised else subprocess.call(plan.argv, env=env)
+
+
+def _run_supervisor(argv: list[str], env: dict) -> int:
+    """A supervised server (serve --restart) drains on SIGTERM: pass ours on (a scheduler or `kill`
+    names only this process), and on Ctrl-C, which the terminal sends it too, wait for its drain
+    rather than kill it (its rank job would be left running)."""
+    proc = subprocess.Popen(argv, env=env)
+
+    def forward(signum, frame):
+        if signum == signal.SIGTERM:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _sbatch(plan: LaunchPlan) -> int:

@@ -43,6 +43,10 @@ class RankActor:
 
         return ray.util.get_node_ip_address()
 
+    def pid(self) -> int:
+        """This rank's process (logged by the driver: what to look at, or to kill in a fault drill)."""
+        return os.getpid()
+
     def run(self, argv: list[str], master_addr: str, master_port: int) -> tuple[int, str, str]:
         """`dist-infer ARGV` as this rank; returns (exit code, stdout, stderr). stderr
         (the rank's log) is also written to the actor's log file as it happens."""

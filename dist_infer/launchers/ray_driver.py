@@ -9,6 +9,12 @@ node; stages may land on different nodes). The driver only starts the ranks
 and collects the ranks' output (stdout, then each rank's log on stderr, when
 they finish; live logs are in the actors' Ray log files): per-step control
 flows over the ranks' gloo world exactly as under mpirun.
+
+`-- serve --restart N`: the driver runs the HTTP front-end and its supervisor
+(dist_infer/serve/supervisor.py) itself; each incarnation of the rank job is a
+fresh set of rank actors in the same placement groups, running `serve
+--engine-only --connect` back to the driver's node. When a rank's actor dies
+or ends with an error, the others are killed and new ones start.
 """
 
 from __future__ import annotations
@@ -32,12 +38,9 @@ def run_on_ray(args: list[str], tp: int, pp: int, address: str | None = None, cp
                gpus_per_rank: float = 0, env: dict[str, str] | None = None, timeout: float | None = None) -> int:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from dist_infer.launchers.commands import serve_address
-    from dist_infer.launchers.ray_actors import RankActor
+    from dist_infer.launchers.commands import restarts, serve_address
 
-    world = tp * pp
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -54,19 +57,11 @@ def run_on_ray(args: list[str], tp: int, pp: int, address: str | None = None, cp
                 f"the Ray cluster cannot place {pp} pipeline stage(s) of {tp} rank(s) (each stage on one node, "
                 f"{bundle} per rank) within {PLACEMENT_TIMEOUT_S}s; alive nodes have {nodes}. Add nodes, CPUs or "
                 "GPUs, or lower ray.cpus_per_rank.")
-        actor_cls = ray.remote(RankActor)
-        for rank in range(world):
-            m = Mapping(tp, pp, rank)
-            strategy = PlacementGroupSchedulingStrategy(pgs[m.pp_rank], placement_group_bundle_index=m.tp_rank)
-            actors.append(actor_cls.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank,
-                                            scheduling_strategy=strategy, max_restarts=0)
-                          .remote(rank, world, dict(env or {})))
-        try:
-            master = ray.get(actors[0].endpoint.remote(), timeout=START_TIMEOUT_S)
-            nodes = ray.get([a.node.remote() for a in actors], timeout=START_TIMEOUT_S)
-        except (ray.exceptions.RayError, TimeoutError) as exc:  # GetTimeoutError is a TimeoutError
-            raise LaunchError(f"the rank actors did not start: {exc}") from None
-        log.info("ranks on nodes %s; gloo world at %s:%d", nodes, *master)
+        ranks = RankActors(ray, pgs, tp, pp, {"num_cpus": cpus_per_rank, "num_gpus": gpus_per_rank}, env or {})
+        if restarts(args):
+            return supervise_on_ray(ray, args, ranks)
+        actors = ranks.create()
+        master, nodes = ranks.started(actors)
         serve = serve_address(args)
         if serve:  # rank 0's actor runs the server: only now is its node known
             log.info("dist_infer: serving at http://%s:%d", serve[0] or nodes[0], serve[1])
@@ -86,6 +81,40 @@ def run_on_ray(args: list[str], tp: int, pp: int, address: str | None = None, cp
     sys.stdout.flush()
     failed = {r: c for r, c in codes.items() if c != 0}
     return codes.get(0) or (next(iter(failed.values())) if failed else 0)
+
+
+class RankActors:
+    """Creates one incarnation of the rank actors in the job's placement groups (the same
+    groups each time: a restart needs no new placement)."""
+
+    def __init__(self, ray, pgs: list, tp: int, pp: int, resources: dict, env: dict[str, str]):
+        from dist_infer.launchers.ray_actors import RankActor
+
+        self.ray, self.pgs, self.tp, self.pp, self.resources, self.env = ray, pgs, tp, pp, resources, env
+        self.actor_cls = ray.remote(RankActor)
+
+    def create(self) -> list:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        actors = []
+        for rank in range(self.tp * self.pp):
+            m = Mapping(self.tp, self.pp, rank)
+            strategy = PlacementGroupSchedulingStrategy(self.pgs[m.pp_rank], placement_group_bundle_index=m.tp_rank)
+            actors.append(self.actor_cls.options(**self.resources, scheduling_strategy=strategy, max_restarts=0)
+                          .remote(rank, self.tp * self.pp, dict(self.env)))
+        return actors
+
+    def started(self, actors: list) -> tuple[tuple[str, int], list[str]]:
+        """(rank 0's gloo endpoint, each rank's node), once every actor runs."""
+        ray = self.ray
+        try:
+            master = ray.get(actors[0].endpoint.remote(), timeout=START_TIMEOUT_S)
+            nodes = ray.get([a.node.remote() for a in actors], timeout=START_TIMEOUT_S)
+            pids = ray.get([a.pid.remote() for a in actors], timeout=START_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as exc:  # GetTimeoutError is a TimeoutError
+            raise LaunchError(f"the rank actors did not start: {exc}") from None
+        log.info("ranks on nodes %s, pids %s; gloo world at %s:%d", nodes, pids, *master)
+        return master, nodes
 
 
 def _wait(ray, actors, refs, timeout: float | None):
@@ -114,6 +143,94 @@ def _wait(ray, actors, refs, timeout: float | None):
                 deadline = grace if deadline is None else min(deadline, grace)
                 timeout = FAILURE_GRACE_S
     return codes, outputs, logs
+
+
+# ---- serve --restart N: the driver runs the front-end, its supervisor restarts the actors --------------
+
+
+def supervise_on_ray(ray, args: list[str], ranks: RankActors) -> int:
+    """The HTTP front-end and the supervisor in this driver; each incarnation of the rank job is
+    a fresh set of rank actors in the same placement groups, running `serve --engine-only`."""
+    from dist_infer.cli import build_parser, serve_options
+    from dist_infer.launchers.commands import serve_address
+    from dist_infer.workers.serve import check_serve_options, supervise
+
+    parsed = build_parser().parse_args(args)
+    parsed.raw_argv = list(args)
+    opts = serve_options(parsed)
+    if opts.control_host == "127.0.0.1":  # rank 0's actor may run on another node
+        opts.control_host = ray.util.get_node_ip_address()
+    check_serve_options(opts, launcher="ray")
+    host, port = serve_address(args)
+    log.info("dist_infer: serving at http://%s:%d (front-end in this driver)", host or opts.control_host, port)
+
+    async def start_job(addresses):
+        return await RayRankJob.start(ranks, [*opts.rank_args, "--engine-only", "--connect", addresses.joined()])
+
+    return supervise(opts, start_job)
+
+
+class RayRankJob:
+    """One incarnation of the rank actors, as the supervisor's RankJob: it ends when a rank ends
+    with an error or dies (the others are killed then), or when every rank returns."""
+
+    def __init__(self, ranks: RankActors, actors: list, refs: list):
+        self.ranks, self.actors, self.refs = ranks, actors, refs
+        self._cause: str | None = None
+
+    @classmethod
+    async def start(cls, ranks: RankActors, argv: list[str]) -> RayRankJob:
+        import asyncio
+
+        actors = ranks.create()
+        try:
+            master, _ = await asyncio.to_thread(ranks.started, actors)
+        except LaunchError:
+            _kill_all(ranks.ray, actors)
+            raise
+        return cls(ranks, actors, [a.run.remote(list(argv), *master) for a in actors])
+
+    async def wait(self) -> int:
+        import asyncio
+
+        return await asyncio.to_thread(self._wait)
+
+    def _wait(self) -> int:
+        ray, rank_of, pending = self.ranks.ray, {ref: r for r, ref in enumerate(self.refs)}, list(self.refs)
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            code = self._result(ref, rank_of[ref])
+            if code != 0:
+                _kill_all(ray, self.actors)
+                return code
+        return 0
+
+    def _result(self, ref, rank: int) -> int:
+        from dist_infer.serve.supervisor import CAUSE_WORDS
+
+        try:
+            code, _, err = self.ranks.ray.get(ref)
+        except self.ranks.ray.exceptions.RayError as exc:
+            self._cause = self._cause or f"rank {rank}'s actor died: {str(exc).splitlines()[0][:300]}"
+            return 1
+        named = [line for line in err.splitlines() if any(w in line for w in CAUSE_WORDS)]
+        if code and named:
+            self._cause = self._cause or named[0].strip()
+        return code
+
+    def cause(self) -> str | None:
+        return self._cause
+
+    async def kill(self) -> None:
+        _kill_all(self.ranks.ray, self.actors)
+
+
+def _kill_all(ray, actors: list) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # already gone
+            pass
 
 
 def build_parser() -> argparse.ArgumentParser:

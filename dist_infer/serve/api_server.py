@@ -7,6 +7,11 @@ through the EngineClient. It never blocks a step.
 Shutdown: the first SIGTERM/SIGINT drains (new requests get 503, running ones
 finish, at most --shutdown-timeout), the second exits at once. If rank 0 dies,
 /health turns 503 and the process exits 1 shortly after.
+
+Under `serve --restart N` (serve_supervised) this process is the top one instead:
+it binds the engine sockets, and a Supervisor (serve/supervisor.py) starts the
+rank job as its child and starts it again when it fails; meanwhile /health is
+503 "restarting" and requests wait for the new engine.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class ServerState:
     metrics: Metrics
     draining: bool = False
     created: int = int(time.time())
+    supervisor: object | None = None  # serve --restart: the Supervisor (restart counts for /health)
 
 
 # ---- prompts and parameters ---------------------------------------------------------------------------
@@ -74,6 +80,8 @@ def check_model(state: ServerState, name: str) -> None:
 
 def tokenize_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, list):
+        if not prompt:  # one empty entry of a batch, e.g. [[1, 2], []]
+            raise APIError(400, "a prompt is an empty list of token ids", "prompt")
         bad = [t for t in prompt if not 0 <= t < state.vocab_size]
         if bad:
             raise APIError(400, f"prompt token ids must be in [0, {state.vocab_size}); got {bad[:5]}", "prompt")
@@ -121,7 +129,7 @@ def admit(state: ServerState) -> None:
     """503 while draining, unhealthy, or with the queue full."""
     if state.draining or state.client.draining:
         raise APIError(503, "the server is shutting down", headers=RETRY_AFTER)
-    if not state.client.healthy:
+    if not state.client.healthy and not state.client.restarting:  # a restart: the request waits for it
         raise APIError(503, "the engine is not healthy", headers=RETRY_AFTER)
     if state.client.num_streams >= state.max_batch + state.max_queue:
         raise APIError(503, f"the request queue is full ({state.max_queue} waiting); retry later", headers=RETRY_AFTER)
@@ -396,6 +404,8 @@ def build_app(state: ServerState, limits: HttpLimits = HttpLimits()) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if state.client.restarting:  # 503 so that load balancers route away; requests still wait here
+            return JSONResponse(restarting_body(state), status_code=503, headers=RETRY_AFTER)
         ok = state.client.healthy and not (state.draining or state.client.draining)
         return Response(status_code=200 if ok else 503)
 
@@ -422,6 +432,14 @@ def build_app(state: ServerState, limits: HttpLimits = HttpLimits()) -> FastAPI:
 
     _install_triton_routes(app, state)
     return app
+
+
+def restarting_body(state: ServerState) -> dict:
+    sup = state.supervisor
+    return {"status": "restarting", "message": "the engine is restarting; requests are accepted and wait for it",
+            "restart": getattr(sup, "used", None), "max_restarts": getattr(getattr(sup, "policy", None),
+                                                                           "restarts", None),
+            "waiting_requests": state.client.num_streams}
 
 
 def _install_triton_routes(app: FastAPI, state: ServerState) -> None:
@@ -524,7 +542,14 @@ class DrainingServer(uvicorn.Server):
                  self.state.client.num_streams)
         self.state.draining = True
         self.state.client.drain(self.shutdown_timeout)
+        if self.state.supervisor is not None:
+            self.state.supervisor.drain()
         asyncio.get_event_loop().create_task(self._exit_when_idle())
+
+    def exit_after_linger(self) -> None:
+        """The engine is gone for good (or drained by itself): /health 503 a moment, then exit."""
+        self.state.draining = True
+        asyncio.get_event_loop().call_later(self.linger_s, setattr, self, "should_exit", True)
 
     async def _exit_when_idle(self) -> None:
         deadline = time.monotonic() + self.shutdown_timeout + 5
@@ -552,7 +577,7 @@ def watch_parent(state: ServerState, grace_s: float = 2.0) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dist_infer.serve.api_server")
     p.add_argument("--engine", required=True)
-    p.add_argument("--ipc-dir", required=True)
+    p.add_argument("--ipc-dir", help="rank 0's engine sockets (not with serve --restart: they are bound here)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name")
@@ -563,22 +588,68 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve_http(args: argparse.Namespace) -> int:
-    spec = EngineSpec.read(Path(args.engine))
+    """The front-end as rank 0's child: rank 0 bound the engine sockets in --ipc-dir."""
     tokenizer = load_tokenizer(Path(args.engine))
     client = EngineClient(EngineAddresses.in_directory(Path(args.ipc_dir)), tokenizer)
     await client.start()
-    state = ServerState(client, tokenizer, args.served_model_name or Path(args.engine).resolve().name,
-                        spec.build.max_seq_len, spec.model.vocab_size, spec.build.max_batch_size, args.max_queue,
-                        os.environ.get("DIST_INFER_API_KEY") or None, Metrics(args.served_model_name or "engine"))
+    state = server_state(args, client, tokenizer)
     watch_parent(state)
-    limits = HttpLimits.from_env()
     await client.wait_ready(timeout_s=60)
-    config = uvicorn.Config(build_app(state, limits), host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=5, **uvicorn_limits(limits))
-    server = DrainingServer(config, state, args.shutdown_timeout)
+    server = http_server(args, state)
     await server.serve()
     await client.close()
     return 0 if server.started else 2
+
+
+def server_state(args: argparse.Namespace, client: EngineClient, tokenizer) -> ServerState:
+    spec = EngineSpec.read(Path(args.engine))
+    return ServerState(client, tokenizer, args.served_model_name or Path(args.engine).resolve().name,
+                       spec.build.max_seq_len, spec.model.vocab_size, spec.build.max_batch_size, args.max_queue,
+                       os.environ.get("DIST_INFER_API_KEY") or None, Metrics(args.served_model_name or "engine"))
+
+
+def http_server(args: argparse.Namespace, state: ServerState) -> DrainingServer:
+    limits = HttpLimits.from_env()
+    config = uvicorn.Config(build_app(state, limits), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=5, **uvicorn_limits(limits))
+    return DrainingServer(config, state, args.shutdown_timeout)
+
+
+async def serve_supervised(args: argparse.Namespace, start_job, policy, control_host: str) -> int:
+    """`serve --restart N`: this process binds the engine sockets and serves HTTP; the
+    Supervisor runs the rank job (start_job) and restarts it when it fails."""
+    from dist_infer.serve.supervisor import FirstStartFailed, Supervisor
+
+    tokenizer = load_tokenizer(Path(args.engine))
+    client = EngineClient(None, tokenizer)
+    await client.start()
+    state = server_state(args, client, tokenizer)
+    state.supervisor = supervisor = Supervisor(client, start_job, control_host, policy)
+    try:
+        await supervisor.start()
+    except FirstStartFailed as exc:
+        log.error("%s: the server does not start (restarts are for an engine that served)", exc)
+        await client.close()
+        return exc.code
+    server = http_server(args, state)
+    watch = asyncio.create_task(_supervise(supervisor, server))
+    await server.serve()
+    await supervisor.finish(timeout_s=args.shutdown_timeout + 15)
+    done, _ = await asyncio.wait({watch}, timeout=5)  # the verdict follows the job's end
+    await client.close()
+    code = watch.result() if done else 0
+    return code if server.started else 2
+
+
+async def _supervise(supervisor, server: DrainingServer) -> int:
+    """The supervisor's verdict ends the HTTP server: 1 (no restart left) or 0 (the job ended on purpose)."""
+    code = await supervisor.run()
+    if code:
+        log.error("the engine is down for good: /health answers 503; exiting 1")
+    else:
+        log.info("the rank job ended (exit code 0, drained): stopping the front-end")
+    server.exit_after_linger()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,19 @@
 """Rank 0's serving loop: requests arrive on a ZeroMQ socket, steps run, deltas go back.
 
 The front-end (HTTP server or `dist_infer.LLM`) lives in another process, so
-tokenization, JSON and SSE never stall a step. Two local sockets, both bound
-here: the front-end PUSHes commands into `requests`, and PULLs step outputs
-and heartbeats from `outputs`.
+tokenization, JSON and SSE never stall a step. Two sockets: the front-end
+PUSHes commands into `requests`, and PULLs step outputs and heartbeats from
+`outputs`. Rank 0 binds them (local ipc sockets; its front-end is its child),
+or, under a supervisor (`serve --restart N`), CONNECTS to the ones the
+front-end bound: the front-end outlives this rank job, and the job's next
+incarnation connects to the front-end's next pair of sockets. A connected
+loop stops when the front-end falls silent (it pings every second), so a rank
+job never outlives its supervisor for long.
 
 Commands (pickled tuples): ("add", request_id, Request) | ("abort", request_id)
-| ("drain", timeout_s) | ("shutdown",). Messages back: ("outputs", [RequestOutput])
-| ("rejected", request_id, message) | ("heartbeat", EngineStats, draining).
+| ("drain", timeout_s) | ("shutdown",) | ("ping",). Messages back:
+("outputs", [RequestOutput]) | ("rejected", request_id, message)
+| ("heartbeat", EngineStats, draining).
 
 While no request runs the loop blocks on the socket (no busy core) and sends
 the other ranks an empty keepalive step every `keepalive_s`, so their wait for
@@ -41,6 +47,17 @@ class EngineAddresses:
     def in_directory(cls, directory: Path) -> EngineAddresses:
         return cls(f"ipc://{directory}/requests.sock", f"ipc://{directory}/outputs.sock")
 
+    @classmethod
+    def parse(cls, text: str) -> EngineAddresses:
+        """`serve --connect REQUESTS,OUTPUTS` (what `joined` wrote)."""
+        requests, _, outputs = text.partition(",")
+        if not requests or not outputs:
+            raise ValueError(f"expected two ZeroMQ addresses separated by a comma, got {text!r}")
+        return cls(requests, outputs)
+
+    def joined(self) -> str:
+        return f"{self.requests},{self.outputs}"
+
 
 class LoopStats:
     """What the loop did since the last report: logged every `interval_s` while busy, so an
@@ -70,23 +87,30 @@ class LoopStats:
                 f"waiting {stats.waiting}, KV {100 * stats.kv_usage:.0f}%, prefix hits {100 * stats.prefix_hit_rate:.0f}%")
 
 
+FRONTEND_SILENCE_S = 30.0  # a connected loop stops after this long without a word from its front-end
+
+
 class EngineLoop:
     heartbeat_s = 0.5
 
-    def __init__(self, engine: LLMEngine, addresses: EngineAddresses, keepalive_s: float = 30.0):
+    def __init__(self, engine: LLMEngine, addresses: EngineAddresses, keepalive_s: float = 30.0,
+                 connect: bool = False):
         self.engine = engine
         self.keepalive_s = keepalive_s
+        self.connected = connect
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.bind(addresses.requests)
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, 1000)
         self.outbox.setsockopt(zmq.SNDHWM, 0)  # never drop or block on a slow (but connected) front-end
-        self.outbox.bind(addresses.outputs)
+        attach = (lambda s, a: s.connect(a)) if connect else (lambda s, a: s.bind(a))
+        attach(self.inbox, addresses.requests)
+        attach(self.outbox, addresses.outputs)
         self.drain_deadline: float | None = None
         self.stopping = False
         self._last_heartbeat = 0.0
         self._last_plan = time.monotonic()
+        self._last_heard = time.monotonic()
         self.stats = LoopStats()
 
     def handle_signals(self, shutdown_timeout: float) -> None:
@@ -105,7 +129,7 @@ class EngineLoop:
 
     def run(self, should_stop=lambda: False) -> None:
         """Serve until shut down, drained, or `should_stop()` (e.g. the front-end died)."""
-        while not self.stopping and not should_stop():
+        while not self.stopping and not should_stop() and not self._frontend_gone():
             turn = time.monotonic()
             busy = self.engine.has_unfinished()
             self._receive(0 if busy else min(self.heartbeat_s, self.keepalive_s) * 1000)
@@ -124,6 +148,14 @@ class EngineLoop:
             self._report()
         self._heartbeat(force=True)
 
+    def _frontend_gone(self) -> bool:
+        """A connected loop whose supervisor died (kill -9, a lost node) must not serve nobody forever."""
+        silent = time.monotonic() - self._last_heard
+        if not self.connected or silent < FRONTEND_SILENCE_S:
+            return False
+        log.error("the front-end has been silent for %.0f s (its supervisor is gone): stopping", silent)
+        return True
+
     def _report(self) -> None:
         if self.stats.due():
             log.info("engine: %s", self.stats.report(self.engine))
@@ -137,6 +169,7 @@ class EngineLoop:
                 message = pickle.loads(self.inbox.recv(zmq.NOBLOCK))
             except zmq.Again:
                 return
+            self._last_heard = time.monotonic()
             self._handle(message)
 
     def _handle(self, message: tuple) -> None:

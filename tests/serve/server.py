@@ -110,10 +110,38 @@ class Server:
         time.sleep(0.5)
         return [p for p in self.pids if _alive(p)]
 
+    def rank_pid(self, rank: int) -> int:
+        """The pid of rank `rank` of the job's (current) ranks."""
+        found = rank_pids(descendants(self.proc.pid))
+        assert rank in found, f"no rank {rank} among the job's processes {found}:\n{self.output()}"
+        return found[rank]
+
     def kill(self) -> None:
+        self.pids += descendants(self.proc.pid) if self.proc.poll() is None else []  # a restarted job's too
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         for pid in self.pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+RANK_VARS = (b"OMPI_COMM_WORLD_RANK", b"SLURM_PROCID", b"PMIX_RANK")
+LAUNCHERS = ("mpirun", "prterun", "orterun", "mpiexec", "srun")
+
+
+def rank_pids(pids: list[int]) -> dict[int, int]:
+    """rank -> pid of the dist_infer rank processes among `pids` (from their launcher's variables)."""
+    found = {}
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        rank = next((env[v] for v in RANK_VARS if v in env), None)
+        tool = Path(cmdline.split(b"\0")[0].decode()).name
+        supervisor = b"\0--restart\0" in cmdline  # may carry a launcher's rank variables (a batch shell's)
+        if b"dist_infer" in cmdline and tool not in LAUNCHERS and not supervisor and rank is not None:
+            found[int(rank)] = pid
+    return found

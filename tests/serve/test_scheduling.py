@@ -6,7 +6,6 @@ misses, a disconnect frees its request; then a killed rank and an idle server.""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import time
 
@@ -14,38 +13,12 @@ import httpx
 import openai
 import pytest
 
-from conftest import hf_greedy, make_tiny_model, run_cli
+from conftest import hf_greedy, run_cli
+from .conftest import VOCAB
 from .server import Server
 
 pytestmark = pytest.mark.timeout(900)
-VOCAB = 301
-BLOCK = 4
-MAX_SEQ = 128
 POOL = 40  # blocks of 4 tokens: room for ~2 of the 32 requests below at once
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_dir):
-    """(engine dir builder, HF reference model)."""
-    root = tmp_path_factory.mktemp("tiny-serve")
-    model = make_tiny_model(root / "hf", "llama")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (smollm2_dir / name).is_file():
-            shutil.copy(smollm2_dir / name, root / "hf" / name)
-
-    def engine(tp: int, pp: int):
-        from dist_infer.partition import partition
-
-        out = root / f"engine-tp{tp}pp{pp}"
-        if not out.exists():
-            partition(root / "hf", tp, pp, root / f"ckpt-tp{tp}pp{pp}", progress=False)
-            proc = run_cli("build", "--checkpoint", str(root / f"ckpt-tp{tp}pp{pp}"), "--out", str(out),
-                           "--max-batch-size", "8", "--max-seq-len", str(MAX_SEQ), "--kv-block-size", str(BLOCK),
-                           timeout=300)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-        return out
-
-    return engine, model
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +39,6 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def _text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 def test_32_concurrent_requests_under_preemption_get_their_own_answers(server, tiny, tokenizer):
