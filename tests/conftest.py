@@ -187,3 +187,11 @@ def smollm2_hf(smollm2_dir):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+# The network-namespace "hosts" of tests/launchers (tests/launchers/hosts.py) have no route to
+# resolv.conf's nameserver: every name lookup made inside them (c10d's TCPStore names each peer it
+# accepts, Ray's and OpenMPI's daemons) waits out the resolver's 2 x 5 s before it fails. With no
+# attempts allowed it fails at once with the same answer (EAI_AGAIN); /etc/hosts still answers.
+# Give this to the processes that run on those hosts (the launch's environment, or the daemons').
+NETNS_NO_DNS_ENV = {"RES_OPTIONS": "attempts:0"}

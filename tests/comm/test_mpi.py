@@ -44,13 +44,14 @@ def run_mpi(tmp_path: Path, source: str, n: int = WORLD, timeout: float = 120, e
 
 
 COLLECTIVES_WORKER = """
-    import json, os, sys
+    import json, os, sys, time
     import torch
     from dist_infer.comm import ParallelGroups, world_from_launch
+    from dist_infer.comm.base import collective_call
     from dist_infer.comm.bootstrap import check_slurm_world
     from dist_infer.comm.mpi import MpiCommunicator
     from dist_infer.config import Mapping
-    from dist_infer.errors import LaunchError
+    from dist_infer.errors import CheckpointError, DistInferError, LaunchError
 
     out = sys.argv[1]
     world = world_from_launch()
@@ -140,6 +141,37 @@ COLLECTIVES_WORKER = """
     check_slurm_world(world.size)
     res["slurm_daemons_ok"] = True
 
+    # collective_call: one rank's error is raised on every rank (no hang)
+    def load():
+        if r == 2:
+            time.sleep(0.5)  # the others are already waiting in the collective
+            raise CheckpointError("rank2.safetensors is corrupt; partition again")
+        return r
+
+    try:
+        collective_call(world, load)
+        res["error"] = None
+    except DistInferError as exc:
+        res["error"] = {"type": type(exc).__name__, "message": str(exc), "collective": getattr(exc, "collective", False),
+                        "is_checkpoint_error": isinstance(exc, CheckpointError)}
+
+    # two ranks fail: everyone reports the lowest failing rank's error
+    def two_fail():
+        if r in (1, 3):
+            raise CheckpointError(f"bad shard on {r}")
+        return r
+
+    try:
+        collective_call(world, two_fail)
+        res["error2"] = None
+    except DistInferError as exc:
+        res["error2"] = str(exc)
+
+    # the world is still usable afterwards, and gather=True returns every rank's result
+    res["gathered"] = collective_call(world, lambda: r * 10, gather=True)
+    res["plain"] = collective_call(world, lambda: r + 1)
+    world.barrier()
+
     with open(os.path.join(out, f"rank{r}.json"), "w") as f:
         json.dump(res, f)
 """
@@ -147,6 +179,8 @@ COLLECTIVES_WORKER = """
 
 @pytest.fixture(scope="module")
 def collectives(tmp_path_factory):
+    """One `mpirun -n 4` job runs every check above (collectives, groups, the Slurm check and
+    collective_call's error propagation); each test below asserts on its part of the results."""
     return run_mpi(tmp_path_factory.mktemp("mpi_collectives"), COLLECTIVES_WORKER)
 
 
@@ -239,54 +273,8 @@ def test_slurm_check_in_mpi_job(collectives):
         assert res["slurm_daemons_ok"] is True
 
 
-COLLECTIVE_CALL_WORKER = """
-    import json, os, sys, time
-    from dist_infer.comm import world_from_launch
-    from dist_infer.comm.base import collective_call
-    from dist_infer.errors import CheckpointError, DistInferError
-
-    out = sys.argv[1]
-    world = world_from_launch()
-    r = world.rank
-    res = {}
-
-    def load():
-        if r == 2:
-            time.sleep(0.5)  # the others are already waiting in the collective
-            raise CheckpointError("rank2.safetensors is corrupt; partition again")
-        return r
-
-    try:
-        collective_call(world, load)
-        res["error"] = None
-    except DistInferError as exc:
-        res["error"] = {"type": type(exc).__name__, "message": str(exc), "collective": getattr(exc, "collective", False),
-                        "is_checkpoint_error": isinstance(exc, CheckpointError)}
-
-    # two ranks fail: everyone reports the lowest failing rank's error
-    def two_fail():
-        if r in (1, 3):
-            raise CheckpointError(f"bad shard on {r}")
-        return r
-
-    try:
-        collective_call(world, two_fail)
-        res["error2"] = None
-    except DistInferError as exc:
-        res["error2"] = str(exc)
-
-    # the world is still usable afterwards, and gather=True returns every rank's result
-    res["gathered"] = collective_call(world, lambda: r * 10, gather=True)
-    res["plain"] = collective_call(world, lambda: r + 1)
-    world.barrier()
-    with open(os.path.join(out, f"rank{r}.json"), "w") as f:
-        json.dump(res, f)
-"""
-
-
-def test_collective_call_error_raised_on_every_rank(tmp_path):
-    results = run_mpi(tmp_path, COLLECTIVE_CALL_WORKER, timeout=90)
-    for r, res in results.items():
+def test_collective_call_error_raised_on_every_rank(collectives):
+    for r, res in collectives.items():
         err = res["error"]
         assert err is not None, f"rank {r} did not raise"
         assert err["type"] == "CheckpointError" and err["is_checkpoint_error"]

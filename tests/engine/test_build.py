@@ -46,11 +46,14 @@ def build(ckpt: Path, out: Path, *extra: str, world: int = 1):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
+    # In this process, with the function `dist-infer partition` calls (its CLI is tested in
+    # tests/partition): what is under test here starts at the checkpoint.
+    from dist_infer.partition import partition
+
     root = tmp_path_factory.mktemp("build")
     make_tiny_model(root / "hf", "llama")
     out = root / "ckpt"
-    _ok(run_cli("partition", "--model", str(root / "hf"), "--tp", str(TP), "--pp", str(PP), "--out", str(out),
-                "--quiet", timeout=TIMEOUT))
+    partition(root / "hf", TP, PP, out, progress=False)
     return out
 
 

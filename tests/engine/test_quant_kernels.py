@@ -37,8 +37,10 @@ torch.manual_seed(0)
 configs = [None, LaunchConfig(block_n=32, block_k=64, split_k=3, num_warps=2, num_stages=2),
            LaunchConfig(block_n=16, block_k=128, split_k=1, dot=False),
            LaunchConfig(block_n=8, block_k=32, split_k=5, num_warps=2, dot=False)]
-cases = [(torch.float32, 96, 256, 1, 32), (torch.float32, 200, 1024, 8, 64), (torch.float32, 72, 1024, 20, 256),
-         (torch.float16, 200, 1024, 1, 64), (torch.float16, 96, 512, 8, 32)]
+# Outputs are as small as keeps each case's launches (tiles, masks, split counts) those of the
+# original 96/200/72/200/96 outputs; the interpreter's time grows with the output tiles.
+cases = [(torch.float32, 96, 256, 1, 32), (torch.float32, 40, 1024, 8, 64), (torch.float32, 24, 1024, 20, 256),
+         (torch.float16, 40, 1024, 1, 64), (torch.float16, 64, 512, 8, 32)]
 for i, (dtype, out, inp, tokens, group) in enumerate(cases):
     w = torch.randn(out, inp) * 0.02
     x = torch.randn(tokens, inp).to(dtype)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import NETNS_NO_DNS_ENV
+
 from .conftest import RANK_WRAPPER, TP, PP, launch, ok, rank_hosts, tokens, write_cluster
 
 
@@ -43,7 +45,8 @@ mpirun:
   extra_args: [--mca, btl_tcp_if_include, {two_hosts.subnet}, --mca, oob_tcp_if_include, {two_hosts.subnet}]
 env: {{OMP_NUM_THREADS: "1", DIST_INFER_TEST_RANK_DIR: {ranks}}}
 """)
-    proc = ok(launch(cluster, engine.run_args, timeout=180, env={"DIST_INFER_NETNS_HOSTS": two_hosts.netns_map()}))
+    proc = ok(launch(cluster, engine.run_args, timeout=180,
+                     env={"DIST_INFER_NETNS_HOSTS": two_hosts.netns_map(), **NETNS_NO_DNS_ENV}))
     assert tokens(proc) == engine.reference
     # TP groups inside a host, the pipeline across the two
     assert rank_hosts(ranks) == {0: h0.name, 1: h0.name, 2: h1.name, 3: h1.name}

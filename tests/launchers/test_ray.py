@@ -6,6 +6,7 @@ control overhead against mpirun on the same engine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from .conftest import PP, TP, launch, ok, require, tokens, wait_healthy, write_cluster
+from .conftest import NEW_TOKENS, PP, TP, launch, ok, require, tokens, wait_healthy, write_cluster
 from .daemons import RayCluster, free_port
 
 try:
@@ -30,9 +31,22 @@ def _ray_installed():
 STEPS_RE = re.compile(r"(\d+) tokens in (\d+) steps, ([\d.]+) s")
 
 
+@contextlib.contextmanager
+def ray_daemon_env(**env: str):
+    """The environment `ray start` gets (RayCluster passes on this process's). On SIGTERM a Ray
+    node drains for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s) before it stops, so
+    RayCluster.stop() used to wait out its 10 s grace for each cluster: nothing here needs
+    that drain (the jobs have ended), so it is off."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **env}.items():
+            mp.setenv(name, value)
+        yield
+
+
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
-    cluster = RayCluster(tmp_path_factory.mktemp("ray"), [None], cpus=[TP * PP])
+    with ray_daemon_env():
+        cluster = RayCluster(tmp_path_factory.mktemp("ray"), [None], cpus=[TP * PP])
     yield cluster
     cluster.stop()
 
@@ -64,10 +78,33 @@ def rank_nodes(output: str) -> list[str]:
     return json.loads(found.group(1).replace("'", '"'))
 
 
-def test_ray_job_submit_one_node(tmp_path, engine, ray_local):
+BENCH_TOKENS = 48  # steps per run of the overhead comparison
+
+
+def bench_args(engine) -> list[str]:
+    """engine.run_args with BENCH_TOKENS new tokens instead of NEW_TOKENS."""
+    args = [a if a != str(NEW_TOKENS) else str(BENCH_TOKENS) for a in engine.run_args]
+    assert args != engine.run_args
+    return args
+
+
+def assert_reference_tokens(proc, engine, what: str) -> None:
+    """Greedy decoding: a longer run's first NEW_TOKENS tokens are the single-process reference."""
+    assert [t[:NEW_TOKENS] for t in tokens(proc)] == engine.reference, what
+
+
+@pytest.fixture(scope="module")
+def job_submit_run(tmp_path_factory, engine, ray_local):
+    """`ray job submit` (ray.submit: true) of the overhead comparison's generation: one launch
+    that test_ray_job_submit_one_node checks and that is one of the comparison's Ray runs."""
+    tmp_path = tmp_path_factory.mktemp("ray-submit")
     cluster = ray_yaml(tmp_path, engine, f"address: '{ray_local.job_url}', submit: true")
-    proc = ok(launch(cluster, engine.run_args, timeout=240))
-    assert tokens(proc) == engine.reference
+    return ok(launch(cluster, bench_args(engine), timeout=240))
+
+
+def test_ray_job_submit_one_node(engine, job_submit_run):
+    proc = job_submit_run
+    assert_reference_tokens(proc, engine, "ray job submit")
     assert "succeeded" in proc.stdout  # ray job submit's verdict
     assert len(set(rank_nodes(proc.stdout + proc.stderr))) == 1
 
@@ -79,15 +116,13 @@ def _steps_per_s(proc) -> float:
     return int(steps) / float(seconds)
 
 
-def test_ray_driver_and_overhead_vs_mpirun(tmp_path, engine, ray_local):
+def test_ray_driver_and_overhead_vs_mpirun(tmp_path, engine, ray_local, job_submit_run):
     """A driver started by `dist-infer launch` (ray.submit: false), and the
     per-step control overhead: steps/s of the same generation under Ray
-    actors (gloo world) and under mpirun (MPI world), same engine, same machine."""
+    actors (gloo world) and under mpirun (MPI world), same engine, same machine.
+    Every run's greedy tokens begin with the single-process reference."""
     cluster = ray_yaml(tmp_path, engine, f"address: '{ray_local.gcs_address}', submit: false")
-    ok_run = ok(launch(cluster, engine.run_args, timeout=240))
-    assert tokens(ok_run) == engine.reference
-
-    bench = [a if a != "12" else "48" for a in engine.run_args]  # 48 steps per run
+    bench = bench_args(engine)
     def mpi_cluster(name, extra, env=""):
         return write_cluster(tmp_path / f"{name}.yaml", f"""
 launcher: mpirun
@@ -106,13 +141,21 @@ env: {{OMP_NUM_THREADS: "1"{env}}}
                 # Ray actors, so this ratio is Ray's own per-step overhead.
                 "mpirun_gloo": mpi_cluster("mpig", "", f", DIST_INFER_COMM: gloo, MASTER_ADDR: 127.0.0.1, "
                                                        f"MASTER_PORT: '{free_port()}'")}
+    # The asserted ratio (Ray over mpirun with gloo ranks) is the best of two runs of each, as
+    # the noise of 2 shared cores needs (Ray: the job-submit run and a driver-mode run); the
+    # MPI-data-plane runs only feed the record: one each.
+    runs = {"ray": 1, "mpirun": 1, "mpirun_yield_when_idle": 1, "mpirun_gloo": 2}
     rates = {k: [] for k in clusters}
-    for _ in range(2):
+    rates["ray"].append(_steps_per_s(job_submit_run))
+    for round_ in range(2):
         for name, c in clusters.items():
-            rates[name].append(_steps_per_s(ok(launch(c, bench, timeout=240))))
+            if round_ < runs[name]:
+                proc = ok(launch(c, bench, timeout=240))
+                assert_reference_tokens(proc, engine, name)
+                rates[name].append(_steps_per_s(proc))
     best = {k: round(max(v), 2) for k, v in rates.items()}
-    record = {"engine": f"tiny llama tp={TP} pp={PP}, CPU, {os.cpu_count()} cores", "steps": 48, "batch": 3,
-              "steps_per_s": best, "all_runs": rates,
+    record = {"engine": f"tiny llama tp={TP} pp={PP}, CPU, {os.cpu_count()} cores", "steps": BENCH_TOKENS,
+              "batch": 3, "steps_per_s": best, "all_runs": rates,
               "ray_over_mpirun": round(best["ray"] / best["mpirun"], 3),
               "ray_over_mpirun_yield": round(best["ray"] / best["mpirun_yield_when_idle"], 3),
               "ray_over_mpirun_gloo": round(best["ray"] / best["mpirun_gloo"], 3)}

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import NETNS_NO_DNS_ENV
+
 from .conftest import PP, TP, launch, ok, tokens
 from .daemons import RayCluster
-from .test_ray import _ray_installed, rank_nodes, ray_yaml  # noqa: F401 (autouse fixture)
+from .test_ray import _ray_installed, rank_nodes, ray_daemon_env, ray_yaml  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
 def ray_two(tmp_path_factory, two_hosts):
-    # TP CPUs per node: a stage fits on a node, two stages do not.
-    cluster = RayCluster(tmp_path_factory.mktemp("ray2"), list(two_hosts.hosts), cpus=[TP, TP])
+    # TP CPUs per node: a stage fits on a node, two stages do not. Both nodes (and the job's
+    # driver and rank actors they start) run on the namespace hosts: no DNS waits.
+    with ray_daemon_env(**NETNS_NO_DNS_ENV):
+        cluster = RayCluster(tmp_path_factory.mktemp("ray2"), list(two_hosts.hosts), cpus=[TP, TP])
     yield cluster
     cluster.stop()
 

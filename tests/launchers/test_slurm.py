@@ -16,7 +16,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import REPO
+from conftest import NETNS_NO_DNS_ENV, REPO
 
 from .conftest import PP, RANK_WRAPPER, TP, launch, ok, rank_hosts, require, tokens, wait_healthy, write_cluster
 from .daemons import SlurmCluster
@@ -83,7 +83,8 @@ def test_slurm_two_hosts(tmp_path, engine, slurm, opts):
     ranks = tmp_path / "ranks"
     ranks.mkdir()
     cluster = slurm_yaml(tmp_path, engine, f"partition: two, nodes: 2, ntasks_per_node: {TP}, {opts}", ranks)
-    proc = ok(launch(cluster, engine.run_args, timeout=240, env=slurm.env))
+    # The job (sbatch passes on the submitting environment) runs on the namespace hosts: no DNS waits.
+    proc = ok(launch(cluster, engine.run_args, timeout=240, env={**slurm.env, **NETNS_NO_DNS_ENV}))
     assert tokens(proc) == engine.reference
     h0, h1 = (h.name for h in slurm.hosts.hosts)
     assert rank_hosts(ranks) == {0: h0, 1: h0, 2: h1, 3: h1}
