@@ -101,6 +101,9 @@ class LLM:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    async def _shutdown_engine(self) -> None:
+        self.client.shutdown_engine()
+
     # ---- generation --------------------------------------------------------------------------------------
 
     def _request(self, prompt: str | list[int], sampling: SamplingParams | None, max_tokens: int,
@@ -147,8 +150,8 @@ class LLM:
         """Stop the engine (and its ranks) and wait for them."""
         if self._loop.is_closed():
             return
-        if self._engine_alive():
-            self.client.shutdown_engine()
+        if self._engine_alive():  # on the client's loop thread: its asyncio socket belongs there
+            self._call(self._shutdown_engine())
         self._stop_engine.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
