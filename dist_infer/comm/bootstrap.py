@@ -9,6 +9,7 @@ SLURM_PROCID/SLURM_NTASKS. A plain `python`/`dist-infer` start is a world of one
 
 from __future__ import annotations
 
+import logging
 import os
 
 from dist_infer.comm.base import Communicator, LocalCommunicator
@@ -98,6 +99,8 @@ def check_slurm_world(mpi_size: int) -> None:
                           "`srun --mpi=pmi2` for MPICH, or start the ranks with mpirun inside the allocation.")
 
 
+log = logging.getLogger(__name__)
+
 # Per-node rank variables (OpenMPI, Slurm, torchrun/Ray conventions).
 LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "LOCAL_RANK")
 
@@ -113,4 +116,22 @@ def resolve_device(device: str, world_rank: int) -> str:
     local = next((int(os.environ[v]) for v in LOCAL_RANK_VARS if v in os.environ), world_rank)
     device = f"cuda:{local % torch.cuda.device_count()}"
     torch.cuda.set_device(device)  # before any NCCL communicator: NCCL binds to the current device
+    widen_cpu_affinity(world_rank)
     return device
+
+
+def widen_cpu_affinity(world_rank: int) -> None:
+    """mpirun binds each rank of a 1- or 2-rank job to one core (`--bind-to core`, its default).
+    A GPU rank's host work is threads: the weights' sha256 pieces hashed beside their read,
+    torch's own pools. On one core they take turns (an 8B engine loaded in 20 s instead of 3),
+    so a GPU rank takes every CPU its node allows; the GPU does the compute."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the kernel keeps only the CPUs the cpuset allows
+    except OSError:
+        return
+    if (after := os.sched_getaffinity(0)) != before:
+        log.info("rank %d: the launcher bound this GPU rank to %d CPU(s); widened to %d, so its host threads "
+                 "(weight reads and hashing) run in parallel", world_rank, len(before), len(after))

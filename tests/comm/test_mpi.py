@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -376,3 +377,14 @@ def test_srun_single_task_subprocess_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
     assert proc.returncode == 2 and "REFUSED" in proc.stdout and "--mpi=pmix" in proc.stdout, proc.stdout + proc.stderr
     assert "STARTED" not in proc.stdout
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not shutil.which("taskset"), reason="needs 2+ CPUs and taskset")
+def test_a_rank_bound_to_one_core_is_given_every_cpu():
+    """mpirun's default binding (one core per rank of a small job) would serialise a GPU rank's
+    host threads; resolve_device widens it (tested here without a GPU: the function it calls)."""
+    code = ("import os; from dist_infer.comm.bootstrap import widen_cpu_affinity; "
+            "before = len(os.sched_getaffinity(0)); widen_cpu_affinity(0); print(before, len(os.sched_getaffinity(0)))")
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["1", str(len(os.sched_getaffinity(0)))]
