@@ -13,10 +13,9 @@ from typing import Any
 
 from dist_infer.errors import CheckpointError, EngineError, LaunchError, LayoutError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-# RoPE variants whose frequencies do not depend on the sequence length, so they
-# can be computed once at partition time.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+NORMS = ("rms", "layer")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+POSITION_EMBEDDINGS = ("rope", "learned")
 
 
 def _from_dict(cls, data: dict[str, Any]):
@@ -107,7 +106,18 @@ class Mapping:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The Llama-family shape dist_infer needs, read from a HF config.json."""
+    """The shape dist_infer needs, mapped from a HF config by the model's family
+    (dist_infer/models/): everything the engine builds from, so it never reads the HF config.
+
+    norm: "rms" or "layer" (LayerNorm, with a bias when norm_bias); rms_norm_eps is its epsilon
+        (either kind: the name predates LayerNorm families and stays for older checkpoints).
+    activation: "silu", "gelu_tanh" (GPT-2's gelu_new) or "gelu"; gated_mlp: act(gate) * up
+        (Llama) rather than act(fc_in) (GPT-2).
+    position_embedding: "rope" (rope_inv_freq [rotary_dim/2]) or "learned" (a position table of
+        max_position_embeddings rows); rotary_dim: dims of each head RoPE turns (None: all);
+        rope_interleaved: RoPE pairs neighbouring dims (GPT-J) rather than the two halves.
+    parallel_residual: attention and MLP read the same normed input and add to the stream once (GPT-J).
+    """
 
     architecture: str
     vocab_size: int
@@ -123,61 +133,60 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    # RoPE frequencies [head_dim/2] and the cos/sin scale (llama3/yarn change both).
+    # RoPE frequencies [rotary_dim/2] and the cos/sin scale (llama3/yarn change both).
     rope_inv_freq: tuple[float, ...] = ()
     rope_attention_scaling: float = 1.0
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    norm: str = "rms"
+    norm_bias: bool = False
+    activation: str = "silu"
+    gated_mlp: bool = True
+    position_embedding: str = "rope"
+    rotary_dim: int | None = None
+    rope_interleaved: bool = False
+    parallel_residual: bool = False
+    lm_head_bias: bool = False
+    # Sparse MoE (Mixtral): experts per MLP (0: a dense MLP) and how many each token is routed to;
+    # intermediate_size is one expert's.
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     def __post_init__(self):
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
+        from dist_infer.models import FAMILY_MODULES, is_supported
+
+        if not is_supported(self.architecture):
             raise CheckpointError(f"model type {self.architecture!r} is not supported; "
-                                  f"dist_infer runs {', '.join(SUPPORTED_ARCHITECTURES)}.")
+                                  f"dist_infer runs {', '.join(FAMILY_MODULES)}.")
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(f"{self.num_heads} attention heads are not a multiple of "
                                   f"{self.num_kv_heads} KV heads; the checkpoint config is inconsistent.")
-        if len(self.rope_inv_freq) != self.head_dim // 2:
-            raise CheckpointError(f"rope_inv_freq has {len(self.rope_inv_freq)} entries, expected head_dim/2 = {self.head_dim // 2}")
+        for name, allowed in (("norm", NORMS), ("activation", ACTIVATIONS), ("position_embedding", POSITION_EMBEDDINGS)):
+            if getattr(self, name) not in allowed:
+                raise CheckpointError(f"{name} {getattr(self, name)!r} is not supported; one of {', '.join(allowed)}.")
+        if not 0 < self.rotary_dims <= self.head_dim or self.rotary_dims % 2:
+            raise CheckpointError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim={self.head_dim}].")
+        if self.num_experts and not 1 <= self.experts_per_token <= self.num_experts:
+            raise CheckpointError(f"experts_per_token {self.experts_per_token} must be in 1..{self.num_experts} "
+                                  "(num_experts).")
+        want = self.rotary_dims // 2 if self.position_embedding == "rope" else 0
+        if len(self.rope_inv_freq) != want:
+            raise CheckpointError(f"rope_inv_freq has {len(self.rope_inv_freq)} entries, expected {want} "
+                                  "(rotary_dim/2 with RoPE, none with learned positions)")
         object.__setattr__(self, "rope_inv_freq", tuple(float(f) for f in self.rope_inv_freq))
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
 
     @classmethod
     def from_hf(cls, hf_config) -> ModelConfig:
-        """From a `transformers.PretrainedConfig` (Llama, Mistral or Qwen2)."""
-        arch = hf_config.model_type
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise CheckpointError(f"model type {arch!r} is not supported; dist_infer runs "
-                                  f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama family).")
-        if getattr(hf_config, "hidden_act", "silu") != "silu":
-            raise CheckpointError(f"activation {hf_config.hidden_act!r} is not supported (only silu).")
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        inv_freq, attention_scaling = _rope_frequencies(hf_config)
-        eos = hf_config.eos_token_id
-        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-        attention_bias = bool(getattr(hf_config, "attention_bias", False))
-        return cls(
-            architecture=arch,
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
-            num_layers=hf_config.num_hidden_layers,
-            num_heads=hf_config.num_attention_heads,
-            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
-            head_dim=head_dim,
-            rms_norm_eps=hf_config.rms_norm_eps,
-            max_position_embeddings=hf_config.max_position_embeddings,
-            tie_word_embeddings=bool(hf_config.tie_word_embeddings),
-            # Qwen2 always has q/k/v bias and no o bias; Llama's attention_bias covers all four.
-            qkv_bias=arch == "qwen2" or attention_bias,
-            o_bias=attention_bias and arch != "qwen2",
-            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-            rope_inv_freq=tuple(inv_freq.tolist()),
-            rope_attention_scaling=float(attention_scaling),
-            sliding_window=_sliding_window(hf_config),
-            bos_token_id=hf_config.bos_token_id,
-            eos_token_ids=eos_ids,
-        )
+        """From a `transformers.PretrainedConfig`, through its model type's family."""
+        from dist_infer.models import family_of
+
+        return family_of(hf_config.model_type).config_from_hf(hf_config)
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def q_size(self) -> int:
@@ -189,7 +198,7 @@ class ModelConfig:
 
     def num_params(self) -> int:
         attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
-        mlp = 3 * self.hidden_size * self.intermediate_size
+        mlp = (3 if self.gated_mlp else 2) * self.hidden_size * self.intermediate_size * max(self.num_experts, 1)
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
 
@@ -202,34 +211,6 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return _from_dict(cls, data)
-
-
-def _rope_frequencies(hf_config):
-    """RoPE inverse frequencies exactly as transformers computes them."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    import torch
-
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise CheckpointError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}.")
-    if rope_type == "default":
-        base = params["rope_theta"]
-        dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-    return ROPE_INIT_FUNCTIONS[rope_type](hf_config)
-
-
-def _sliding_window(hf_config) -> int | None:
-    window = getattr(hf_config, "sliding_window", None)
-    if window is None or (hf_config.model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False)):
-        return None
-    layer_types = getattr(hf_config, "layer_types", None) or []
-    if layer_types and len(set(layer_types)) > 1:
-        raise CheckpointError("models that mix sliding-window and full-attention layers are not supported yet.")
-    if layer_types and layer_types[0] == "full_attention":
-        return None
-    return int(window)
 
 
 # ---------------------------------------------------------------- layouts

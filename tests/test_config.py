@@ -227,7 +227,7 @@ def test_num_params_matches_transformers(arch):
 
 def test_from_hf_refuses_unsupported():
     with pytest.raises(CheckpointError, match="not supported"):
-        ModelConfig.from_hf(transformers.GPT2Config())
+        ModelConfig.from_hf(transformers.BertConfig())  # GPT-2 became a family (dist_infer/models/gpt2.py)
     with pytest.raises(CheckpointError, match="activation"):
         ModelConfig.from_hf(tiny_hf_config("llama", hidden_act="gelu"))
     with pytest.raises(CheckpointError, match="RoPE type"):
@@ -249,7 +249,10 @@ def test_model_config_round_trip(arch):
 def test_model_config_validates_itself():
     base = ModelConfig.from_hf(tiny_hf_config("llama")).to_dict()
     with pytest.raises(CheckpointError):
-        ModelConfig.from_dict({**base, "architecture": "gpt2"})
+        ModelConfig.from_dict({**base, "architecture": "bert"})
+    for field, bad in (("norm", "batch"), ("activation", "relu"), ("position_embedding", "alibi"), ("rotary_dim", 3)):
+        with pytest.raises(CheckpointError, match=field):
+            ModelConfig.from_dict({**base, field: bad})
     with pytest.raises(CheckpointError):
         ModelConfig.from_dict({**base, "num_kv_heads": 3})  # 8 heads not a multiple of 3
     with pytest.raises(CheckpointError):

@@ -36,6 +36,7 @@ from dist_infer.engine.layers import RowParallelLinear
 from dist_infer.engine.model import StageModel
 from dist_infer.engine.quant import check_quant_layout
 from dist_infer.errors import EngineError, LaunchError, LayoutError
+from dist_infer.models import family_of
 from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
 from dist_infer.partition.checkpoint import PartitionedCheckpoint
 from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, file_entry
@@ -70,26 +71,17 @@ def engine_tensor_specs(model: StageModel) -> list[tuple[str, torch.dtype, tuple
     return [(name, p.dtype, tuple(p.shape)) for name, p in model.named_parameters()]
 
 
-# Engine module inside layers.N -> the HF modules concatenated (dim 0) into it.
-_LAYER_SOURCES = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "self_attn.o_proj": ("self_attn.o_proj",),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-    "mlp.down_proj": ("mlp.down_proj",),
-    "input_norm": ("input_layernorm",),
-    "post_attention_norm": ("post_attention_layernorm",),
-}
-_TOP_SOURCES = {"embed": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
-
-
-def hf_sources(module: str, param: str, available: set[str]) -> list[str]:
-    """The HF tensors (rank-file names) fused into the engine tensor `module.param`."""
+def hf_sources(cfg: ModelConfig, module: str, param: str, available: set[str]) -> list[str]:
+    """The checkpoint tensors (rank-file names) fused into the engine tensor `module.param`,
+    as the model's family declares them (dist_infer/models/<family>.py)."""
+    family = family_of(cfg.architecture)
     if module.startswith("layers."):
         _, layer, local = module.split(".", 2)
-        return [f"model.layers.{layer}.{src}.{param}" for src in _LAYER_SOURCES[local]]
-    name = f"{_TOP_SOURCES[module]}.{param}"
-    if module == "lm_head" and name not in available:  # tied embeddings, head quantized: it is the table
-        name = "model.embed_tokens.weight"
+        prefix = family.layer_prefix.format(layer=layer)
+        return [f"{prefix}{src}.{param}" for src in family.sources_of(local)]
+    name = f"{family.top_sources[module]}.{param}"
+    if module == "lm_head" and param == "weight" and name not in available:  # tied, head quantized: the table
+        name = f"{family.top_sources['embed']}.weight"
     return [name]
 
 
@@ -122,17 +114,17 @@ def engine_tensors(model: StageModel, source: RankSource, dtype: torch.dtype) ->
             continue
         method = getattr(module, "method", None)
         if method is not None:
-            yield from _linear_weight(prefix, module, method, source, dtype)
+            yield from _linear_weight(model, prefix, module, method, source, dtype)
         for param, _ in module.named_parameters(recurse=False):
             if method is None or param == "bias":
-                yield f"{prefix}.{param}", source.read(hf_sources(prefix, param, source.names)).to(dtype)
+                yield f"{prefix}.{param}", source.read(hf_sources(model.cfg, prefix, param, source.names)).to(dtype)
 
 
-def _linear_weight(prefix: str, module, method, source: RankSource, dtype: torch.dtype):
-    if _is_prequantized(prefix, source):
-        yield from _prequantized_weight(prefix, module, method, source)
+def _linear_weight(model: StageModel, prefix: str, module, method, source: RankSource, dtype: torch.dtype):
+    if _is_prequantized(model, prefix, source):
+        yield from _prequantized_weight(model, prefix, module, method, source)
         return
-    names = hf_sources(prefix, "weight", source.names)
+    names = hf_sources(model.cfg, prefix, "weight", source.names)
     w = source.read(names)  # [out_local, in_local], the checkpoint's dtype
     row_absmax = None
     if isinstance(module, RowParallelLinear) and method.per_channel_scales:
@@ -145,23 +137,24 @@ def _row_absmax_peers(model: StageModel, names: set[str]) -> list[int]:
     """The TP peers whose shards this rank reads. Only per-channel scales of row-parallel weights
     that the build quantizes need them (their rows' absmax); a dense, group-wise or pre-quantized
     build reads its own shard alone (node-local storage works)."""
-    quantizes_rows = any(n.endswith(("o_proj.weight", "down_proj.weight")) for n in names)
+    rows = [prefix for prefix, m in model.named_modules() if isinstance(m, RowParallelLinear)]
+    quantizes_rows = any(hf_sources(model.cfg, prefix, "weight", names)[0] in names for prefix in rows)
     if not (quantizes_rows and _needs_row_absmax(model)):
         return []
     return [r for r in model.mapping.tp_group_ranks if r != model.mapping.rank]
 
 
-def _is_prequantized(prefix: str, source: RankSource) -> bool:
+def _is_prequantized(model: StageModel, prefix: str, source: RankSource) -> bool:
     """Whether the rank file holds this decoder linear already quantized (in the engine's form)."""
-    return prefix.startswith("layers.") and hf_sources(prefix, "qweight", source.names)[0] in source.names
+    return prefix.startswith("layers.") and hf_sources(model.cfg, prefix, "qweight", source.names)[0] in source.names
 
 
-def _prequantized_weight(prefix: str, module, method, source: RankSource):
+def _prequantized_weight(model: StageModel, prefix: str, module, method, source: RankSource):
     """q/k/v (gate/up) concatenated along the outputs as they are: qweight [out, ...] keeps its
     codes, scales and offsets are cast to the engine's dtype for them (the skeleton's)."""
     for param in method.params:
         want = getattr(module, param)  # a meta tensor with the engine's dtype and shape
-        yield f"{prefix}.{param}", source.read(hf_sources(prefix, param, source.names)).to(want.dtype)
+        yield f"{prefix}.{param}", source.read(hf_sources(model.cfg, prefix, param, source.names)).to(want.dtype)
 
 
 def adopt_checkpoint_quantization(build_config: BuildConfig, quantization: dict | None) -> BuildConfig:

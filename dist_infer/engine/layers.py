@@ -7,6 +7,7 @@ H = hidden size, T = tp size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -14,6 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_infer.comm.base import Communicator
+from dist_infer.engine.kernels import REFERENCE, ReferenceKernels
+from dist_infer.engine.kv_cache import PagedKVCache, StepBatch
+
+
+class UsesKernels:
+    """A module that runs ops through the kernel seam (engine/kernels.py): the reference until
+    `StageModel.use_kernels` hands it the device's kernels at load."""
+
+    kernels: ReferenceKernels = REFERENCE
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -58,7 +68,7 @@ class DenseLinear:
 DENSE = DenseLinear()
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(UsesKernels, nn.Module):
     """y = x W^T + b with W split along its output dim: x [N, in] -> y [N, out/T]. No communication."""
 
     def __init__(self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype,
@@ -72,7 +82,7 @@ class ColumnParallelLinear(nn.Module):
         return self.method.apply(self, x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(UsesKernels, nn.Module):
     """W split along its input dim: x [N, in/T] -> partial sums, all-reduced -> y [N, out].
     The bias is replicated and added once, after the reduction."""
 
@@ -112,16 +122,17 @@ class VocabParallelEmbedding(nn.Module):
         return self.group.all_reduce(x)
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(UsesKernels, nn.Module):
     """Vocab-parallel output projection: x [B, H] -> local logits [B, V/T] ->
     all-gathered full logits [B, V] (padding rows dropped)."""
 
     def __init__(self, vocab_size: int, vocab_padded: int, hidden: int, dtype: torch.dtype, group: Communicator,
-                 method: LinearMethod = DENSE):
+                 method: LinearMethod = DENSE, bias: bool = False):
         super().__init__()
         self.vocab_size = vocab_size
         self.in_features, self.method = hidden, method
         method.create_weights(self, vocab_padded // group.size, hidden, dtype)
+        self.bias = _empty(vocab_padded // group.size, dtype=dtype) if bias else None  # vocab-parallel, padded
         self.group = group
 
     def tie_to(self, embed: VocabParallelEmbedding) -> bool:
@@ -133,14 +144,14 @@ class ParallelLMHead(nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.method.apply(self, x).float()
+        logits = self.method.apply(self, x, self.bias).float()
         if self.group.size > 1:
             parts = self.group.all_gather(logits)  # [T, B, V/T]
             logits = parts.permute(1, 0, 2).reshape(x.shape[0], -1)
         return logits[:, : self.vocab_size]
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(UsesKernels, nn.Module):
     def __init__(self, hidden: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.weight = _empty(hidden, dtype=dtype)
@@ -148,30 +159,60 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(x + residual), x + residual); the sum is the new residual stream."""
-        if x.is_cuda:
-            from dist_infer.engine.fused_gpu import add_rmsnorm
+        return self.kernels.add_rms_norm(x, self.weight, self.eps, residual)
 
-            return add_rmsnorm(x, self.weight, self.eps, residual)
-        if residual is not None:
-            x = x + residual
-        # Normalize in float32 and cast back before the scale, as transformers does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype), x
+
+class LayerNorm(UsesKernels, nn.Module):
+    def __init__(self, hidden: int, eps: float, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _empty(hidden, dtype=dtype)
+        self.bias = _empty(hidden, dtype=dtype) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LayerNorm(x + residual), x + residual)."""
+        return self.kernels.add_layer_norm(x, self.weight, self.bias, self.eps, residual)
+
+
+def make_norm(cfg, dtype: torch.dtype) -> nn.Module:
+    """The model's norm kind (ModelConfig.norm): RMSNorm or LayerNorm."""
+    if cfg.norm == "layer":
+        return LayerNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_bias, dtype)
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 
 class Rotary(nn.Module):
-    """RoPE with precomputed inverse frequencies (llama3/yarn scaling already folded in)."""
+    """RoPE with precomputed inverse frequencies [rotary_dim/2] (llama3/yarn scaling already folded in).
+    It turns the first rotary_dim = 2 * len(inv_freq) dims of each head (GPT-J: fewer than all),
+    pairing the two halves (Llama, "neox") or neighbouring dims (interleaved, GPT-J)."""
 
-    def __init__(self, inv_freq: list[float], attention_scaling: float):
+    def __init__(self, inv_freq: list[float], attention_scaling: float, head_dim: int | None = None,
+                 interleaved: bool = False):
         super().__init__()
         self.register_buffer("inv_freq", torch.tensor(inv_freq, dtype=torch.float32), persistent=False)
         self.scaling = attention_scaling
+        self.rotary_dim = 2 * len(inv_freq)
+        self.interleaved = interleaved
+        # The fused GPU kernel turns whole heads, halves paired.
+        self.fusable = not interleaved and head_dim in (None, self.rotary_dim)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [N, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                       # [N, hd]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [N, rd/2]
+        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)  # [N, rd]
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+    def rotate(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [N, heads, hd] with its first rotary_dim dims turned; tables = cos_sin(...)."""
+        cos, sin = tables
+        if self.rotary_dim == x.shape[-1] and not self.interleaved:
+            return Rotary.apply(x, cos, sin)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.interleaved:  # (x0, x1) -> (-x1, x0) for each neighbouring pair
+            turned = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
+        else:
+            half = self.rotary_dim // 2
+            turned = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        return torch.cat((rot * cos[:, None, :] + turned * sin[:, None, :], rest), dim=-1)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -179,3 +220,110 @@ class Rotary(nn.Module):
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def make_rotary(cfg) -> Rotary | None:
+    """The model's RoPE, or None with learned positions."""
+    if cfg.position_embedding != "rope":
+        return None
+    return Rotary(list(cfg.rope_inv_freq), cfg.rope_attention_scaling, cfg.head_dim, cfg.rope_interleaved)
+
+
+@dataclass
+class StepPositions:
+    """What every layer's attention needs about the step's positions: the RoPE (None with
+    learned positions) and its per-step cos/sin tables (None where the kernel computes them)."""
+
+    rotary: Rotary | None
+    tables: tuple[torch.Tensor, torch.Tensor] | None
+
+
+# ---------------------------------------------------------------- attention and MLP blocks
+
+def local_heads(cfg, tp: int) -> tuple[int, int]:
+    """(query heads, KV heads) one TP rank holds; KV heads are replicated when tp > kv heads."""
+    return cfg.num_heads // tp, max(cfg.num_kv_heads // tp, 1)
+
+
+class Attention(UsesKernels, nn.Module):
+    """qkv_proj (column-parallel, q/k/v fused) -> RoPE + paged KV write -> paged attention ->
+    o_proj (row-parallel). Engine names: qkv_proj, o_proj."""
+
+    def __init__(self, cfg, layer_slot: int, tp: Communicator, dtype: torch.dtype, linear: LinearMethod = DENSE):
+        super().__init__()
+        self.heads, self.kv_heads = local_heads(cfg, tp.size)
+        self.head_dim = cfg.head_dim
+        self.layer_slot = layer_slot  # index into this stage's KV cache
+        self.scale = cfg.head_dim ** -0.5
+        self.sliding_window = cfg.sliding_window
+        q, kv = self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim
+        self.split = (q, kv, kv)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, q + 2 * kv, cfg.qkv_bias, dtype, linear)
+        self.o_proj = RowParallelLinear(q, cfg.hidden_size, cfg.o_bias, dtype, tp, linear)
+
+    def forward(self, x, positions: StepPositions, batch: StepBatch, cache: PagedKVCache):
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)  # [N, heads*hd], [N, kv*hd] x2
+        q = q.view(n, self.heads, self.head_dim)
+        k = k.view(n, self.kv_heads, self.head_dim)
+        v = v.view(n, self.kv_heads, self.head_dim)
+        q = self.kernels.rope_write_kv(q, k, v, positions.rotary, positions.tables, batch, cache, self.layer_slot)
+        o = self.kernels.attention(q, cache, self.layer_slot, batch, self.scale, self.sliding_window)  # [N, heads, hd]
+        return self.o_proj(o.reshape(n, -1))
+
+
+class GatedMLP(UsesKernels, nn.Module):
+    """down(act(gate) * up), gate/up fused column-parallel: engine names gate_up_proj, down_proj.
+    reduce=False leaves down_proj's partial sums [N, H] to the caller (MoE experts: one
+    all-reduce for all of them)."""
+
+    def __init__(self, cfg, tp: Communicator, dtype: torch.dtype, linear: LinearMethod = DENSE, reduce: bool = True):
+        super().__init__()
+        inter = cfg.intermediate_size // tp.size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype, linear)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, tp if reduce else _NoReduce(),
+                                           linear)
+
+    def forward(self, x):
+        return self.down_proj(self.kernels.silu_mul(self.gate_up_proj(x)))  # gate_up: [N, 2 * inter/T]
+
+
+class MLP(UsesKernels, nn.Module):
+    """down(act(up(x))) (GPT-2, GPT-J): engine names up_proj (column), down_proj (row)."""
+
+    def __init__(self, cfg, tp: Communicator, dtype: torch.dtype, linear: LinearMethod = DENSE):
+        super().__init__()
+        inter = cfg.intermediate_size // tp.size
+        self.activation = cfg.activation
+        self.up_proj = ColumnParallelLinear(cfg.hidden_size, inter, cfg.mlp_bias, dtype, linear)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, tp, linear)
+
+    def forward(self, x):
+        return self.down_proj(self.kernels.activation(self.activation, self.up_proj(x)))  # [N, inter/T] inside
+
+
+class _NoReduce:
+    """A TP group whose all-reduce is deferred: experts' partial sums are reduced once, together."""
+
+    size = 1
+
+
+class SparseMoE(UsesKernels, nn.Module):
+    """Mixtral's sparse MoE: a replicated router [E, H] picks experts_per_token experts per token
+    (softmax in float32, top-k, weights renormalised); every expert is a SiLU-gated MLP split over
+    TP like a dense one (gate_up column-, down row-parallel); the weighted partial sums of all
+    experts are all-reduced once. Engine names: router.weight, experts.{e}.gate_up_proj, .down_proj."""
+
+    def __init__(self, cfg, tp: Communicator, dtype: torch.dtype, linear: LinearMethod = DENSE):
+        super().__init__()
+        self.top_k, self.tp = cfg.experts_per_token, tp
+        self.router = nn.Module()
+        self.router.weight = _empty(cfg.num_experts, cfg.hidden_size, dtype=dtype)
+        self.experts = nn.ModuleList(GatedMLP(cfg, tp, dtype, linear, reduce=False) for _ in range(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.linear(x, self.router.weight).float().softmax(dim=-1)  # [N, E]
+        weights, chosen = probs.topk(self.top_k, dim=-1)                   # [N, k]
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = self.kernels.moe_experts(x, weights, chosen, self.experts)  # [N, H], partial over TP
+        return self.tp.all_reduce(out) if self.tp.size > 1 else out

@@ -29,7 +29,7 @@ numbers differ from TP=1 (by FP8 rounding of activations, not by weights).
 
 Kernels: on CPU the reference below (dequantize, then an ordinary matmul in the
 activation dtype; FP8 in float32 as `_scaled_mm` accumulates). On CUDA the same
-calls go to engine/quant_gpu.py. Model code only ever sees a `LinearMethod`.
+calls go to engine/quant_gpu.py, through the kernel seam (engine/kernels.py). Model code only ever sees a `LinearMethod`.
 """
 
 from __future__ import annotations
@@ -185,15 +185,6 @@ def fp8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     return y.to(x.dtype)
 
 
-def _kernel(name: str, x: torch.Tensor):
-    """The op for x's device: the reference here on CPU, engine/quant_gpu.py on CUDA."""
-    if x.is_cuda:
-        from dist_infer.engine import quant_gpu
-
-        return getattr(quant_gpu, name)
-    return globals()[f"{name}_reference"]
-
-
 # ---------------------------------------------------------------- linear methods
 
 class _QuantizedLinear:
@@ -203,7 +194,8 @@ class _QuantizedLinear:
     params: tuple[str, ...] = ("qweight", "scales")  # the kernel's arguments after x, in order
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = _kernel(self.kernel, x)(x, *(getattr(layer, p) for p in self.params))  # [N, out]
+        # The device's implementation of the mode's matmul (engine/kernels.py), chosen at load.
+        y = layer.kernels.quantized_linear(self.kernel)(x, *(getattr(layer, p) for p in self.params))  # [N, out]
         return y if bias is None else y + bias
 
 
@@ -276,9 +268,10 @@ def linear_methods(quant: QuantConfig | None) -> tuple[LinearMethod, LinearMetho
 
 def linear_inputs(cfg: ModelConfig, tp: int, lm_head: bool) -> list[tuple[str, int, bool]]:
     """(layer, input features per TP rank, split over TP) of every linear layer kind."""
+    up = "gate_up_proj" if cfg.gated_mlp else "up_proj"
     layers = [("layers.*.self_attn.qkv_proj", cfg.hidden_size, False),
               ("layers.*.self_attn.o_proj", cfg.q_size // tp, True),
-              ("layers.*.mlp.gate_up_proj", cfg.hidden_size, False),
+              (f"layers.*.mlp.{up}", cfg.hidden_size, False),
               ("layers.*.mlp.down_proj", cfg.intermediate_size // tp, True)]
     return layers + ([("lm_head", cfg.hidden_size, False)] if lm_head else [])
 

@@ -17,7 +17,8 @@ from dist_infer.comm.base import collective_call
 from dist_infer.comm.groups import ParallelGroups
 from dist_infer.config import BuildConfig, KVCacheConfig, Mapping, ModelConfig
 from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
-from dist_infer.engine.kv_cache import KV_STORAGE_DTYPES, PagedKVCache, StepBatch, paged_attention_reference
+from dist_infer.engine.kernels import kernels_for
+from dist_infer.engine.kv_cache import KV_STORAGE_DTYPES, PagedKVCache, StepBatch
 from dist_infer.engine.model import StageModel, local_heads
 from dist_infer.errors import CheckpointError, EngineError, LaunchError
 from dist_infer.partition.checkpoint import verify_file
@@ -123,14 +124,11 @@ class RankEngine:
         del weights
         _, self.kv_heads = local_heads(spec.model, self.mapping.tp)
         self.cache: PagedKVCache | None = None
-        self.attention = paged_attention_reference
         self.graphs: list = []  # CUDA graph families (decode, mixed) once captured
         self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool]] | None = None  # set [] to time steps
         if self.device.type == "cuda":
             self._use_kernel_cache()
-            from dist_infer.engine.attention_gpu import gpu_attention
-
-            self.attention = gpu_attention
+        self.model.use_kernels(kernels_for(self.device))  # the device's ops, chosen once (after the Triton cache)
 
     def _check_fp8_kv_support(self) -> None:
         capability = torch.cuda.get_device_capability(self.device)
@@ -236,7 +234,7 @@ class RankEngine:
             self.model.lm_head.weight = self.model.embed.weight
 
     def _eager_step(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        hidden = self.model(x, batch, self.cache, self.attention)
+        hidden = self.model(x, batch, self.cache)
         return self.model.logits(hidden, batch) if self.mapping.is_last_stage else hidden
 
     @torch.inference_mode()

@@ -25,34 +25,24 @@ from dist_infer.errors import CheckpointError
 from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
 from dist_infer.partition import prequantized
 from dist_infer.partition.checkpoint import FORMAT, format_version, rank_file
+from dist_infer.models import family_of, is_supported
+from dist_infer.models.base import NORMALIZE_ROWS, TRANSPOSE
 from dist_infer.partition.rules import REPLICATED, Shard, padded_vocab, plan_tensor
 from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, dtype_from_code, file_entry
 from dist_infer.partition.sources import SourceCheckpoint, open_source
 
 log = logging.getLogger(__name__)
 
-LAYER_WEIGHTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-                 "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight")
-
-
 def required_weights(model: ModelConfig) -> set[str]:
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not model.tie_word_embeddings:
-        names.add("lm_head.weight")
-    for i in range(model.num_layers):
-        names.update(f"model.layers.{i}.{w}" for w in LAYER_WEIGHTS)
-        if model.qkv_bias:
-            names.update(f"model.layers.{i}.self_attn.{p}_proj.bias" for p in "qkv")
-    return names
+    """The HF weights the model's family needs from a checkpoint of this config."""
+    return family_of(model.architecture).required_weights(model)
 
 
 def shard_shape(shard: Shard, source_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if shard.dim == REPLICATED:
-        return source_shape
     shape = list(source_shape)
-    shape[shard.dim] = shard.length
-    return tuple(shape)
+    if shard.dim != REPLICATED:
+        shape[shard.dim] = shard.length
+    return tuple(reversed(shape)) if shard.transform == TRANSPOSE else tuple(shape)
 
 
 def plan_partition(source: SourceCheckpoint, model: ModelConfig, tp: int, pp: int) -> dict[int, list[Shard]]:
@@ -71,11 +61,19 @@ def plan_partition(source: SourceCheckpoint, model: ModelConfig, tp: int, pp: in
 
 def _read_shard(source: SourceCheckpoint, shard: Shard) -> torch.Tensor:
     if shard.dim == REPLICATED:
-        return source.read(shard.source)
-    part = source.read(shard.source, shard.dim, shard.start, shard.stop)
+        return _transformed(source.read(shard.source), shard.transform)
+    part = _transformed(source.read(shard.source, shard.dim, shard.start, shard.stop), shard.transform)
     pad = shard.length - (shard.stop - shard.start)
     if pad:  # vocab padding: rows past the real vocabulary are zeros
         part = torch.cat([part, part.new_zeros((pad, *part.shape[1:]))])
+    return part
+
+
+def _transformed(part: torch.Tensor, transform: str) -> torch.Tensor:
+    if transform == TRANSPOSE:  # Conv1D [in, out] -> [out, in]
+        return part.t().contiguous()
+    if transform == NORMALIZE_ROWS:  # NormHead: each vocab row to unit L2 norm, once, here
+        return torch.nn.functional.normalize(part.float(), dim=1).to(part.dtype)
     return part
 
 
@@ -94,11 +92,24 @@ def _model_config(source: SourceCheckpoint) -> ModelConfig:
     """The model's shape; a config.json value transformers let through but that makes
     no sense as a shape (a string, a list) is the file's fault, not a bug."""
     try:
-        return ModelConfig.from_hf(source.hf_config())
+        return ModelConfig.from_hf(_hf_config(source))
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         raise CheckpointError(f"{source.directory / 'config.json'} has a missing field or one of the wrong type "
                               f"({type(exc).__name__}: {exc}). Restore the file from the model's original download."
                               ) from None
+
+
+def _hf_config(source: SourceCheckpoint):
+    """transformers' config, or, for a family whose code transformers lacks (remote code we do
+    not run: Baichuan), the family's reading of config.json."""
+    try:
+        raw = json.loads((source.directory / "config.json").read_bytes())
+    except (OSError, ValueError):
+        raw = None  # transformers' own reading reports the problem
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if isinstance(model_type, str) and is_supported(model_type) and family_of(model_type).read_config is not None:
+        return family_of(model_type).read_config(raw)
+    return source.hf_config()
 
 
 def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = False, progress: bool = True) -> Path:
@@ -149,7 +160,7 @@ def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], direct
         for name in order:
             cached_key, cached = None, None
             for shard in by_source[name]:
-                key = (shard.dim, shard.start, shard.stop, shard.length)
+                key = (shard.dim, shard.start, shard.stop, shard.length, shard.transform)
                 if key != cached_key:  # replicas of the same slice are read once
                     cached_key, cached = key, _read_shard(source, shard)
                 writers[shard.rank].write(shard.name, cached)

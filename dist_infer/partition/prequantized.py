@@ -54,6 +54,7 @@ import torch
 from dist_infer.config import ModelConfig, valid_tp_sizes
 from dist_infer.engine.quant import linear_inputs, pack_int4
 from dist_infer.errors import CheckpointError, LayoutError
+from dist_infer.models import family_of
 from dist_infer.partition.sources import SourceCheckpoint, TensorMeta
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,6 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output 8c + AWQ_ORDER[i] sits in nibble 
 AWQ_NIBBLE_OF_OUTPUT = tuple(AWQ_ORDER.index(j) for j in range(8))  # (0, 4, 1, 5, 2, 6, 3, 7)
 NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble i of an int32 is bits 4i..4i+3
 
-_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
-_LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 # Static activation and KV-cache scales some FP8 exports carry: the engine computes its own.
 _RUNTIME_SCALES = re.compile(r"\.(input_scale|k_scale|v_scale|q_scale)$")
 
@@ -475,18 +472,22 @@ def _check_linears(fmt, linears: dict[str, QuantLinear], model: ModelConfig) -> 
     if not linears:
         raise CheckpointError(f"the quantization_config says {fmt.name} but no tensor is quantized that way; "
                               "restore the checkpoint from its download.")
-    outside = sorted(p for p in linears if not _LINEAR.match(p))
+    family = family_of(model.architecture)  # its decoder linears' names, and which the engine fuses
+    inside = re.compile(re.escape(family.layer_prefix).replace(r"\{layer\}", r"\d+")
+                        + "(" + "|".join(map(re.escape, family.quantizable_linears)) + ")")
+    outside = sorted(p for p in linears if not (family.quantizable_linears and inside.fullmatch(p)))
     if outside:
         raise CheckpointError(f"{outside[0]} is quantized in this checkpoint; dist_infer keeps embeddings and the LM "
                               "head in the model dtype and quantizes only decoder linear layers. Use a checkpoint "
                               "with an unquantized head (`lm_head` in the quantizer's ignore list). " + UNQUANTIZED_FIX)
     for layer in range(model.num_layers):
-        for fused in _FUSED:
-            quantized = [m for m in fused if f"model.layers.{layer}.{m}" in linears]
+        prefix = family.layer_prefix.format(layer=layer)
+        for fused in family.fused_linears:
+            quantized = [m for m in fused if f"{prefix}{m}" in linears]
             if quantized and len(quantized) != len(fused):
                 raise CheckpointError(f"layer {layer}: {', '.join(quantized)} quantized but not all of "
                                       f"{', '.join(fused)}, which the engine fuses into one weight. " + UNQUANTIZED_FIX)
-    dense = model.num_layers * len(_LINEAR_MODULES) - len(linears)
+    dense = model.num_layers * len(family.quantizable_linears) - len(linears)
     if dense:
         log.warning("%d decoder linear layers are not quantized in this checkpoint; the build quantizes them to %s "
                     "with its own scales", dense, fmt.mode)

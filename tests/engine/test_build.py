@@ -96,7 +96,7 @@ def test_mpi_build_matches_single_process_build(ckpt, engine):
     # The sizes and hashes engine.json records are those of the files written.
     for name in weight_files:
         path = mpi_out / name
-        assert b["files"][name] == file_entry(path) and b["files"][name]["sha256"] == multi[name]
+        assert b["files"][name] == file_entry(path) and b["files"][name]["piece_sha256"] == [multi[name]]  # one piece
     # No temp directory is left beside the output.
     assert sorted(p.name for p in ckpt.parent.iterdir() if p.name.startswith(".")) == []
 

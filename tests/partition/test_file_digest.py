@@ -1,6 +1,7 @@
-"""Checkpoint and engine files are hashed whole and per piece (safetensors_stream.FileDigest /
-file_entry); loading verifies the pieces in parallel (checkpoint.verify_file) and names the
-byte range that differs. Entries written before pieces existed are verified whole."""
+"""Checkpoint and engine files are hashed per piece (safetensors_stream.FileDigest / file_entry);
+loading verifies the pieces in parallel (checkpoint.verify_file) and names the byte range that
+differs. Entries written before pieces existed (a whole-file sha256) are verified whole.
+The streaming writer puts every tensor's bytes at its offset from several threads."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from dist_infer.errors import CheckpointError
 from dist_infer.partition.checkpoint import verify_file
-from dist_infer.partition.safetensors_stream import FileDigest, file_entry
+from dist_infer.partition import safetensors_stream
+from dist_infer.partition.safetensors_stream import FileDigest, StreamingSafetensorsWriter, file_entry
 
 PIECE = 300
 
@@ -27,7 +29,7 @@ def data_file(tmp_path):
 def test_pieces_are_the_sha256_of_each_slice_and_streaming_agrees(data_file):
     path, data = data_file
     entry = file_entry(path, PIECE)
-    assert entry["size"] == 1000 and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["size"] == 1000 and "sha256" not in entry  # no one-core pass over the whole file
     assert entry["piece_sha256"] == [hashlib.sha256(data[i:i + PIECE]).hexdigest() for i in range(0, 1000, PIECE)]
     streamed = FileDigest(PIECE)
     for i in range(0, 1000, 7):  # blocks that straddle piece boundaries
@@ -69,3 +71,31 @@ def test_a_damaged_entry_is_a_clear_error(data_file, edit):
     entry = {**file_entry(path, PIECE), **edit}
     with pytest.raises(CheckpointError, match="manifest entry of rank0.safetensors is damaged.*Rebuild"):
         verify_file(path, entry, "engine rank 0", "Rebuild.")
+
+
+def test_threaded_writes_in_any_order_make_the_file_safetensors_reads(tmp_path, monkeypatch):
+    """Tensors written out of declaration order, more than fit in flight at once: every byte lands."""
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(safetensors_stream, "WRITE_IN_FLIGHT_BYTES", 4096)
+    tensors = {f"t{i}": torch.randn(37 + i, 19 + i).to(dtype) for i, dtype in
+               enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float32] * 3)}
+    tensors["ids"] = torch.arange(5000, dtype=torch.int64)
+    writer = StreamingSafetensorsWriter(tmp_path / "w.safetensors", [(n, t.dtype, tuple(t.shape)) for n, t in
+                                                                   tensors.items()], {"format": "pt"})
+    for name in reversed(list(tensors)):
+        writer.write(name, tensors[name])
+    writer.close()
+    loaded = load_file(tmp_path / "w.safetensors")
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_a_tensor_never_written_is_an_error(tmp_path):
+    import torch
+
+    writer = StreamingSafetensorsWriter(tmp_path / "w.safetensors", [("a", torch.float32, (2,)),
+                                                                   ("b", torch.float32, (3,))])
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="never written: \\['b'\\]"):
+        writer.close()

@@ -95,7 +95,7 @@ def test_build_never_reuses_a_dead_builds_staging_dir(checkpoint, tmp_path):
     from dist_infer.config import BuildConfig
     from dist_infer.engine.build import build
     from dist_infer.engine.runtime import EngineSpec
-    from dist_infer.partition.safetensors_stream import file_sha256
+    from dist_infer.partition.safetensors_stream import file_entry
 
     out, host = tmp_path / "engine", socket.gethostname()
     dead = [tmp_path / f".engine.tmp-build-{host}-{_dead_pid()}", tmp_path / ".engine.tmp-build"]
@@ -108,7 +108,7 @@ def test_build_never_reuses_a_dead_builds_staging_dir(checkpoint, tmp_path):
     assert hidden_entries(tmp_path) == [live.name]
     spec = EngineSpec.read(out)
     for name, entry in json.loads((out / "engine.json").read_text())["files"].items():
-        assert file_sha256(out / name) == entry["sha256"]  # the files this build wrote, not the leftovers
+        assert file_entry(out / name) == entry  # the files this build wrote, not the leftovers
     assert spec.mapping.world_size == 2
 
 

@@ -1,0 +1,135 @@
+"""The kernel seam: every op a model runs that has more than one implementation.
+
+`ReferenceKernels` is the CPU reference (plain torch, the numbers transformers computes);
+`GpuKernels` overrides the ops that have a Triton/CUDA implementation (engine/fused_gpu.py,
+attention_gpu.py, quant_gpu.py) and inherits the rest. `kernels_for(device)` picks one when
+a rank loads its engine; `StageModel.use_kernels` hands it to every layer. Model and family
+code call `self.kernels.<op>` and never ask which device or which quantization they run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from dist_infer.engine.kv_cache import PagedKVCache, StepBatch, paged_attention_reference
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
+class ReferenceKernels:
+    name = "reference"
+
+    def add_rms_norm(self, x, weight, eps: float, residual=None):
+        """(RMSNorm(x + residual), x + residual): x, residual [N, H]; the sum is the new stream."""
+        if residual is not None:
+            x = x + residual
+        # Normalize in float32 and cast back before the scale, as transformers does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(x.dtype), x
+
+    def add_layer_norm(self, x, weight, bias, eps: float, residual=None):
+        """(LayerNorm(x + residual), x + residual)."""
+        if residual is not None:
+            x = x + residual
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps), x
+
+    def silu_mul(self, gate_up):
+        """gate_up [N, 2I] -> silu(gate) * up [N, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def activation(self, name: str, x):
+        return ACTIVATIONS[name](x)
+
+    def rope_tables(self, rotary, positions, dtype):
+        """Per-step RoPE cos/sin shared by every layer (None where the kernel computes them itself)."""
+        return None if rotary is None else rotary.cos_sin(positions, dtype)
+
+    def rope_write_kv(self, q, k, v, rotary, tables, batch: StepBatch, cache: PagedKVCache, layer: int):
+        """RoPE on q [N, heads, hd] and k [N, kv, hd] (none with learned positions); k and v go to
+        the layer's cache slots. Returns the rotated q."""
+        if rotary is not None:
+            q, k = rotary.rotate(q, tables), rotary.rotate(k, tables)
+        cache.write(layer, k, v, batch.slot_mapping)
+        return q
+
+    def attention(self, q, cache: PagedKVCache, layer: int, batch: StepBatch, scale: float, window):
+        return paged_attention_reference(q, cache, layer, batch, scale, window)
+
+    def moe_experts(self, x, weights, chosen, experts):
+        """Sparse MoE dispatch: x [N, H]; chosen [N, k] expert ids with their weights [N, k] (float32);
+        experts: modules [n, H] -> [n, H]. Each expert runs on its tokens only (data-dependent
+        shapes: fine eagerly, not inside a CUDA graph)."""
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
+        return out
+
+    def quantized_linear(self, name: str):
+        """The weight-only/FP8 matmul `name` (int8_linear, int4_linear, fp8_linear): x, *params -> [N, out]."""
+        from dist_infer.engine import quant
+
+        return getattr(quant, f"{name}_reference")
+
+
+class GpuKernels(ReferenceKernels):
+    name = "gpu"
+
+    def __init__(self):
+        from dist_infer.engine import attention_gpu, fused_gpu, quant_gpu
+
+        self.fused, self.attn, self.quant = fused_gpu, attention_gpu, quant_gpu
+
+    def add_rms_norm(self, x, weight, eps, residual=None):
+        return self.fused.add_rmsnorm(x, weight, eps, residual)
+
+    def silu_mul(self, gate_up):
+        return self.fused.silu_mul(gate_up)
+
+    def rope_tables(self, rotary, positions, dtype):
+        return None if rotary is None or rotary.fusable else super().rope_tables(rotary, positions, dtype)
+
+    def rope_write_kv(self, q, k, v, rotary, tables, batch, cache, layer):
+        if rotary is None or not rotary.fusable:  # partial / interleaved RoPE, learned positions
+            return super().rope_write_kv(q, k, v, rotary, tables, batch, cache, layer)
+        # One kernel: RoPE on q in place, RoPE'd k and v into the cache.
+        self.fused.rope_write_kv(q, k, v, batch.positions, rotary.inv_freq, rotary.scaling, cache.k[layer],
+                                 cache.v[layer], batch.slot_mapping, cache.k_scale[layer : layer + 1],
+                                 cache.v_scale[layer : layer + 1])
+        return q
+
+    def attention(self, q, cache, layer, batch, scale, window):
+        return self.attn.gpu_attention(q, cache, layer, batch, scale, window)
+
+    def moe_experts(self, x, weights, chosen, experts):
+        """Graph-safe MoE (static shapes, no host sync): every expert runs on every token, scaled by
+        its routing weight, 0 where it was not chosen. E/k times the reference's expert FLOPs: a
+        grouped-GEMM kernel that skips the zeros is the next step."""
+        dense = torch.zeros(x.shape[0], len(experts), dtype=x.dtype, device=x.device)
+        dense.scatter_(1, chosen, weights.to(x.dtype))  # [N, E]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(experts):
+            out += expert(x) * dense[:, e : e + 1]
+        return out
+
+    def quantized_linear(self, name):
+        return getattr(self.quant, name)
+
+
+REFERENCE = ReferenceKernels()
+
+
+@functools.cache
+def _gpu() -> GpuKernels:
+    return GpuKernels()
+
+
+def kernels_for(device: torch.device | str) -> ReferenceKernels:
+    """The kernels of a device: GPU implementations on CUDA, the reference elsewhere."""
+    return _gpu() if torch.device(device).type == "cuda" else REFERENCE
