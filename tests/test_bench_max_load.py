@@ -104,3 +104,14 @@ def test_unwritable_output_json_is_refused_before_loading(tmp_path, capsys):
         check_output_json(tmp_path)
     assert main(["bench", "--output-json", str(tmp_path / "missing" / "b.json")]) == 2
     assert "does not exist; create it first" in capsys.readouterr().err
+
+
+def test_an_engine_made_in_memory_runs(llm):
+    """bench's random-weight presets build the engine in memory: its spec has no directory (so no
+    generation_config.json to read EOS ids from). That once crashed `bench --model` before any step."""
+    import dataclasses
+
+    in_memory = LLMEngine(llm.worker, dataclasses.replace(llm.spec, directory=None),
+                          options=EngineOptions(64, False, max_num_seqs=3))
+    request = max_load_requests(1, input_len=4, output_len=3, vocab_size=llm.spec.model.vocab_size)
+    assert len(in_memory.generate(request)[0].output_ids) == 3

@@ -92,9 +92,12 @@ def tokenize(items: list[str | list[int]], tokenizer, chat_template: bool) -> li
     return out
 
 
-def generation_eos_ids(engine_dir: Path) -> set[int]:
+def generation_eos_ids(engine_dir: Path | None) -> set[int]:
     """EOS ids that only generation_config.json lists (Llama-3-Instruct ends a turn
-    with <|eot_id|>, which its config.json does not name)."""
+    with <|eot_id|>, which its config.json does not name). None: an engine made in memory
+    (bench's random-weight presets) has no such file."""
+    if engine_dir is None:
+        return set()
     path = Path(engine_dir) / "generation_config.json"
     try:
         eos = json.loads(path.read_text()).get("eos_token_id")
