@@ -327,3 +327,25 @@ class SparseMoE(UsesKernels, nn.Module):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         out = self.kernels.moe_experts(x, weights, chosen, self.experts)  # [N, H], partial over TP
         return self.tp.all_reduce(out) if self.tp.size > 1 else out
+
+
+class PreNormDecoderLayer(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then + mlp(norm(.)); the residual adds are fused into the norms.
+    A family names its MLP block (GatedMLP, MLP, SparseMoE) in `mlp_block`."""
+
+    mlp_block: type[nn.Module] = GatedMLP
+
+    def __init__(self, cfg, layer_slot: int, tp, dtype: torch.dtype, linear):
+        super().__init__()
+        self.input_norm = make_norm(cfg, dtype)
+        self.self_attn = Attention(cfg, layer_slot, tp, dtype, linear)
+        self.post_attention_norm = make_norm(cfg, dtype)
+        self.mlp = self.mlp_block(cfg, tp, dtype, linear)
+
+    def forward(self, x, residual, positions, batch, cache):
+        """x: this layer's input [N, H] (the previous layer's MLP output); residual: the
+        stream before it (None for a stage's first layer). Returns (mlp output, residual)."""
+        h, residual = self.input_norm(x, residual)
+        h = self.self_attn(h, positions, batch, cache)
+        h, residual = self.post_attention_norm(h, residual)
+        return self.mlp(h), residual

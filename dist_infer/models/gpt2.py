@@ -4,11 +4,8 @@ token table. Partition transposes the Conv1D shards and cuts `c_attn` into q, k,
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from dist_infer.config import ModelConfig
-from dist_infer.engine.layers import MLP, Attention, make_norm
+from dist_infer.engine.layers import MLP, PreNormDecoderLayer
 from dist_infer.errors import CheckpointError
 from dist_infer.models.base import (COLUMN, EMBED, FIRST, FUSED_QKV, IGNORE, LAST, LM_HEAD, REPLICATE, ROW, Family,
                                     WeightRule)
@@ -71,21 +68,8 @@ def required_weights(model: ModelConfig) -> set[str]:
                     for p in ("weight", "bias")}
 
 
-class GPT2DecoderLayer(nn.Module):
-    """Pre-LayerNorm: x + attn(ln_1(x)), then + mlp(ln_2(.)); residual adds fused into the norms."""
-
-    def __init__(self, cfg: ModelConfig, layer_slot: int, tp, dtype: torch.dtype, linear):
-        super().__init__()
-        self.input_norm = make_norm(cfg, dtype)
-        self.self_attn = Attention(cfg, layer_slot, tp, dtype, linear)
-        self.post_attention_norm = make_norm(cfg, dtype)
-        self.mlp = MLP(cfg, tp, dtype, linear)
-
-    def forward(self, x, residual, positions, batch, cache):
-        h, residual = self.input_norm(x, residual)
-        h = self.self_attn(h, positions, batch, cache)
-        h, residual = self.post_attention_norm(h, residual)
-        return self.mlp(h), residual
+class GPT2DecoderLayer(PreNormDecoderLayer):
+    mlp_block = MLP
 
 
 FAMILY = Family(name="gpt2", config_from_hf=config_from_hf, weight_rules=RULES, required_weights=required_weights,

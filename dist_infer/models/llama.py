@@ -5,10 +5,9 @@ HF weights are [out, in]."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from dist_infer.config import ModelConfig
-from dist_infer.engine.layers import Attention, GatedMLP, make_norm
+from dist_infer.engine.layers import GatedMLP, PreNormDecoderLayer
 from dist_infer.errors import CheckpointError
 from dist_infer.models.base import (COLUMN, EMBED, IGNORE, KV_COLUMN, LAST, LM_HEAD, REPLICATE, ROW, Family,
                                     WeightRule)
@@ -124,23 +123,8 @@ def required_weights(model: ModelConfig) -> set[str]:
     return names
 
 
-class LlamaDecoderLayer(nn.Module):
-    """Pre-norm: x + attn(norm(x)), then + mlp(norm(.)); the residual add is fused into the norms."""
-
-    def __init__(self, cfg: ModelConfig, layer_slot: int, tp, dtype: torch.dtype, linear):
-        super().__init__()
-        self.input_norm = make_norm(cfg, dtype)
-        self.self_attn = Attention(cfg, layer_slot, tp, dtype, linear)
-        self.post_attention_norm = make_norm(cfg, dtype)
-        self.mlp = GatedMLP(cfg, tp, dtype, linear)
-
-    def forward(self, x, residual, positions, batch, cache):
-        """x: this layer's input [N, H] (the previous layer's MLP output); residual: the
-        stream before it (None for a stage's first layer). Returns (mlp output, residual)."""
-        h, residual = self.input_norm(x, residual)
-        h = self.self_attn(h, positions, batch, cache)
-        h, residual = self.post_attention_norm(h, residual)
-        return self.mlp(h), residual
+class LlamaDecoderLayer(PreNormDecoderLayer):
+    mlp_block = GatedMLP
 
 
 FAMILY = Family(

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-from torch import nn
-
 from dist_infer.config import ModelConfig
-from dist_infer.engine.layers import Attention, SparseMoE, make_norm
+from dist_infer.engine.layers import PreNormDecoderLayer, SparseMoE
 from dist_infer.models import llama
 from dist_infer.models.base import COLUMN, REPLICATE, ROW, Family, WeightRule
 
@@ -42,19 +39,8 @@ def required_weights(model: ModelConfig) -> set[str]:
     return (llama.required_weights(model) - dense) | moe
 
 
-class MixtralDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_slot: int, tp, dtype: torch.dtype, linear):
-        super().__init__()
-        self.input_norm = make_norm(cfg, dtype)
-        self.self_attn = Attention(cfg, layer_slot, tp, dtype, linear)
-        self.post_attention_norm = make_norm(cfg, dtype)
-        self.mlp = SparseMoE(cfg, tp, dtype, linear)
-
-    def forward(self, x, residual, positions, batch, cache):
-        h, residual = self.input_norm(x, residual)
-        h = self.self_attn(h, positions, batch, cache)
-        h, residual = self.post_attention_norm(h, residual)
-        return self.mlp(h), residual
+class MixtralDecoderLayer(PreNormDecoderLayer):
+    mlp_block = SparseMoE
 
 
 FAMILY = Family(name="mixtral", config_from_hf=config_from_hf, weight_rules=RULES, required_weights=required_weights,

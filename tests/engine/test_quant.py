@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model, run_cli, write_prompts
+from thread_group import ThreadGroup
 from dist_infer.comm.base import LocalCommunicator
 from dist_infer.config import BuildConfig, QuantConfig
 from dist_infer.engine import quant
@@ -42,25 +43,6 @@ PROMPTS = [[5, 17, 33, 2, 250, 8, 91], [7, 7, 120, 64, 3, 299, 14, 56, 11, 42, 2
 
 
 # ---------------------------------------------------------------- running a TP x PP engine in one process
-
-class ThreadGroup:
-    """A TP group whose ranks are threads of this process: collectives meet at a barrier and
-    sum in rank order, so every rank gets the same bits."""
-
-    def __init__(self, size: int):
-        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size)
-
-    def member(self, rank: int) -> SimpleNamespace:
-        return SimpleNamespace(rank=rank, size=self.size, all_gather=lambda x: self._gather(rank, x),
-                               all_reduce=lambda x: x.copy_(self._gather(rank, x).sum(0)))
-
-    def _gather(self, rank: int, x: torch.Tensor) -> torch.Tensor:
-        self.slots[rank] = x.clone()
-        self.barrier.wait()
-        out = torch.stack(self.slots)  # [size, *x.shape]
-        self.barrier.wait()  # nobody overwrites a slot before every rank has read it
-        return out
-
 
 def load_stage(engine: Path, rank: int, group) -> StageModel:
     """One rank's model as RankEngine builds it, with the engine's quantization (the load check

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_infer.comm.base import LocalCommunicator
+from thread_group import ThreadGroup
 from dist_infer.config import BuildConfig
 from dist_infer.engine.build import DTYPES, build, rank_weights_file
 from dist_infer.engine.kv_cache import PagedKVCache, StepBatch
@@ -55,20 +56,43 @@ def build_engine(model_dir: Path, tp: int, pp: int, root: Path) -> Path:
     return engine
 
 
-class ThreadGroup:
-    def __init__(self, size: int):
-        self.size, self.slots, self.barrier = size, [None] * size, threading.Barrier(size)
+NEW = 12  # greedy tokens per prompt
+PROMPTS = prompts()
 
-    def member(self, rank: int) -> SimpleNamespace:
-        return SimpleNamespace(rank=rank, size=self.size, all_gather=lambda x: self._gather(rank, x),
-                               all_reduce=lambda x: x.copy_(self._gather(rank, x).sum(0)))
 
-    def _gather(self, rank: int, x: torch.Tensor) -> torch.Tensor:
-        self.slots[rank] = x.clone()
-        self.barrier.wait()
-        out = torch.stack(self.slots)  # [size, *x.shape]
-        self.barrier.wait()
-        return out
+def reference(root: Path, model_cls, config, save=None) -> tuple[Path, object, list[list[int]]]:
+    """A seeded tiny transformers model with widened weights, saved as the checkpoint root/"hf"
+    (by `save(path, model)` when its on-disk layout is not transformers'), and its greedy answers."""
+    import transformers
+
+    transformers.set_seed(0)
+    model = model_cls(config).eval()
+    widen(model)
+    if save is None:
+        model.save_pretrained(root / "hf")
+    else:
+        save(root / "hf", model)
+    return root, model, [hf_greedy(model, p, NEW) for p in PROMPTS]
+
+
+def greedy_in_process(ref, tp: int, pp: int) -> list[list[int]]:
+    """The family's answers at TP x PP, every rank in this process."""
+    root = ref[0]
+    return InProcessEngine(build_engine(root / "hf", tp, pp, root)).greedy(PROMPTS, NEW)
+
+
+def greedy_under_mpirun(ref, tmp_path: Path) -> list[list[int]]:
+    """The family's answers from `mpirun -n 4 dist-infer run` at TP=2 x PP=2."""
+    from conftest import completions, run_cli, write_prompts
+
+    root = ref[0]
+    engine = root / "engine-tp2pp2"
+    if not engine.exists():
+        engine = build_engine(root / "hf", 2, 2, root)
+    path = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    outs = completions(run_cli("run", "--engine", str(engine), "--prompts-file", str(path), "--json",
+                               "--max-new-tokens", str(NEW), "--ignore-eos", world=4, timeout=240))
+    return [c["output_ids"] for c in outs]
 
 
 class InProcessEngine:

@@ -13,12 +13,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from conftest import completions, run_cli, write_prompts
 from dist_infer.errors import CheckpointError
-from models.runner import LAYOUTS, VOCAB, InProcessEngine, build_engine, hf_greedy, prompts, widen
+from models.runner import LAYOUTS, VOCAB, build_engine, greedy_in_process, greedy_under_mpirun, reference
 
-NEW = 12
-PROMPTS = prompts()
 
 
 def baichuan_checkpoint(directory, llama) -> None:
@@ -49,18 +46,12 @@ def baichuan(tmp_path_factory):
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    transformers.set_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    widen(model)
-    baichuan_checkpoint(root / "hf", model)
-    return root, model, [hf_greedy(model, p, NEW) for p in PROMPTS]
+    return reference(root, transformers.LlamaForCausalLM, config, save=baichuan_checkpoint)
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 def test_baichuan_greedy_matches_llama_with_normalised_head(baichuan, tp, pp):
-    root, _, refs = baichuan
-    engine = build_engine(root / "hf", tp, pp, root)
-    assert InProcessEngine(engine).greedy(PROMPTS, NEW) == refs
+    assert greedy_in_process(baichuan, tp, pp) == baichuan[2]
 
 
 def test_baichuan_partition_writes_llama_names_and_unit_head(baichuan):
@@ -88,11 +79,4 @@ def test_baichuan_13b_alibi_refused(tmp_path):
 
 
 def test_baichuan_under_mpirun(baichuan, tmp_path):
-    root, _, refs = baichuan
-    engine = root / "engine-tp2pp2"
-    if not engine.exists():
-        engine = build_engine(root / "hf", 2, 2, root)
-    path = write_prompts(tmp_path / "p.jsonl", PROMPTS)
-    outs = completions(run_cli("run", "--engine", str(engine), "--prompts-file", str(path), "--json",
-                               "--max-new-tokens", str(NEW), "--ignore-eos", world=4, timeout=240))
-    assert [c["output_ids"] for c in outs] == refs
+    assert greedy_under_mpirun(baichuan, tmp_path) == baichuan[2]

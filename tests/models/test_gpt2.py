@@ -6,11 +6,8 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from conftest import completions, run_cli, write_prompts
-from models.runner import LAYOUTS, VOCAB, InProcessEngine, build_engine, hf_greedy, prompts, widen
+from models.runner import LAYOUTS, VOCAB, greedy_in_process, greedy_under_mpirun, reference
 
-NEW = 12
-PROMPTS = prompts()
 
 
 @pytest.fixture(scope="module")
@@ -18,18 +15,12 @@ def gpt2(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2")
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=256,
                                      bos_token_id=None, eos_token_id=None, tie_word_embeddings=True)
-    transformers.set_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    widen(model)
-    model.save_pretrained(root / "hf")
-    return root, model, [hf_greedy(model, p, NEW) for p in PROMPTS]
+    return reference(root, transformers.GPT2LMHeadModel, config)
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 def test_gpt2_greedy_matches_transformers(gpt2, tp, pp):
-    root, _, refs = gpt2
-    engine = build_engine(root / "hf", tp, pp, root)
-    assert InProcessEngine(engine).greedy(PROMPTS, NEW) == refs
+    assert greedy_in_process(gpt2, tp, pp) == gpt2[2]
 
 
 def test_gpt2_config_and_weights(gpt2):
@@ -42,11 +33,4 @@ def test_gpt2_config_and_weights(gpt2):
 
 
 def test_gpt2_under_mpirun(gpt2, tmp_path):
-    root, _, refs = gpt2
-    engine = root / "engine-tp2pp2"
-    if not engine.exists():
-        engine = build_engine(root / "hf", 2, 2, root)
-    path = write_prompts(tmp_path / "p.jsonl", PROMPTS)
-    outs = completions(run_cli("run", "--engine", str(engine), "--prompts-file", str(path), "--json",
-                               "--max-new-tokens", str(NEW), "--ignore-eos", world=4, timeout=240))
-    assert [c["output_ids"] for c in outs] == refs
+    assert greedy_under_mpirun(gpt2, tmp_path) == gpt2[2]

@@ -7,11 +7,8 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from conftest import completions, run_cli, write_prompts
-from models.runner import LAYOUTS, VOCAB, InProcessEngine, build_engine, hf_greedy, prompts, widen
+from models.runner import LAYOUTS, NEW, PROMPTS, VOCAB, greedy_in_process, greedy_under_mpirun, hf_greedy, reference
 
-NEW = 12
-PROMPTS = prompts()
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +16,12 @@ def gptj(tmp_path_factory):
     root = tmp_path_factory.mktemp("gptj")
     config = transformers.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=256, rotary_dim=8,
                                      bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
-    transformers.set_seed(0)
-    model = transformers.GPTJForCausalLM(config).eval()
-    widen(model)
-    model.save_pretrained(root / "hf")
-    return root, model, [hf_greedy(model, p, NEW) for p in PROMPTS]
+    return reference(root, transformers.GPTJForCausalLM, config)
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 def test_gptj_greedy_matches_transformers(gptj, tp, pp):
-    root, _, refs = gptj
-    engine = build_engine(root / "hf", tp, pp, root)
-    assert InProcessEngine(engine).greedy(PROMPTS, NEW) == refs
+    assert greedy_in_process(gptj, tp, pp) == gptj[2]
 
 
 def test_gptj_config(gptj):
@@ -51,11 +42,4 @@ def test_gptj_partial_rope_matters(gptj):
 
 
 def test_gptj_under_mpirun(gptj, tmp_path):
-    root, _, refs = gptj
-    engine = root / "engine-tp2pp2"
-    if not engine.exists():
-        engine = build_engine(root / "hf", 2, 2, root)
-    path = write_prompts(tmp_path / "p.jsonl", PROMPTS)
-    outs = completions(run_cli("run", "--engine", str(engine), "--prompts-file", str(path), "--json",
-                               "--max-new-tokens", str(NEW), "--ignore-eos", world=4, timeout=240))
-    assert [c["output_ids"] for c in outs] == refs
+    assert greedy_under_mpirun(gptj, tmp_path) == gptj[2]

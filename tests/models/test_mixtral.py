@@ -7,11 +7,8 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from conftest import completions, run_cli, write_prompts
-from models.runner import LAYOUTS, VOCAB, InProcessEngine, build_engine, hf_greedy, prompts, widen
+from models.runner import LAYOUTS, PROMPTS, VOCAB, greedy_in_process, greedy_under_mpirun, reference
 
-NEW = 12
-PROMPTS = prompts()
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +18,12 @@ def mixtral(tmp_path_factory):
                                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
                                         num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
                                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    transformers.set_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
-    widen(model)
-    model.save_pretrained(root / "hf")
-    return root, model, [hf_greedy(model, p, NEW) for p in PROMPTS]
+    return reference(root, transformers.MixtralForCausalLM, config)
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 def test_mixtral_greedy_matches_transformers(mixtral, tp, pp):
-    root, _, refs = mixtral
-    engine = build_engine(root / "hf", tp, pp, root)
-    assert InProcessEngine(engine).greedy(PROMPTS, NEW) == refs
+    assert greedy_in_process(mixtral, tp, pp) == mixtral[2]
 
 
 def test_mixtral_routes_to_several_experts(mixtral):
@@ -50,14 +41,7 @@ def test_mixtral_routes_to_several_experts(mixtral):
 
 
 def test_mixtral_under_mpirun(mixtral, tmp_path):
-    root, _, refs = mixtral
-    engine = root / "engine-tp2pp2"
-    if not engine.exists():
-        engine = build_engine(root / "hf", 2, 2, root)
-    path = write_prompts(tmp_path / "p.jsonl", PROMPTS)
-    outs = completions(run_cli("run", "--engine", str(engine), "--prompts-file", str(path), "--json",
-                               "--max-new-tokens", str(NEW), "--ignore-eos", world=4, timeout=240))
-    assert [c["output_ids"] for c in outs] == refs
+    assert greedy_under_mpirun(mixtral, tmp_path) == mixtral[2]
 
 
 def test_gpu_moe_dispatch_equals_the_reference():
