@@ -20,7 +20,6 @@ Two ways to reach the engine:
 from __future__ import annotations
 
 import asyncio
-import pickle
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +30,7 @@ import zmq.asyncio
 
 from dist_infer.errors import DistInferError, RequestError
 from dist_infer.scheduler import IncrementalDetokenizer
-from dist_infer.workers.engine_loop import EngineAddresses
+from dist_infer.workers.engine_loop import EngineAddresses, FrameSigner, engine_key
 from dist_infer.workers.llm_engine import EngineStats, Request, RequestOutput
 
 PING_S = 1.0  # a bound client tells a connected engine loop it is alive (engine_loop.FRONTEND_SILENCE_S)
@@ -90,6 +89,7 @@ class EngineClient:
         self._unsent: set[str] = set()  # accepted, not yet given to the current engine
         self._tasks: list[asyncio.Task] = []
         self._push = self._pull = None
+        self._signer: FrameSigner | None = None  # signs and checks every frame (engine_loop.FrameSigner)
         self._bound = False
 
     async def start(self) -> None:
@@ -106,6 +106,7 @@ class EngineClient:
         return self.addresses
 
     def _open(self, addresses: EngineAddresses, bind: bool) -> EngineAddresses:
+        self._signer = FrameSigner(engine_key(addresses, create=bind), "front-end")
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
         self._pull = self._ctx.socket(zmq.PULL)
@@ -164,7 +165,9 @@ class EngineClient:
         # fails nothing: a long step is not a death. The process watching rank 0 calls
         # `engine_died` when the engine is really gone (or `engine_lost` before a restart).
         while True:
-            self._dispatch(pickle.loads(await pull.recv()))
+            message = self._signer.open(await pull.recv())
+            if message is not None:  # a forged frame (FrameSigner warned) is never unpickled
+                self._dispatch(message)
 
     async def _ping(self) -> None:
         while True:
@@ -218,7 +221,7 @@ class EngineClient:
         if self._push is None:
             return False
         # An asyncio socket reports a NOBLOCK send's zmq.Again in the (already finished) future.
-        sent = self._push.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), zmq.NOBLOCK)
+        sent = self._push.send(self._signer.seal(message), zmq.NOBLOCK)
         return not (sent.done() and sent.exception() is not None)
 
     def _submit_unsent(self) -> None:

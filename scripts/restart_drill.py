@@ -4,10 +4,15 @@ many concurrent streams, and check that no request is lost (issue #11, deliverab
     .venv/bin/python scripts/restart_drill.py                      # SmolLM2 TP=3, mpirun, 64 streams
     .venv/bin/python scripts/restart_drill.py --victims 0 2        # kill rank 0, then the last rank
     .venv/bin/python scripts/restart_drill.py --cluster clusters/slurm.yaml   # through `dist-infer launch`
+    .venv/bin/python scripts/restart_drill.py --start slurm        # a Slurm cluster started here, as the tests do
+    .venv/bin/python scripts/restart_drill.py --start ray          # a Ray cluster started here, as the tests do
 
 By default it partitions the embedded SmolLM2-135M-Instruct at TP=3 (float32, as scripts/soak.py)
 and starts `dist-infer serve --restart N --launcher-cmd 'mpirun -n 3'`; with --cluster it starts
-`dist-infer launch --cluster FILE -- serve --restart N` instead (mpirun, Slurm or Ray). Then:
+`dist-infer launch --cluster FILE -- serve --restart N` instead (mpirun, Slurm or Ray). --start slurm|ray
+first starts a one-node cluster on this machine with tests/launchers/daemons.py (munged + slurmctld +
+slurmd, the ranks an `srun --mpi=pmix` step; or a Ray head, the ranks actors) and writes the cluster
+file for it (needs root, Slurm and munge, or `ray[default]`). Then:
 1. the reference: each prompt once, alone, before any fault (greedy, and seeded sampling);
 2. per victim rank: --streams concurrent streaming requests (the official `openai` client),
    the rank killed with SIGKILL once half of them are under way, a few requests sent while the
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -153,19 +159,62 @@ async def drill_once(url: str, victim: int, kill, n: int, expected: dict, limit:
                 sent_during_restart=len(during), wrong=wrong)
 
 
+@contextlib.contextmanager
+def started_cluster(kind: str, engine: Path, root: Path, world: int):
+    """A one-node Slurm or Ray cluster started here as tests/launchers start theirs; yields the
+    cluster file for `dist-infer launch`, stops every daemon afterwards."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from launchers.daemons import RayCluster, SlurmCluster
+    from launchers.hosts import TwoHosts
+
+    if kind == "slurm":
+        hosts = TwoHosts()  # the test cluster's nodes include two namespace hosts; the drill uses `local`
+        cluster = SlurmCluster(root / "slurm", hosts)
+        os.environ.update(cluster.env)
+        text = (f"launcher: slurm\nengine: {engine}\nlaunch_dir: {root}\n"
+                f"slurm: {{partition: local, nodes: 1, ntasks_per_node: {world}, ranks: srun, mpi: pmix, "
+                f"time: '01:00:00', job_name: drill, setup: 'source {sys.prefix}/bin/activate'}}\n"
+                "env: {OMP_NUM_THREADS: '1'}\n")
+    else:
+        os.environ["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+        hosts, cluster = None, RayCluster(root / "ray", [None], cpus=[world])
+        text = (f"launcher: ray\nengine: {engine}\nray: {{address: '{cluster.gcs_address}', submit: false}}\n"
+                "env: {OMP_NUM_THREADS: '1'}\n")
+    path = root / f"{kind}.yaml"
+    path.write_text(text)
+    try:
+        yield str(path)
+    finally:
+        if kind == "slurm":
+            subprocess.run(["scancel", "-n", "drill"], env=os.environ)
+        cluster.stop()
+        if hosts:
+            hosts.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--engine", help="a built engine (default: SmolLM2 at TP=3, built here)")
     p.add_argument("--world", type=int, default=3, help="ranks of --engine (TP x PP)")
     p.add_argument("--cluster", help="start through `dist-infer launch --cluster FILE` (mpirun, slurm or ray)")
+    p.add_argument("--start", choices=("slurm", "ray"), help="start a one-node cluster of this kind here first "
+                                                              "(as the tests do) and drill through it")
     p.add_argument("--victims", type=int, nargs="+", default=[0, 1, 2], help="ranks to kill, one drill each")
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--limit", type=float, default=60.0, help="seconds a restart may take")
     p.add_argument("--out", default=str(REPO / "out" / "restart_drill.json"))
     args = p.parse_args()
     args.restart = len(args.victims)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`/kill: still stop the cluster started here
     engine = Path(args.engine) if args.engine else build_engine(REPO / "out" / "soak-smollm2-tp3")
     root = Path(tempfile.mkdtemp(prefix="restart-drill-"))
+    with contextlib.ExitStack() as stack:
+        if args.start:
+            args.cluster = stack.enter_context(started_cluster(args.start, engine, root, args.world))
+        return drill(args, engine, root)
+
+
+def drill(args, engine: Path, root: Path) -> int:
     port = 19000 + os.getpid() % 1000
     url, log = f"http://127.0.0.1:{port}", root / "serve.log"
     proc = start_server(args, engine, port, log)
@@ -183,7 +232,8 @@ def main() -> int:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     slow = [r for r in results if (r["healthy_after_s"] or float("inf")) > args.limit]
-    summary = dict(engine=str(engine), launcher=args.cluster or "mpirun", streams=args.streams, drills=results,
+    summary = dict(engine=str(engine), launcher=args.start or args.cluster or "mpirun", streams=args.streams,
+                   command=" ".join(sys.argv), drills=results,
                    wrong=sum(len(r["wrong"]) for r in results), slow_restarts=len(slow), server_log=str(log))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1))

@@ -181,6 +181,37 @@ def smollm2_dir(cache_dir) -> Path:
     return import_gguf(default_gguf_path())
 
 
+def build_in_process(checkpoint: Path, out: Path, *build_args: str) -> Path:
+    """`dist-infer build --checkpoint CHECKPOINT --out OUT BUILD_ARGS` in this process: the CLI's own
+    parser and handler, without a Python + torch start per engine (~3-5 s each). The build as a
+    process of its own, under mpirun too, is tested in tests/engine/test_build.py."""
+    from dist_infer.cli import build_parser
+
+    args = build_parser().parse_args(["build", "--checkpoint", str(checkpoint), "--out", str(out), *build_args])
+    assert args.func(args) == 0
+    return out
+
+
+SMOLLM2_BUILD = ("--max-batch-size", "8", "--max-seq-len", "512")
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_dir, tmp_path_factory):
+    """(tp, pp) -> a float32 SmolLM2 engine (max batch 8, max seq 512), partitioned and built once
+    per session for every test file that runs SmolLM2 at that layout."""
+    from dist_infer.partition import partition
+
+    root, built = tmp_path_factory.mktemp("smollm2-engines"), {}
+
+    def get(tp: int, pp: int) -> Path:
+        if (tp, pp) not in built:
+            partition(smollm2_dir, tp, pp, root / f"ckpt-tp{tp}pp{pp}", progress=False)
+            built[tp, pp] = build_in_process(root / f"ckpt-tp{tp}pp{pp}", root / f"engine-tp{tp}pp{pp}", *SMOLLM2_BUILD)
+        return built[tp, pp]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -52,6 +52,9 @@ class RankActor:
         (the rank's log) is also written to the actor's log file as it happens."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         from dist_infer.cli import main
+        from dist_infer.workers import watchdog
+
+        watchdog.last_words_hooks[:] = [_leave_last_words]  # the step watchdog ends this process with os._exit
 
         out, err = io.StringIO(), _Tee(io.StringIO(), sys.stderr)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -66,6 +69,32 @@ class RankActor:
         import ray
 
         ray.actor.exit_actor()
+
+
+LAST_WORDS_KEY = "dist_infer/last_words/{actor_id}"
+
+
+def _leave_last_words(words: str) -> None:
+    """In Ray's key-value store, under this actor's id: the driver reads it when the actor died."""
+    import ray
+    from ray.experimental import internal_kv
+
+    key = LAST_WORDS_KEY.format(actor_id=ray.get_runtime_context().get_actor_id())
+    internal_kv._internal_kv_put(key.encode(), words.encode(), overwrite=True)
+
+
+def last_words(actor) -> str | None:
+    """What a dead rank actor's watchdog said before it ended the process (driver side)."""
+    from ray.experimental import internal_kv
+
+    key = LAST_WORDS_KEY.format(actor_id=actor._actor_id.hex()).encode()
+    try:
+        words = internal_kv._internal_kv_get(key)
+        if words is not None:
+            internal_kv._internal_kv_del(key)
+    except Exception:  # an older or newer Ray without this store: the death alone is reported
+        return None
+    return words.decode() if words else None
 
 
 class _Tee(io.TextIOBase):

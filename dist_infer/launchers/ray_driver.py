@@ -153,6 +153,7 @@ def supervise_on_ray(ray, args: list[str], ranks: RankActors) -> int:
     a fresh set of rank actors in the same placement groups, running `serve --engine-only`."""
     from dist_infer.cli import build_parser, serve_options
     from dist_infer.launchers.commands import serve_address
+    from dist_infer.workers.engine_loop import engine_key_env
     from dist_infer.workers.serve import check_serve_options, supervise
 
     parsed = build_parser().parse_args(args)
@@ -167,6 +168,7 @@ def supervise_on_ray(ray, args: list[str], ranks: RankActors) -> int:
     async def start_job(addresses):
         return await RayRankJob.start(ranks, [*opts.rank_args, "--engine-only", "--connect", addresses.joined()])
 
+    ranks.env.update(engine_key_env())  # rank 0's actor signs its frames with the supervisor's key
     return supervise(opts, start_job)
 
 
@@ -201,21 +203,37 @@ class RayRankJob:
             (ref,), pending = ray.wait(pending, num_returns=1)
             code = self._result(ref, rank_of[ref])
             if code != 0:
+                self._hear_the_others(pending, rank_of)
                 _kill_all(ray, self.actors)
                 return code
         return 0
 
+    def _hear_the_others(self, pending: list, rank_of: dict, grace_s: float = 2.0) -> None:
+        """A rank failed without saying why (an error every rank raised is logged by rank 0 only):
+        the ranks ending with it get a moment to say it."""
+        if self._cause is None and pending:
+            done, _ = self.ranks.ray.wait(pending, num_returns=len(pending), timeout=grace_s)
+            for ref in done:
+                self._result(ref, rank_of[ref])
+
     def _result(self, ref, rank: int) -> int:
-        from dist_infer.serve.supervisor import CAUSE_WORDS
+        from dist_infer.serve.supervisor import BAD_INPUT_EXIT, CAUSE_WORDS, error_message
 
         try:
             code, _, err = self.ranks.ray.get(ref)
         except self.ranks.ray.exceptions.RayError as exc:
-            self._cause = self._cause or f"rank {rank}'s actor died: {str(exc).splitlines()[0][:300]}"
+            from dist_infer.launchers.ray_actors import last_words
+
+            words = last_words(self.actors[rank])  # its step watchdog ended it (os._exit): why
+            died = f"rank {rank}'s actor died: {str(exc).splitlines()[0][:300]}"
+            self._cause = self._cause or (f"{words} ({died})" if words else died)
             return 1
-        named = [line for line in err.splitlines() if any(w in line for w in CAUSE_WORDS)]
-        if code and named:
-            self._cause = self._cause or named[0].strip()
+        lines = err.splitlines()
+        named = [line.strip() for line in lines if any(w in line for w in CAUSE_WORDS)]
+        errors = [m for m in map(error_message, lines) if m]  # what a rank refused (exit 2), or its error
+        said = errors + named if code == BAD_INPUT_EXIT else named + errors
+        if code and said:
+            self._cause = self._cause or said[0]
         return code
 
     def cause(self) -> str | None:

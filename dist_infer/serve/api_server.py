@@ -642,10 +642,11 @@ async def serve_supervised(args: argparse.Namespace, start_job, policy, control_
 
 
 async def _supervise(supervisor, server: DrainingServer) -> int:
-    """The supervisor's verdict ends the HTTP server: 1 (no restart left) or 0 (the job ended on purpose)."""
+    """The supervisor's verdict ends the HTTP server: 1 (no restart left), 2 (the engine cannot
+    restart: bad input such as a corrupted engine file) or 0 (the job ended on purpose)."""
     code = await supervisor.run()
     if code:
-        log.error("the engine is down for good: /health answers 503; exiting 1")
+        log.error("the engine is down for good: /health answers 503; exiting %d", code)
     else:
         log.info("the rank job ended (exit code 0, drained): stopping the front-end")
     server.exit_after_linger()

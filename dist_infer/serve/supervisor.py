@@ -6,7 +6,7 @@
 
 The supervisor starts the rank job and watches it. When the job dies (it exits
 non-zero: a rank was killed, the step watchdog ended it) or rank 0's heartbeats
-stop for longer than the step timeout (then it kills the job), it logs what died
+stop for twice the step timeout (then it kills the job), it logs what died
 and starts the job again from the same engine directory, at most N times. While
 it does, /health answers 503 "restarting" and requests are accepted and wait; the
 EngineClient re-submits every unfinished request to the new engine, so streams
@@ -15,7 +15,10 @@ unsupervised one does: outstanding requests get an error, the process exits 1.
 
 A rank job that ends with exit code 0 was shut down on purpose (a drain, e.g.
 `scancel --signal=TERM`): the front-end then ends too. The first start is not
-retried: if the job never served, a restart would only repeat its error.
+retried: if the job never served, a restart would only repeat its error. Nor is a
+restart whose job exits 2 (dist_infer's bad-input code: a corrupt or missing engine
+file, say) before its engine is ready: the next start would read the same input, so
+the waiting requests fail with that error and the front-end exits 2.
 """
 
 from __future__ import annotations
@@ -37,9 +40,15 @@ from dist_infer.workers.engine_loop import EngineAddresses
 log = logging.getLogger("dist_infer.supervisor")
 
 KILL_GRACE_S = 3.0  # SIGTERM to the job's process group, then SIGKILL
+# Rank 0 silent this many step timeouts: a hang. A stopped worker also silences rank 0 (it waits in
+# a collective), but the ranks' own step watchdog, which names the rank and host, fires after one
+# step timeout: the supervisor leaves it time to do so and end the job.
+HANG_FACTOR = 2
 # Lines of a dying job that say what died, first one wins (later ones are consequences):
 # the step watchdog, a rank that lost its peer, mpirun/prterun, srun.
 CAUSE_WORDS = ("step watchdog", "stopped answering", "noticed that process rank", "srun: error:", "died:")
+BAD_INPUT_EXIT = 2   # DistInferError.exit_code: the job refused its input (engine files, flags)
+ERROR_MARK = " ERROR "  # a rank's log line at level ERROR: "[rank 0] 12:00:00 ERROR dist_infer.cli: MESSAGE"
 
 
 class RankJob(Protocol):
@@ -60,7 +69,7 @@ class FirstStartFailed(Exception):
 @dataclass
 class RestartPolicy:
     restarts: int                # N of --restart N
-    step_timeout_s: float        # rank 0 silent this long: the job hangs (kill, restart)
+    step_timeout_s: float        # rank 0 silent HANG_FACTOR x this long: the job hangs (kill, restart)
     start_timeout_s: float       # a (re)started job must have its engine ready within this
     engine: str = ""             # for the log lines
 
@@ -73,6 +82,7 @@ class CommandJob:
     def __init__(self, proc: asyncio.subprocess.Process):
         self.proc = proc
         self._cause: str | None = None
+        self._error: str | None = None  # the first ERROR line's message: what a failed start refused
         self._reader = asyncio.create_task(self._forward())
 
     @classmethod
@@ -92,8 +102,10 @@ class CommandJob:
                 self._cause = f"{self._cause} {text.strip()}"
             unfinished = False
             if self._cause is None and any(w in text for w in CAUSE_WORDS):
-                self._cause = text.strip()
+                self._cause = error_message(text) or text.strip()  # a rank's log line without its prefix
                 unfinished = not self._cause.endswith((".", ")"))
+            elif self._error is None:
+                self._error = error_message(text)
 
     async def wait(self) -> int:
         code = await self.proc.wait()
@@ -102,7 +114,11 @@ class CommandJob:
         return code
 
     def cause(self) -> str | None:
-        return self._cause
+        """A job that refused its input (exit 2) is explained by its error line; any other failure
+        by the line naming what died (a rank aborting may make its peers report it dead)."""
+        if self.proc.returncode == BAD_INPUT_EXIT and self._error:
+            return self._error
+        return self._cause or self._error
 
     async def kill(self) -> None:
         _signal_group(self.proc.pid, signal.SIGTERM)
@@ -114,10 +130,19 @@ class CommandJob:
         await self.proc.wait()
 
 
+def error_message(line: str) -> str | None:
+    """MESSAGE of a rank's "[rank R] TIME ERROR LOGGER: MESSAGE" line, else None."""
+    if ERROR_MARK not in line:
+        return None
+    _, _, rest = line.partition(ERROR_MARK)
+    logger, sep, message = rest.partition(": ")
+    return message.strip() if sep and " " not in logger else None
+
+
 def _continues(line: str) -> bool:
     """A wrapped sentence's next line, not a line of its own ("[rank 1] ...", "srun: ...")."""
     words = line.split()
-    return bool(words) and not words[0].startswith("[") and not words[0].endswith(":")
+    return bool(words) and not words[0].startswith(("[", "---")) and not words[0].endswith(":")
 
 
 async def _read_line(stream: asyncio.StreamReader) -> bytes:
@@ -171,6 +196,8 @@ class Supervisor:
             failure = await self._restart(failure)
             if failure is None:
                 failure = await self._until_failure()
+            elif self._refused_its_input():
+                return self._stop_on_bad_input(failure)
         return 0
 
     async def _launch(self) -> str | None:
@@ -201,10 +228,11 @@ class Supervisor:
         """Until the job ends (None: on purpose) or hangs (then it is killed)."""
         while not self._ended.done():
             silent = self.client.seconds_since_heartbeat()
-            if silent is not None and silent > self.policy.step_timeout_s and not self.stopping:
+            if silent is not None and silent > HANG_FACTOR * self.policy.step_timeout_s and not self.stopping:
                 await self.job.kill()
-                return (f"rank 0 sent no heartbeat for {silent:.0f} s (--step-timeout "
-                        f"{self.policy.step_timeout_s:g} s): killed the rank job")
+                said = self.job.cause()  # e.g. the ranks' watchdog named a stopped rank, and the launcher was slow
+                return (f"rank 0 sent no heartbeat for {silent:.0f} s ({HANG_FACTOR} x --step-timeout "
+                        f"{self.policy.step_timeout_s:g} s): killed the rank job" + (f" ({said})" if said else ""))
             await asyncio.wait({self._ended}, timeout=0.5)
         code = self._ended.result()
         return None if code == 0 or self.stopping else describe_exit(code, self.job.cause())
@@ -222,6 +250,17 @@ class Supervisor:
                      "resuming %d requests", self.restart_times[-1], self.used, self.policy.restarts,
                      self.client.num_streams)
         return failure
+
+    def _refused_its_input(self) -> bool:
+        """The restarted job exited 2 before its engine was ready: it refused its input (a corrupt
+        engine file, say), which every further start would read again."""
+        return self._ended is not None and self._ended.done() and self._ended.result() == BAD_INPUT_EXIT
+
+    def _stop_on_bad_input(self, failure: str) -> int:
+        log.error("%s; a restart would fail the same way (fix the input, then start the server again): "
+                  "failing %d requests and exiting %d", failure, self.client.num_streams, BAD_INPUT_EXIT)
+        self.client.engine_died(f"the engine cannot restart: {failure}")
+        return BAD_INPUT_EXIT
 
     def _give_up(self, failure: str) -> int:
         log.error("%s; no restart left (--restart %d, all used): failing %d requests and exiting 1", failure,

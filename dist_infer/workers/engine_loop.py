@@ -18,12 +18,23 @@ Commands (pickled tuples): ("add", request_id, Request) | ("abort", request_id)
 While no request runs the loop blocks on the socket (no busy core) and sends
 the other ranks an empty keepalive step every `keepalive_s`, so their wait for
 the next plan never reaches a collective timeout.
+
+Every frame is signed (FrameSigner: HMAC-SHA256 over the pickled message, checked
+before anything is unpickled), because the sockets may be TCP (`serve --restart`
+with `--control-host`) and unpickling is running code: a frame from anyone without
+the key is dropped with a warning. The key (engine_key) never appears on a command
+line: for ipc sockets it is a 0600 file beside them, for TCP the supervisor's
+DIST_INFER_ENGINE_KEY, which the rank job inherits.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import pickle
+import secrets
 import signal
 import threading
 import time
@@ -32,7 +43,7 @@ from pathlib import Path
 
 import zmq
 
-from dist_infer.errors import RequestError
+from dist_infer.errors import LaunchError, RequestError
 from dist_infer.workers.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
@@ -57,6 +68,83 @@ class EngineAddresses:
 
     def joined(self) -> str:
         return f"{self.requests},{self.outputs}"
+
+
+ENGINE_KEY_ENV = "DIST_INFER_ENGINE_KEY"  # the TCP sockets' key, inherited by the rank job (never in argv)
+KEY_FILE = "engine.key"                  # the ipc sockets' key, 0600, beside them
+
+
+def engine_key(addresses: EngineAddresses, create: bool) -> bytes:
+    """The key both ends of `addresses` sign with. ipc: a 0600 file in the sockets' directory
+    (both ends are on this machine; either may come first). TCP: DIST_INFER_ENGINE_KEY, made here
+    when `create` (the binding front-end, before it starts the rank job) and inherited by rank 0."""
+    if addresses.requests.startswith("ipc://"):
+        return _key_file(Path(addresses.requests.removeprefix("ipc://")).parent / KEY_FILE)
+    if create and not os.environ.get(ENGINE_KEY_ENV):
+        os.environ[ENGINE_KEY_ENV] = secrets.token_hex(32)
+    if not os.environ.get(ENGINE_KEY_ENV):
+        raise LaunchError(f"rank 0 has no {ENGINE_KEY_ENV}, the key of its supervisor's sockets: the launcher did not "
+                          f"pass the supervisor's environment on. Forward it (mpirun -x {ENGINE_KEY_ENV}; srun "
+                          "--export=ALL).")
+    return os.environ[ENGINE_KEY_ENV].encode()
+
+
+def engine_key_env() -> dict[str, str]:
+    """{DIST_INFER_ENGINE_KEY: key} for a launcher that does not pass on this process's
+    environment (Ray actors): the key is made first if this process has none."""
+    engine_key(EngineAddresses("tcp://*", "tcp://*"), create=True)
+    return {ENGINE_KEY_ENV: os.environ[ENGINE_KEY_ENV]}
+
+
+def _key_file(path: Path) -> bytes:
+    """Read the key, or create it atomically (a 0600 temp file linked into place: two ends
+    starting together agree on one key). A file others could read or have written is refused."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, secrets.token_bytes(32))
+        os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise LaunchError(f"{path} (the engine sockets' key) must belong to this user with mode 0600; remove it, "
+                          "or use a private --ipc-dir.")
+    return path.read_bytes()
+
+
+class FrameSigner:
+    """HMAC-SHA256 over each pickled message: seal() before a send, open() after a receive.
+    open() checks the MAC before unpickling and returns None (with a warning) for a frame
+    that was not made with the key, so a stranger on the port can neither run code nor
+    inject requests."""
+
+    MAC = 32  # bytes: [MAC | pickle]
+
+    def __init__(self, key: bytes, side: str):
+        self.key, self.side = key, side
+        self.rejected = 0
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self.key, payload, hashlib.sha256).digest()
+
+    def seal(self, message: tuple) -> bytes:
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        return self._mac(payload) + payload
+
+    def open(self, frame: bytes) -> tuple | None:
+        mac, payload = frame[:self.MAC], frame[self.MAC:]
+        if hmac.compare_digest(mac, self._mac(payload)):
+            return pickle.loads(payload)
+        self.rejected += 1
+        if self.rejected <= 10 or self.rejected % 1000 == 0:  # a flood must not flood the log too
+            log.warning("%s: dropped an unauthenticated frame (%d bytes; %d so far): not signed with this "
+                        "server's engine key", self.side, len(frame), self.rejected)
+        return None
 
 
 class LoopStats:
@@ -98,6 +186,7 @@ class EngineLoop:
         self.engine = engine
         self.keepalive_s = keepalive_s
         self.connected = connect
+        self.signer = FrameSigner(engine_key(addresses, create=not connect), "engine loop")
         self.ctx = zmq.Context()
         self.inbox = self.ctx.socket(zmq.PULL)
         self.outbox = self.ctx.socket(zmq.PUSH)
@@ -166,11 +255,12 @@ class EngineLoop:
             return
         while True:
             try:
-                message = pickle.loads(self.inbox.recv(zmq.NOBLOCK))
+                message = self.signer.open(self.inbox.recv(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            self._last_heard = time.monotonic()
-            self._handle(message)
+            if message is not None:  # a forged frame is neither run nor counted as the front-end's word
+                self._last_heard = time.monotonic()
+                self._handle(message)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -213,7 +303,7 @@ class EngineLoop:
         if message[0] == "outputs" and not message[1]:
             return
         try:
-            self.outbox.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), zmq.NOBLOCK)
+            self.outbox.send(self.signer.seal(message), zmq.NOBLOCK)
         except zmq.Again:  # no front-end connected (yet): nobody to tell; the engine loop must not block
             pass
 

@@ -19,6 +19,7 @@ scancel send it to every rank): rank 0 releases them when the drain is done.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -33,7 +34,7 @@ from pathlib import Path
 from dist_infer.config import KVCacheConfig
 from dist_infer.errors import LaunchError
 from dist_infer.log import launch_rank
-from dist_infer.workers.engine_loop import EngineAddresses, EngineLoop
+from dist_infer.workers.engine_loop import ENGINE_KEY_ENV, EngineAddresses, EngineLoop, engine_key, engine_key_env
 from dist_infer.workers.watchdog import default_step_timeout, naming_lost_ranks
 from dist_infer.workers.llm_engine import EngineOptions, LLMEngine
 from dist_infer.workers.run import start_worker
@@ -83,7 +84,26 @@ class ServeOptions:
     def rank_job_command(self, addresses: EngineAddresses) -> list[str]:
         """What the supervisor runs: the launcher, then every rank's `serve --engine-only --connect`."""
         rank = self.rank_cmd or [sys.executable, "-m", "dist_infer"]
-        return [*self.launcher_cmd, *rank, *self.rank_args, "--engine-only", "--connect", addresses.joined()]
+        launcher = _forwarding_engine_key(self.launcher_cmd)
+        return [*launcher, *rank, *self.rank_args, "--engine-only", "--connect", addresses.joined()]
+
+
+def _forwarding_engine_key(launcher: list[str]) -> list[str]:
+    """Open MPI gives ranks on other nodes only the variables named with -x: name the engine
+    sockets' key there (`-x NAME` passes its value from the environment, off the command line).
+    srun exports the whole environment; a local launch inherits it."""
+    if launcher and Path(launcher[0]).name in ("mpirun", "mpiexec", "orterun") and _is_open_mpi(launcher[0]):
+        return [launcher[0], "-x", ENGINE_KEY_ENV, *launcher[1:]]
+    return launcher
+
+
+@functools.cache
+def _is_open_mpi(tool: str) -> bool:
+    try:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Open MPI" in out
 
 
 def serve(opts: ServeOptions) -> int:
@@ -156,7 +176,9 @@ def supervise(opts: ServeOptions, start_job=None) -> int:
     policy = RestartPolicy(opts.restart, opts.step_timeout or default_step_timeout(opts.device), opts.start_timeout,
                            str(opts.engine))
     # The API key stays with the front-end; line-buffered ranks, so their log reaches ours as it is written.
+    # The engine sockets' key goes to the rank job in its environment (not its command line).
     env = {k: v for k, v in os.environ.items() if k != "DIST_INFER_API_KEY"} | {"PYTHONUNBUFFERED": "1"}
+    env |= engine_key_env()
     os.environ["DIST_INFER_API_KEY"] = opts.api_key or ""
 
     async def run_command(addresses: EngineAddresses):
@@ -201,6 +223,8 @@ def check_serve_options(opts: ServeOptions, launcher: str | None = None) -> None
                           "drop --launcher-cmd and start the ranks with mpirun yourself.")
     if opts.frontend and opts.connect is None and launch_rank() == 0:
         _check_port_free(opts.host, opts.port)
+    if opts.connect is not None and launch_rank() == 0:
+        engine_key(opts.connect, create=False)  # the supervisor's key reached rank 0, or a clear error now
 
 
 def _check_restart(opts: ServeOptions, spec, launcher: str | None) -> None:

@@ -12,6 +12,13 @@ publishes the same to the others. Rank 0 fails the job when
 The other ranks fail on their own only when rank 0 falls silent (a little later than
 rank 0 would, so that rank 0's diagnosis comes first when it can be made).
 
+A rank that dies (kill -9, a crash) is named at once, not after the step timeout: each
+rank also holds a plain TCP "lifeline" to rank 0, which a dying process's kernel closes.
+A lifeline that closes without a goodbye (sent at a normal exit) is logged as
+`rank R (on HOST, pid P) died: ...` before the launcher tears the job down; without it,
+a peer on another host that notices the broken data-plane socket first may abort the job
+(OpenMPI: "process rank 2 ... calling abort") and nothing would name the rank that died.
+
 Failing means: log the reason, then exit this process with EXIT_STEP_TIMEOUT. The
 launcher (mpirun, srun --kill-on-bad-exit, the Ray driver) ends the other ranks, and
 a server's front-end sees rank 0 go: /health answers 503 and it exits.
@@ -19,10 +26,13 @@ a server's front-end sees rank 0 go: /health answers 503 and it exits.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
+import select
 import socket
+import struct
 import sys
 import threading
 import time
@@ -42,6 +52,11 @@ BEACON_INTERVAL_S = 0.5
 DEFAULT_STEP_TIMEOUT_S = {"cuda": 30.0, "cpu": 600.0}  # CPU steps of a large prompt can take minutes
 # How gloo (torch.distributed) reports a peer that vanished mid-collective.
 LOST_PEER_WORDS = ("Connection closed", "Connection reset", "Broken pipe", "Connection refused", "Timed out")
+GOODBYE = b"bye"  # on a lifeline at a normal exit: its close is no death
+# Called with the failure's message just before a failing watchdog ends its process: where the
+# process's own log dies with it (a Ray actor's, returned only when its task ends), a launcher
+# registers a hook that leaves the message where its driver finds it.
+last_words_hooks: list = []
 
 
 def default_step_timeout(device: str) -> float:
@@ -92,22 +107,40 @@ class StepWatchdog:
         self.me = (socket.gethostname(), os.getpid())
         self.peers: dict[int, _Peer] = {}
         self.failed = threading.Event()
+        self.lifelines: dict[socket.socket, int | None] = {}  # socket -> the rank at its other end
+        self.listener: socket.socket | None = None               # rank 0: where lifelines come in
 
     def start(self) -> None:
         endpoints = self._bind() if self.world.rank == 0 else None
         endpoints = self.world.broadcast_object(endpoints)
         if self.world.rank != 0:
-            self._connect(*endpoints)
+            self._connect(*endpoints[:2])
+            self._lifeline_to_rank0(endpoints[2])
+        atexit.register(self._goodbye)
         threading.Thread(target=self._run, daemon=True, name="step-watchdog").start()
 
-    def _bind(self) -> tuple[list[str], list[str]]:
-        """Rank 0: beacons come in on `inbox`, rank 0's own go out on `outbox`."""
+    def _bind(self) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+        """Rank 0: beacons come in on `inbox`, rank 0's own go out on `outbox`, lifelines on `listener`."""
         self.inbox = self.ctx.socket(zmq.PULL)
         self.outbox = self.ctx.socket(zmq.PUB)
         addresses = _local_addresses()
         in_port = self.inbox.bind_to_random_port("tcp://*")
         out_port = self.outbox.bind_to_random_port("tcp://*")
-        return [f"tcp://{a}:{in_port}" for a in addresses], [f"tcp://{a}:{out_port}" for a in addresses]
+        self.listener = socket.create_server(("", 0), backlog=max(16, self.world.size))
+        life_port = self.listener.getsockname()[1]
+        return ([f"tcp://{a}:{in_port}" for a in addresses], [f"tcp://{a}:{out_port}" for a in addresses],
+                [(a, life_port) for a in addresses])
+
+    def _lifeline_to_rank0(self, addresses: list[tuple[str, int]]) -> None:
+        """The first of rank 0's addresses that answers; none: the beacons alone watch rank 0."""
+        for address in addresses:
+            try:
+                sock = socket.create_connection(address, timeout=2)
+            except OSError:
+                continue
+            sock.sendall(struct.pack("!i", self.world.rank))
+            self.lifelines[sock] = 0
+            return
 
     def _connect(self, to_rank0: list[str], from_rank0: list[str]) -> None:
         self.outbox = self.ctx.socket(zmq.PUSH)
@@ -128,7 +161,49 @@ class StepWatchdog:
             problem = self._check()
             if problem:
                 self._fail(problem)
-            time.sleep(BEACON_INTERVAL_S)
+            self._watch_lifelines(BEACON_INTERVAL_S)
+
+    def _watch_lifelines(self, timeout: float) -> None:
+        """Wait up to `timeout` for lifeline news: a rank connecting (rank 0), a goodbye, or a death."""
+        watched = list(self.lifelines) + ([self.listener] if self.listener else [])
+        if not watched:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select(watched, [], [], timeout)
+        for sock in ready:
+            if sock is self.listener:
+                self._accept_lifeline()
+            else:
+                self._read_lifeline(sock)
+
+    def _accept_lifeline(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(2)
+        try:
+            self.lifelines[conn] = struct.unpack("!i", conn.recv(4))[0]
+        except (OSError, struct.error):
+            conn.close()
+
+    def _read_lifeline(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(16)
+        except OSError:
+            data = b""
+        rank = self.lifelines.pop(sock)
+        sock.close()
+        if not data.startswith(GOODBYE) and not self.failed.is_set():
+            peer = self.peers.get(rank, _Peer("unknown host", -1))
+            where = f"on {peer.host}, pid {peer.pid}" if peer.pid >= 0 else f"on {peer.host}"
+            log.error("rank %d (%s) died: its lifeline to rank %d closed without a goodbye (killed, or it "
+                      "crashed); the job ends.", rank, where, self.world.rank)
+
+    def _goodbye(self) -> None:
+        """A normal exit (atexit): the lifelines close, but no one died."""
+        for sock in list(self.lifelines):
+            try:
+                sock.sendall(GOODBYE)
+            except OSError:
+                pass
 
     def _beacon(self) -> None:
         message = (self.world.rank, *self.me, self.progress.done)
@@ -162,6 +237,9 @@ class StepWatchdog:
         since, step = self.progress.since, self.progress.done + 1
         if since is None or time.monotonic() - since <= self.timeout:
             return None
+        silent = self._silent_rank(3 * BEACON_INTERVAL_S)  # stopped mid-step: the step's culprit
+        if silent:
+            return f"step {step} has not finished after {time.monotonic() - since:.0f} s, and {silent}"
         behind = sorted(r for r, p in self.peers.items() if p.done < step)
         names = ", ".join(f"rank {r} ({self.peers[r].host}, pid {self.peers[r].pid})" for r in behind)
         return (f"step {step} has not finished after {time.monotonic() - since:.0f} s although every rank is alive; "
@@ -177,7 +255,13 @@ class StepWatchdog:
 
     def _fail(self, problem: str) -> None:
         self.failed.set()
-        log.error("step watchdog (--step-timeout %.0f s): %s. Ending the job.", self.timeout, problem)
+        words = f"step watchdog (--step-timeout {self.timeout:.0f} s): {problem}. Ending the job."
+        log.error("%s", words)
+        for hook in last_words_hooks:
+            try:
+                hook(words)
+            except Exception:  # the exit below matters more than the message
+                pass
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         for handler in logging.getLogger().handlers:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import make_tiny_model, run_cli
+from conftest import build_in_process, make_tiny_model
 
 VOCAB = 301
 BLOCK = 4
@@ -31,10 +31,8 @@ def tiny(tmp_path_factory, smollm2_dir):
         out = root / f"engine-tp{tp}pp{pp}"
         if not out.exists():
             partition(root / "hf", tp, pp, root / f"ckpt-tp{tp}pp{pp}", progress=False)
-            proc = run_cli("build", "--checkpoint", str(root / f"ckpt-tp{tp}pp{pp}"), "--out", str(out),
-                           "--max-batch-size", "8", "--max-seq-len", str(MAX_SEQ), "--kv-block-size", str(BLOCK),
-                           timeout=300)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            build_in_process(root / f"ckpt-tp{tp}pp{pp}", out, "--max-batch-size", "8", "--max-seq-len", str(MAX_SEQ),
+                             "--kv-block-size", str(BLOCK))
         return out
 
     return engine, model

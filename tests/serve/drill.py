@@ -1,4 +1,4 @@
-"""The restart drill the `serve --restart` tests share (mpirun, Slurm, Ray): concurrent
+"""The restart drill of the fault matrix (tests/launchers/fault_matrix.py; mpirun, Slurm, Ray): concurrent
 streams through the official `openai` client, a rank killed with SIGKILL in the middle of
 them, requests sent while the engine restarts, every answer compared with the same request
 sent before the fault."""
@@ -59,12 +59,12 @@ async def references(url: str, batch: list[list[int]]) -> list[str]:
     return list(texts)
 
 
-async def _stream(api, prompt: list[int], i: int, chunks: list[int], progress: asyncio.Event) -> str:
-    stream = await api.completions.create(model=MODEL, prompt=prompt, max_tokens=NEW_TOKENS, stream=True,
-                                          stream_options={"include_usage": True},
-                                          extra_body={"ignore_eos": True}, **sampling(i))
+async def stream(api, prompt: list[int], i: int, chunks: list[int], progress: asyncio.Event) -> str:
+    chunk_stream = await api.completions.create(model=MODEL, prompt=prompt, max_tokens=NEW_TOKENS, stream=True,
+                                                stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True}, **sampling(i))
     parts = []
-    async for chunk in stream:
+    async for chunk in chunk_stream:
         if chunk.usage is not None:  # usage stays the original request's, restart or not
             assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (len(prompt), NEW_TOKENS)
         if chunk.choices:
@@ -102,7 +102,7 @@ async def kill_mid_streams(target: Target, victim: int, batch: list[list[int]], 
     Returns (stream texts, texts of the requests sent during the restart, restart seconds:
     from the kill to /health 200 again)."""
     api, chunks, progress = client(target.url), [0] * len(batch), asyncio.Event()
-    streams = [asyncio.create_task(_stream(api, p, i, chunks, progress)) for i, p in enumerate(batch)]
+    streams = [asyncio.create_task(stream(api, p, i, chunks, progress)) for i, p in enumerate(batch)]
     await asyncio.wait_for(progress.wait(), 120)
     target.kill(victim)
     killed = time.monotonic()
@@ -117,12 +117,12 @@ async def kill_mid_streams(target: Target, victim: int, batch: list[list[int]], 
     return list(texts), list(late_texts), restart_s
 
 
-def run_drill(target: Target, victim: int, seed: int) -> float:
+def run_drill(target: Target, victim: int, seed: int, streams: int = STREAMS) -> float:
     """The whole drill; asserts every answer, returns the restart time."""
-    batch, during = prompts(STREAMS, seed), prompts(2, seed + 100)
+    batch, during = prompts(streams, seed), prompts(2, seed + 100)
     want = asyncio.run(references(target.url, batch + during))
     got, late, restart_s = asyncio.run(kill_mid_streams(target, victim, batch, during))
-    assert got == want[:STREAMS], "a stream's answer changed across the restart"
-    assert late == want[STREAMS:], "a request sent during the restart got another answer"
+    assert got == want[:streams], "a stream's answer changed across the restart"
+    assert late == want[streams:], "a request sent during the restart got another answer"
     assert restart_s <= RESTART_LIMIT_S, restart_s
     return restart_s

@@ -24,15 +24,9 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_dir, tmp_path_factory):
-    from dist_infer.partition import partition
-
-    root = tmp_path_factory.mktemp("smol-serve")
-    partition(smollm2_dir, TP, 1, root / "ckpt", progress=False)
-    proc = run_cli("build", "--checkpoint", str(root / "ckpt"), "--out", str(root / "engine"), "--max-batch-size",
-                   "8", "--max-seq-len", "512", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return root / "engine"
+def engine(smollm2_engine):
+    """The session's SmolLM2 TP=3 engine (max batch 8, max seq 512; test_generate runs it too)."""
+    return smollm2_engine(TP, 1)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ seeded stream resumed at a token index."""
 from __future__ import annotations
 
 import asyncio
-import pickle
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import zmq.asyncio
 
 from dist_infer.client import EngineClient, EngineDeadError
 from dist_infer.engine.sampling import Sampler, SamplingParams
+from dist_infer.workers.engine_loop import FrameSigner, engine_key
 from dist_infer.workers.llm_engine import EngineStats, Request, RequestOutput
 
 STATS = EngineStats(0, 0, 0.0, 0.0, 0, 0)
@@ -23,6 +23,7 @@ class ScriptedEngine:
     """Rank 0's side of the sockets, as `serve --engine-only --connect` opens them."""
 
     def __init__(self, ctx: zmq.asyncio.Context, addresses):
+        self.signer = FrameSigner(engine_key(addresses, create=False), "scripted engine")  # the key rank 0 inherits
         self.inbox = ctx.socket(zmq.PULL)
         self.inbox.connect(addresses.requests)
         self.outbox = ctx.socket(zmq.PUSH)
@@ -31,12 +32,12 @@ class ScriptedEngine:
 
     async def _heartbeats(self) -> None:
         while True:  # as the engine loop does, twice a second (faster here)
-            await self.outbox.send(pickle.dumps(("heartbeat", STATS, False)))
+            await self.outbox.send(self.signer.seal(("heartbeat", STATS, False)))
             await asyncio.sleep(0.05)
 
     async def next_add(self) -> tuple[str, Request]:
         while True:
-            message = pickle.loads(await asyncio.wait_for(self.inbox.recv(), 10))
+            message = self.signer.open(await asyncio.wait_for(self.inbox.recv(), 10))
             if message[0] == "add":
                 return message[1], message[2]
 
@@ -45,7 +46,7 @@ class ScriptedEngine:
             finished = last and i == len(tokens) - 1
             out = RequestOutput(request_id, [token], "", finished, "length" if finished else None, 3,
                                 done_before + i + 1)
-            await self.outbox.send(pickle.dumps(("outputs", [out])))
+            await self.outbox.send(self.signer.seal(("outputs", [out])))
 
     def die(self) -> None:
         self.beating.cancel()

@@ -1,7 +1,8 @@
 """The Supervisor's decisions, in milliseconds, against scripted rank jobs and a stand-in for
 the EngineClient: a hang (no heartbeat) is killed and restarted, a job that exits 0 ended on
 purpose, restarts are counted (failed starts too) and, when used up, every request fails;
-a first start that fails is not retried."""
+a first start that fails is not retried, nor a restart that refused its input (exit 2);
+a rank's ERROR line is what a CommandJob reports as the cause when nothing else is named."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from dist_infer.serve.supervisor import FirstStartFailed, RestartPolicy, Supervisor, describe_exit
+from dist_infer.serve.supervisor import CommandJob, FirstStartFailed, RestartPolicy, Supervisor, describe_exit
 from dist_infer.workers.engine_loop import EngineAddresses
 
 
@@ -111,8 +112,9 @@ def test_a_hang_is_killed_and_restarted_then_an_exit_0_ends_it():
 def test_failed_restarts_count_and_when_used_up_every_request_fails():
     async def scenario():
         client = Client()
-        sup = supervisor(client, [lambda c: Job(c), lambda c: Job(c, exit_code=2, ready=False),
-                                  lambda c: Job(c, exit_code=2, ready=False)])
+        # exit 1 before ready: a crash while loading (perhaps a node's hiccup), worth another try
+        sup = supervisor(client, [lambda c: Job(c), lambda c: Job(c, exit_code=1, ready=False),
+                                  lambda c: Job(c, exit_code=1, ready=False)])
         await sup.start()
         verdict = asyncio.create_task(sup.run())
         sup.started[0].exit(3)
@@ -138,3 +140,61 @@ def test_exit_descriptions_name_the_signal_and_the_cause():
     assert describe_exit(-9, None) == "the rank job was killed by SIGKILL"
     assert describe_exit(3, "step watchdog: rank 2 (on n1, pid 5) has sent no heartbeat") == \
         "the rank job exited with code 3 (step watchdog: rank 2 (on n1, pid 5) has sent no heartbeat)"
+
+
+class BadInputJob(Job):
+    """A restart that loads a corrupt engine file: the ranks log why and exit 2 before ready."""
+
+    def __init__(self, client: Client):
+        super().__init__(client, exit_code=2, ready=False)
+
+    def cause(self) -> str | None:
+        return "engine rank 1: /e/rank1/weights.safetensors is corrupt (sha256 ...). Rebuild the engine"
+
+
+def test_a_restart_that_refuses_its_input_is_not_retried():
+    """Exit 2 before the engine is ready (a corrupt engine file found at restart): every further
+    start would read the same file, so the supervisor stops with restarts left, fails the waiting
+    requests with the job's own message (the file and the fix) and returns 2."""
+    async def scenario():
+        client = Client()
+        sup = supervisor(client, [lambda c: Job(c), BadInputJob, lambda c: Job(c)], restarts=5)
+        await sup.start()
+        verdict = asyncio.create_task(sup.run())
+        sup.started[0].exit(-9)
+        return await asyncio.wait_for(verdict, 5), sup, client
+
+    code, sup, client = asyncio.run(scenario())
+    assert code == 2 and sup.used == 1 and len(sup.started) == 2
+    assert client.died.startswith("the engine cannot restart: the rank job exited with code 2")
+    assert "rank1/weights.safetensors is corrupt" in client.died and "Rebuild the engine" in client.died
+
+
+def test_command_job_names_the_first_error_line_when_nothing_else_is_named():
+    """A real child process: its first "[rank R] TIME ERROR LOGGER: MESSAGE" line is the cause
+    (without the prefix); a launcher's line naming what died wins over it."""
+    async def job_cause(script: str) -> tuple[int, str | None]:
+        job = await CommandJob.start(["sh", "-c", script])
+        return await job.wait(), job.cause()
+
+    error = "echo '[rank 0] 01:02:03 ERROR dist_infer.cli: engine rank 1: F is corrupt. Rebuild the engine'"
+    assert asyncio.run(job_cause(f"echo '[rank 0] 01:02:03 INFO x: fine'; {error}; exit 2")) == \
+        (2, "engine rank 1: F is corrupt. Rebuild the engine")
+    killed = "echo 'srun: error: n1: task 3: Killed'"
+    assert asyncio.run(job_cause(f"{error}; {killed}; exit 137"))[1] == "srun: error: n1: task 3: Killed"
+
+
+def test_command_job_joins_a_wrapped_cause_but_not_mpiruns_rule():
+    """mpirun wraps its sentence at 72 columns (the next line continues it); the rule of dashes
+    that closes its box is not part of it."""
+    async def job_cause(script: str) -> str | None:
+        job = await CommandJob.start(["sh", "-c", script])
+        await job.wait()
+        return job.cause()
+
+    wrapped = "echo 'prterun noticed that process rank 1 with PID 7 on node n0 exited on'; echo 'signal 9 (Killed).'"
+    assert asyncio.run(job_cause(f"{wrapped}; exit 137")) == \
+        "prterun noticed that process rank 1 with PID 7 on node n0 exited on signal 9 (Killed)."
+    unended = "echo '[rank 2] 01:02:03 ERROR dist_infer.workers.watchdog: rank 1 (on n0, pid 7) died: its lifeline'"
+    assert asyncio.run(job_cause(f"{unended}; echo '-----------'; exit 14")) == \
+        "rank 1 (on n0, pid 7) died: its lifeline"

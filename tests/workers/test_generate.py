@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import completions, hf_greedy, make_tiny_model, run_cli, write_prompts
+from conftest import build_in_process, completions, hf_greedy, make_tiny_model, run_cli, write_prompts
 
 TIMEOUT = 240
 ARCHS = ["llama", "mistral", "qwen2"]
@@ -28,44 +28,32 @@ def _prompts(lengths, seed=1234):
 PROMPTS = _prompts([3, 9, 17])
 
 
-def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    return proc
-
-
 class Engines:
-    """Partition + build each (model, layout, build options) once per module. Builds go
-    through the CLI; tiny models are partitioned with the same Python function the
-    `partition` sub-command calls (saves a ~5 s transformers import per layout; the
-    partition CLI itself is exercised by tests/engine and tests/workers/test_bad_input.py),
-    SmolLM2 through the CLI."""
+    """Partition + build each (model, layout, build options) once per module, in this process
+    (conftest.build_in_process: the CLI's own build handler, without a process start per engine;
+    the sub-commands as processes are tested in tests/engine, tests/partition and
+    tests/workers/test_bad_input.py; what this file tests is `run`)."""
 
     def __init__(self, root: Path):
         self.root = root
         self.ckpts: dict = {}
         self.engines: dict = {}
 
-    def checkpoint(self, model_dir: Path, tp: int, pp: int, in_process: bool = True) -> Path:
+    def checkpoint(self, model_dir: Path, tp: int, pp: int) -> Path:
         key = (str(model_dir), tp, pp)
         if key not in self.ckpts:
-            out = self.root / f"ckpt-{len(self.ckpts)}-{model_dir.name}-tp{tp}pp{pp}"
-            if in_process:
-                from dist_infer.partition import partition
+            from dist_infer.partition import partition
 
-                partition(model_dir, tp, pp, out, progress=False)
-            else:
-                _ok(run_cli("partition", "--model", str(model_dir), "--tp", str(tp), "--pp", str(pp),
-                            "--out", str(out), "--quiet", timeout=TIMEOUT))
+            out = self.root / f"ckpt-{len(self.ckpts)}-{model_dir.name}-tp{tp}pp{pp}"
+            partition(model_dir, tp, pp, out, progress=False)
             self.ckpts[key] = out
         return self.ckpts[key]
 
-    def get(self, model_dir: Path, tp: int, pp: int, *build_args: str, cli_partition: bool = False) -> Path:
+    def get(self, model_dir: Path, tp: int, pp: int, *build_args: str) -> Path:
         key = (str(model_dir), tp, pp, build_args)
         if key not in self.engines:
-            ckpt = self.checkpoint(model_dir, tp, pp, in_process=not cli_partition)
             out = self.root / f"engine-{len(self.engines)}-{model_dir.name}-tp{tp}pp{pp}"
-            _ok(run_cli("build", "--checkpoint", str(ckpt), "--out", str(out), *build_args, timeout=TIMEOUT))
-            self.engines[key] = out
+            self.engines[key] = build_in_process(self.checkpoint(model_dir, tp, pp), out, *build_args)
         return self.engines[key]
 
 
@@ -252,8 +240,8 @@ def _check_smol(outs, smol):
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,source", [(3, 1, "flags"), (1, 2, "textfile"), (3, 2, "jsonl")],
                          ids=["tp3pp1-flags", "tp1pp2-textfile", "tp3pp2-jsonl"])
-def test_smollm2_greedy_matches_transformers(engines, smollm2_dir, smol, tp, pp, source, tmp_path):
-    engine = engines.get(smollm2_dir, tp, pp, cli_partition=True)
+def test_smollm2_greedy_matches_transformers(smollm2_engine, smol, tp, pp, source, tmp_path):
+    engine = smollm2_engine(tp, pp)
     args = ["run", "--engine", str(engine), "--json", "--max-new-tokens", str(SMOL_NEW)]
     if source == "flags":
         for p in SMOL_PROMPTS:
@@ -271,32 +259,32 @@ def test_smollm2_greedy_matches_transformers(engines, smollm2_dir, smol, tp, pp,
 
 
 @pytest.mark.slow
-def test_smollm2_prompts_from_stdin(engines, smollm2_dir, smol):
+def test_smollm2_prompts_from_stdin(smollm2_engine, smol):
     """`--prompts-file -`: one prompt per stdin line, read by a plain one-rank `dist-infer run`."""
-    engine = engines.get(smollm2_dir, 1, 1, cli_partition=False)
+    engine = smollm2_engine(1, 1)
     proc = run_cli("run", "--engine", str(engine), "--json", "--max-new-tokens", str(SMOL_NEW),
                    "--prompts-file", "-", input="\n".join(SMOL_PROMPTS) + "\n", timeout=TIMEOUT)
     _check_smol(completions(proc), smol)
 
 
-def test_stdin_prompts_under_mpirun_are_refused_not_hung(engines, smollm2_dir):
+def test_stdin_prompts_under_mpirun_are_refused_not_hung(smollm2_engine):
     """Open MPI 5 forwards stdin's data but never its end, so reading it would
     hang every rank: under mpirun `--prompts-file -` is refused at once."""
-    engine = engines.get(smollm2_dir, 3, 1, cli_partition=True)
+    engine = smollm2_engine(3, 1)
     proc = run_cli("run", "--engine", str(engine), "--prompts-file", "-", world=3, input="hello\n", timeout=TIMEOUT)
     assert proc.returncode != 0
     assert "cannot be used under mpirun" in proc.stderr and "--prompts-file FILE" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_smollm2_stop_string(engines, smollm2_dir, smol):
+def test_smollm2_stop_string(smollm2_engine, smol):
     """A stop string taken from the reference answer cuts the text before it and ends with "stop"."""
     refs, tok = smol
     ids, ref, _ = refs[1]
     full = tok.decode(ref, skip_special_tokens=True)
     words = [w.strip(".,!?\n") for w in full.split()]
     stop = next(w for w in words[3:] if len(w) >= 3 and full.count(w) == 1)
-    engine = engines.get(smollm2_dir, 3, 1, cli_partition=True)
+    engine = smollm2_engine(3, 1)
     outs = completions(run_cli("run", "--engine", str(engine), "--json", "--max-new-tokens", str(SMOL_NEW),
                                "--prompt", SMOL_PROMPTS[1], "--stop", stop, "--stop", "zzz-never-zzz",
                                world=3, timeout=TIMEOUT))
