@@ -494,7 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         from dist_infer.interrupts import exit_code
 
         return exit_code(exc)
-    except Exception:  # a bug: keep the traceback, and do not leave other ranks hanging
+    except Exception as exc:  # a bug: keep the traceback, and do not leave other ranks hanging
+        from dist_infer.interrupts import delivered, exit_code
+
+        if (signal_exc := delivered()) is not None:  # SIGTERM, disguised by a C extension (interrupts.delivered)
+            log.warning("%s (it surfaced as %s: %s)", signal_exc, type(exc).__name__, exc)
+            return exit_code(signal_exc)
         log.error("unexpected failure:\n%s", traceback.format_exc())
         _abort_job(1)
         return 1

@@ -33,8 +33,20 @@ class Terminated(KeyboardInterrupt):
     exit_code = 128 + signal.SIGTERM
 
 
+_delivered: list[Terminated] = []  # every SIGTERM raised here (see `delivered`)
+
+
 def _raise_terminated(signum, frame):
-    raise Terminated(f"terminated by {signal.Signals(signum).name}")
+    exc = Terminated(f"terminated by {signal.Signals(signum).name}")
+    _delivered.append(exc)
+    raise exc
+
+
+def delivered() -> Terminated | None:
+    """The SIGTERM this process raised, if any. A handler that runs inside a C extension's call
+    back into Python (safetensors making a tensor) can see its exception replaced by the
+    extension's own error; the CLI still exits as interrupted when this is set."""
+    return _delivered[-1] if _delivered else None
 
 
 @contextmanager
@@ -48,6 +60,12 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def interruption(exc: BaseException) -> BaseException | None:
+    """What interrupted the work that ended with `exc`: Ctrl-C or SIGTERM (also when an
+    extension replaced the interrupt with its own error, see `delivered`), else None."""
+    return exc if isinstance(exc, KeyboardInterrupt) else delivered()
 
 
 def exit_code(exc: KeyboardInterrupt) -> int:

@@ -37,7 +37,7 @@ from dist_infer.engine.model import StageModel
 from dist_infer.engine.quant import check_quant_layout
 from dist_infer.errors import EngineError, LaunchError, LayoutError
 from dist_infer.models import family_of
-from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
+from dist_infer.interrupts import interruption, remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
 from dist_infer.partition.checkpoint import PartitionedCheckpoint
 from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, file_entry
 
@@ -261,8 +261,8 @@ def write_engine(out: Path, world: Communicator, force: bool, write_ranks: Calla
         except BaseException as exc:
             if world.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-                if isinstance(exc, KeyboardInterrupt):
-                    log.warning("build interrupted (%s): removed the partial engine %s", exc or "SIGINT", tmp)
+                if (cause := interruption(exc)) is not None:
+                    log.warning("build interrupted (%s): removed the partial engine %s", cause or "SIGINT", tmp)
             raise
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from dist_infer.config import Mapping, ModelConfig, check_layout
 from dist_infer.errors import CheckpointError
-from dist_infer.interrupts import remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
+from dist_infer.interrupts import interruption, remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
 from dist_infer.partition import prequantized
 from dist_infer.partition.checkpoint import FORMAT, format_version, rank_file
 from dist_infer.models import family_of, is_supported
@@ -135,8 +135,8 @@ def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = Fals
             tmp.rename(out)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, KeyboardInterrupt):
-                log.warning("partition interrupted (%s): removed the partial output %s", exc or "SIGINT", tmp)
+            if (cause := interruption(exc)) is not None:
+                log.warning("partition interrupted (%s): removed the partial output %s", cause or "SIGINT", tmp)
             raise
     log.info("wrote %d rank files to %s", tp * pp, out)
     return out

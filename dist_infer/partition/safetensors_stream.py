@@ -4,8 +4,8 @@
 The format is a little-endian u64 header length, a JSON header with each
 tensor's dtype, shape and byte range, then the raw bytes. Since the partitioner
 knows every shard's shape before reading any data, it writes the header first
-and each tensor's bytes at its offset as the tensor streams by, on a few threads
-(page-cache copies and the source's page faults run in parallel).
+and each tensor's bytes at its offset as the tensor streams by, on a thread beside
+the caller (which reads the next tensor meanwhile).
 
 Files are hashed per 256 MiB piece (`file_entry`), so hashing and verifying run
 on several cores: a whole-file sha256 is one core's work, ~14 s for an 8B file.
@@ -35,14 +35,13 @@ def dtype_from_code(code: str) -> torch.dtype:
     return CODE_DTYPES[code]
 
 
-WRITE_THREADS = min(4, os.cpu_count() or 1)
-WRITE_IN_FLIGHT_BYTES = 512 << 20  # tensors handed to the writer threads and not yet written (peak memory)
+WRITE_QUEUE = 1  # tensors handed to the writer thread and not yet written: peak memory grows by at most this many
 
 
 class StreamingSafetensorsWriter:
     """Declare every tensor (name, dtype, shape) up front, then `write` them in any order.
-    Writes go to WRITE_THREADS threads (pwrite at each tensor's offset); `write` returns once
-    fewer than WRITE_IN_FLIGHT_BYTES (or only this tensor) wait, and `close` once all are on file."""
+    A writer thread puts each at its offset (pwrite) while the caller makes the next; `write`
+    returns once at most WRITE_QUEUE tensors wait, and `close` once all are on file."""
 
     def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -61,23 +60,23 @@ class StreamingSafetensorsWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         _pwrite_all(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self._fd, self._data_start + offset)
-        self._pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="safetensors-write")
-        self._in_flight: deque[tuple[Future, int]] = deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="safetensors-write")
+        self._in_flight: deque[Future] = deque()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         dtype, shape, offset = self._layout[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.contiguous().view(-1).view(torch.uint8).numpy()  # the closure keeps it alive until written
-        self._in_flight.append((self._pool.submit(_pwrite_all, self._fd, data, self._data_start + offset), data.nbytes))
+        self._in_flight.append(self._pool.submit(_pwrite_all, self._fd, data, self._data_start + offset))
         self._pending.discard(name)
-        while len(self._in_flight) > 1 and sum(n for _, n in self._in_flight) > WRITE_IN_FLIGHT_BYTES:
-            self._in_flight.popleft()[0].result()
+        while len(self._in_flight) > WRITE_QUEUE:
+            self._in_flight.popleft().result()
 
     def close(self) -> None:
         try:
             while self._in_flight:
-                self._in_flight.popleft()[0].result()  # a failed write raises here
+                self._in_flight.popleft().result()  # a failed write raises here
         finally:
             self._pool.shutdown(cancel_futures=True)
             os.close(self._fd)

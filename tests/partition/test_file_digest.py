@@ -74,11 +74,11 @@ def test_a_damaged_entry_is_a_clear_error(data_file, edit):
 
 
 def test_threaded_writes_in_any_order_make_the_file_safetensors_reads(tmp_path, monkeypatch):
-    """Tensors written out of declaration order, more than fit in flight at once: every byte lands."""
+    """Tensors written out of declaration order, more than the writer thread's queue holds: every byte lands."""
     import torch
     from safetensors.torch import load_file
 
-    monkeypatch.setattr(safetensors_stream, "WRITE_IN_FLIGHT_BYTES", 4096)
+    monkeypatch.setattr(safetensors_stream, "WRITE_QUEUE", 2)
     tensors = {f"t{i}": torch.randn(37 + i, 19 + i).to(dtype) for i, dtype in
                enumerate([torch.float32, torch.bfloat16, torch.float16, torch.float32] * 3)}
     tensors["ids"] = torch.arange(5000, dtype=torch.int64)

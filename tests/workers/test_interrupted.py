@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -86,6 +87,31 @@ def test_sigterm_during_build_leaves_nothing(checkpoint, tmp_path):
     assert returncode == 143 and took < 10, err[-3000:]
     assert "Traceback" not in err and "build interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_an_extension_turned_into_its_own_error_still_exits_143(tmp_path):
+    """SIGTERM's handler can run inside safetensors' call back into Python, which replaces the
+    raised interrupt with its own ValueError (seen in CI): the CLI still exits as interrupted."""
+    code = textwrap.dedent("""
+        import os, signal, time
+        import dist_infer.cli as cli
+        from dist_infer.interrupts import sigterm_raises
+
+        def build_like(args):
+            with sigterm_raises():
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)
+                except KeyboardInterrupt:
+                    raise ValueError("could not determine the shape of object type 'UntypedStorage'") from None
+
+        cli._build = build_like
+        raise SystemExit(cli.main(["build", "--checkpoint", "ckpt", "--out", "engine"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 143, proc.stderr
+    assert "terminated by SIGTERM" in proc.stderr and "unexpected failure" not in proc.stderr, proc.stderr
 
 
 def test_build_never_reuses_a_dead_builds_staging_dir(checkpoint, tmp_path):
