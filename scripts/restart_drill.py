@@ -167,6 +167,7 @@ def started_cluster(kind: str, engine: Path, root: Path, world: int):
     from launchers.daemons import RayCluster, SlurmCluster
     from launchers.hosts import TwoHosts
 
+    (root / kind).mkdir(parents=True, exist_ok=True)  # the daemons' logs and state
     if kind == "slurm":
         hosts = TwoHosts()  # the test cluster's nodes include two namespace hosts; the drill uses `local`
         cluster = SlurmCluster(root / "slurm", hosts)
