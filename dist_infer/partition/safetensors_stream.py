@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -41,7 +42,12 @@ WRITE_QUEUE = 1  # tensors handed to the writer thread and not yet written: peak
 class StreamingSafetensorsWriter:
     """Declare every tensor (name, dtype, shape) up front, then `write` them in any order.
     A writer thread puts each at its offset (pwrite) while the caller makes the next; `write`
-    returns once at most WRITE_QUEUE tensors wait, and `close` once all are on file."""
+    returns once at most WRITE_QUEUE tensors wait, and `close` once all are on file.
+
+    The thread is a daemon of its own, not a ThreadPoolExecutor's: SIGTERM raises in the
+    caller (interrupts.sigterm_raises) at any bytecode, possibly just after it took a lock the
+    writer needs, and interpreter exit joins every executor thread, so a blocked writer then
+    hung the interrupted process forever. Nothing waits for a daemon at exit."""
 
     def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -60,28 +66,44 @@ class StreamingSafetensorsWriter:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         _pwrite_all(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self._fd, self._data_start + offset)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="safetensors-write")
-        self._in_flight: deque[Future] = deque()
+        self._slots = threading.Semaphore(WRITE_QUEUE)  # one per tensor handed over and not yet written
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (bytes, offset), then None to stop
+        self._failure: OSError | None = None
+        self._thread = threading.Thread(target=self._write_jobs, daemon=True, name="safetensors-write")
+        self._thread.start()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         dtype, shape, offset = self._layout[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
-        data = tensor.contiguous().view(-1).view(torch.uint8).numpy()  # the closure keeps it alive until written
-        self._in_flight.append(self._pool.submit(_pwrite_all, self._fd, data, self._data_start + offset))
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy()  # the job keeps it alive until written
+        self._slots.acquire()  # wait for a free slot: memory holds at most WRITE_QUEUE tensors waiting
+        self._raise_failure()
+        self._jobs.put((data, self._data_start + offset))
         self._pending.discard(name)
-        while len(self._in_flight) > WRITE_QUEUE:
-            self._in_flight.popleft().result()
 
     def close(self) -> None:
-        try:
-            while self._in_flight:
-                self._in_flight.popleft().result()  # a failed write raises here
-        finally:
-            self._pool.shutdown(cancel_futures=True)
-            os.close(self._fd)
+        self._jobs.put(None)
+        self._thread.join()
+        os.close(self._fd)
+        self._raise_failure()
         if self._pending:
             raise ValueError(f"{self.path.name}: tensors never written: {sorted(self._pending)[:5]}")
+
+    def _write_jobs(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self._failure is None:  # after a failed write the rest are dropped
+                    _pwrite_all(self._fd, *job)
+            except OSError as exc:  # disk full, I/O error: `write` or `close` raises it
+                self._failure = exc
+            finally:
+                job = None  # drop the tensor's bytes before waiting for the next
+                self._slots.release()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dist_infer.comm import ParallelGroups, world_from_launch
 from dist_infer.comm.base import collective_call
-from dist_infer.comm.bootstrap import resolve_device
+from dist_infer.comm.bootstrap import resolve_device, share_node_cpus
 from dist_infer.config import KVCacheConfig
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
@@ -58,6 +58,7 @@ def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu", cud
     start the step watchdog (see workers/watchdog.py)."""
     world = world_from_launch()
     device = collective_call(world, lambda: resolve_device(device, world.rank))
+    share_node_cpus(world, device)
     spec = collective_call(world, lambda: EngineSpec.read(engine_dir))
     collective_call(world, lambda: spec.check_world(world.size))
     groups = ParallelGroups.build(world, spec.mapping, device)

@@ -26,14 +26,15 @@ WORLD = 4
 LAYOUTS = [(2, 2), (4, 1), (1, 4)]
 
 
-def run_mpi(tmp_path: Path, source: str, n: int = WORLD, timeout: float = 120, env: dict | None = None):
+def run_mpi(tmp_path: Path, source: str, n: int = WORLD, timeout: float = 120, env: dict | None = None,
+            launcher: list[str] | None = None):
     """Run `source` as a script under `mpirun -n n`; each rank writes out/rank{r}.json.
     A hang is killed (whole process group) and fails the test."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(source))
     out = tmp_path / "out"
     out.mkdir()
-    cmd = mpirun_prefix(n) + [sys.executable, str(script), str(out)]
+    cmd = (launcher or mpirun_prefix(n)) + [sys.executable, str(script), str(out)]
     proc = run_bounded(cmd, timeout, env)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     results = {}
@@ -388,3 +389,57 @@ def test_a_rank_bound_to_one_core_is_given_every_cpu():
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
     assert out == ["1", str(len(os.sched_getaffinity(0)))]
+
+
+def test_slurm_per_node_task_counts():
+    from dist_infer.comm.bootstrap import slurm_task_counts
+
+    assert slurm_task_counts("3") == [3]
+    assert slurm_task_counts("2(x3),1") == [2, 2, 2, 1]
+    assert slurm_task_counts("2(x),1") is None and slurm_task_counts("") is None
+
+
+@pytest.mark.parametrize("env, want", [({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 3), ({"LOCAL_WORLD_SIZE": "2"}, 2),
+                                       ({"SLURM_STEP_TASKS_PER_NODE": "2(x2),1", "SLURM_NODEID": "2"}, 1),
+                                       ({"SLURM_TASKS_PER_NODE": "4", "SLURM_NODEID": "0"}, 4), ({}, None)])
+def test_ranks_on_this_node_from_each_launchers_environment(monkeypatch, env, want):
+    from dist_infer.comm import bootstrap
+
+    for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE",
+                "SLURM_TASKS_PER_NODE", "SLURM_NODEID"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert bootstrap.ranks_on_this_node() == want
+
+
+NODE_SHARE_WORKER = """
+    import json, os, sys
+    import torch
+    from dist_infer.comm import world_from_launch
+    from dist_infer.comm.bootstrap import share_node_cpus
+
+    world = world_from_launch()
+    share_node_cpus(world, "cpu")
+    with open(os.path.join(sys.argv[1], f"rank{world.rank}.json"), "w") as f:
+        json.dump({"yield": os.environ.get("OMPI_MCA_mpi_yield_when_idle"), "threads": torch.get_num_threads()}, f)
+"""
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="needs taskset")
+def test_ranks_outnumbering_cpus_yield_and_split_the_cores(tmp_path, monkeypatch):
+    """Two ranks held to one CPU (mpirun told of 2 slots, so it does not yield by itself):
+    MPI yields while waiting, and each rank keeps one torch thread. Busy-polling or a thread per
+    core in every rank made CPU steps 4-30x slower (comm/bootstrap.py)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
+    mpirun = [a for a in mpirun_prefix(2) if a != "--oversubscribe"]
+    results = run_mpi(tmp_path, NODE_SHARE_WORKER, n=2, launcher=["taskset", "-c", "0", *mpirun, "--host", "localhost:2"])
+    assert [results[r] for r in (0, 1)] == [{"yield": "1", "threads": 1}] * 2
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2+ CPUs")
+def test_omp_num_threads_wins_over_the_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    results = run_mpi(tmp_path, NODE_SHARE_WORKER, n=2)
+    assert [results[r]["threads"] for r in (0, 1)] == [2, 2]

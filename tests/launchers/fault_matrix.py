@@ -307,7 +307,7 @@ def run_restart_faults(cell: Cell, request) -> None:
         restarts += 2
     kill_rank(cell, last, seed=3, request=request)
     stop_rank(cell, 2, seed=4, request=request)
-    assert log_count(cell, "restarting it from") == restarts
+    assert log_count(cell, "restarting it from") == restarts, cell.log()[-8000:]  # one restart per fault
     sigterm_launcher(cell, seed=5, request=request)
 
 

@@ -1,15 +1,18 @@
 """Checkpoint and engine files are hashed per piece (safetensors_stream.FileDigest / file_entry);
 loading verifies the pieces in parallel (checkpoint.verify_file) and names the byte range that
 differs. Entries written before pieces existed (a whole-file sha256) are verified whole.
-The streaming writer puts every tensor's bytes at its offset from several threads."""
+The streaming writer puts every tensor's bytes at its offset on a thread beside the caller."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 
 import pytest
 
+from conftest import REPO
 from dist_infer.errors import CheckpointError
 from dist_infer.partition.checkpoint import verify_file
 from dist_infer.partition import safetensors_stream
@@ -99,3 +102,36 @@ def test_a_tensor_never_written_is_an_error(tmp_path):
     writer.write("a", torch.zeros(2))
     with pytest.raises(ValueError, match="never written: \\['b'\\]"):
         writer.close()
+
+
+def test_a_failed_write_on_the_writer_thread_raises_in_the_caller(tmp_path, monkeypatch):
+    import torch
+
+    writer = StreamingSafetensorsWriter(tmp_path / "w.safetensors", [("a", torch.float32, (2,)),
+                                                                   ("b", torch.float32, (3,))])
+    monkeypatch.setattr(safetensors_stream, "_pwrite_all", fail_with(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):  # from the next `write`, or from `close`
+        writer.write("a", torch.zeros(2))
+        writer.write("b", torch.zeros(3))
+        writer.close()
+
+
+def fail_with(exc: BaseException):
+    def pwrite_all(*_):
+        raise exc
+    return pwrite_all
+
+
+def test_a_stuck_write_never_holds_up_the_exit_of_an_interrupted_process(tmp_path):
+    """SIGTERM raises in the caller at any bytecode, maybe holding a lock the writer thread needs;
+    interpreter exit must not wait for that thread (it joins a ThreadPoolExecutor's: a CI hang)."""
+    script = f"""
+import threading, torch
+from dist_infer.partition import safetensors_stream
+writer = safetensors_stream.StreamingSafetensorsWriter({str(tmp_path / "w.safetensors")!r}, [("a", torch.float32, (2,))])
+safetensors_stream._pwrite_all = lambda *_: threading.Event().wait()  # a write that never returns
+writer.write("a", torch.zeros(2))
+raise SystemExit(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert proc.returncode == 3, proc.stderr[-2000:]
