@@ -63,6 +63,14 @@ def _quant_options(args) -> dict:
                 quant_lm_head=args.quant_lm_head)
 
 
+def _refit(args) -> int:
+    from dist_infer.engine.refit import describe, refit
+
+    result = refit(Path(args.engine), Path(args.checkpoint), progress=not args.quiet)
+    print(describe(result))
+    return 0
+
+
 def _run(args) -> int:
     from dist_infer.workers.run import RunOptions, run
 
@@ -97,7 +105,8 @@ def serve_options(args):
         num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout,
         frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None,
         connect=args.connect, restart=args.restart, launcher_cmd=args.launcher_cmd, rank_cmd=args.rank_cmd,
-        control_host=args.control_host, start_timeout=args.start_timeout, rank_args=rank_serve_args(args.raw_argv))
+        control_host=args.control_host, start_timeout=args.start_timeout, rank_args=rank_serve_args(args.raw_argv),
+        enable_admin=args.enable_admin)
 
 
 # `serve --restart N`: flags of the supervisor and its front-end, not passed on to the ranks it starts
@@ -390,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
     b.set_defaults(func=_build)
 
+    f = sub.add_parser("refit", help="swap new weights of the same architecture into a built engine (no rebuild); "
+                                     "a server started with --enable-admin takes them on POST /admin/update_weights")
+    f.add_argument("--engine", required=True, help="the engine directory to refit in place")
+    f.add_argument("--checkpoint", required=True,
+                   help="HF model directory (or .gguf) with the new weights, same architecture as the engine")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=_refit)
+
     r = sub.add_parser("run", help="generate text; launch with `mpirun -n TP*PP` for multi-rank engines")
     r.add_argument("--engine", required=True)
     r.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
@@ -426,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds SIGTERM/SIGINT waits for running requests before aborting them")
     v.add_argument("--device", default="cpu", type=_device, help="cpu or cuda")
     v.add_argument("--no-verify", action="store_true", help="skip the sha256 check of engine files at load")
+    v.add_argument("--enable-admin", action="store_true",
+                   help="enable POST /admin/update_weights {\"engine\": DIR}: the ranks take the weights of a "
+                        "`dist-infer refit` engine between steps (no restart; off by default)")
     _scheduler_args(v)
     _kv_cache_args(v)
     v.add_argument("--keepalive", type=float, default=30.0, help=argparse.SUPPRESS)  # idle ranks' empty-step period

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,6 +58,32 @@ class EngineSpec:
                               f"format {ENGINE_FORMAT_VERSION}. Upgrade dist_infer or rebuild the engine.")
         return cls(directory, ModelConfig.from_dict(spec["model"]), Mapping.from_dict(spec["mapping"]),
                    BuildConfig.from_dict(spec["build"]), spec["vocab_size_padded"], spec["files"])
+
+    @property
+    def weights_id(self) -> str:
+        """Names these weights: a digest of the rank files' sizes and sha256 pieces (engine.json's
+        `files`), so a refit (new weights) changes it and a copy of the engine keeps it."""
+        entries = json.dumps({k: v for k, v in self.files.items() if k.endswith(".safetensors")}, sort_keys=True)
+        return hashlib.sha256(entries.encode()).hexdigest()[:16]
+
+    def differences(self, other: EngineSpec) -> list[str]:
+        """Where `other` would not fit this engine's loaded model: model fields, layout, build options."""
+        out = [f"model.{k}" for k, v in self.model.to_dict().items() if other.model.to_dict()[k] != v]
+        if self.mapping.to_dict() != other.mapping.to_dict():
+            out.append(f"mapping (tp={other.mapping.tp} pp={other.mapping.pp}, loaded tp={self.mapping.tp} "
+                       f"pp={self.mapping.pp})")
+        out += [f"build.{k}" for k, v in self.build.to_dict().items() if other.build.to_dict()[k] != v]
+        return out + (["vocab_size_padded"] if self.vocab_size_padded != other.vocab_size_padded else [])
+
+    @classmethod
+    def read_checked(cls, directory: Path) -> EngineSpec:
+        """read(), where an engine.json with missing fields or ones of the wrong type (a hand-edited or
+        half-copied engine offered to a running server) is an EngineError, not a crash."""
+        try:
+            return cls.read(directory)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise EngineError(f"{Path(directory) / 'engine.json'} is damaged ({type(exc).__name__}: {exc}); "
+                              "refit or build the engine again.") from None
 
     def check_world(self, world_size: int) -> None:
         n = self.mapping.world_size
@@ -199,27 +226,7 @@ class RankEngine:
                 graphs.capture()
 
     def _load_weights(self, verify: bool) -> dict[str, torch.Tensor]:
-        """The rank file read straight onto the device (no host copy of the weights), hashed against
-        the manifest by threads beside the read: a load costs the longer of the two, not their sum."""
-        rank = self.mapping.rank
-        name = rank_weights_file(rank)
-        path = self.spec.directory / name
-        fix = f"Rebuild the engine: `dist-infer build --checkpoint CKPT --out {self.spec.directory} --force`."
-        if not path.is_file():
-            raise EngineError(f"engine rank {rank}: {path} is missing. {fix}")
-        started = time.perf_counter()
-        with ThreadPoolExecutor(1) as pool:
-            check = pool.submit(verify_file, path, self.spec.files[name], f"engine rank {rank}", fix) if verify else None
-            try:
-                weights = load_file(path, device=str(self.device))
-            except Exception as exc:  # safetensors' own errors on a damaged file; the manifest's names it better
-                _raise_if_corrupt(check)
-                raise EngineError(f"engine rank {rank}: cannot read {path}: {exc}. {fix}") from exc
-            _raise_if_corrupt(check)
-        seconds = time.perf_counter() - started
-        log.info("rank %d: weights read onto %s in %.2f s (%.2f GB/s)%s", rank, self.device, seconds,
-                 path.stat().st_size / seconds / 1e9, ", sha256 verified beside" if verify else "")
-        return weights
+        return read_rank_weights(self.spec, self.mapping.rank, self.device, verify)
 
     def _assign(self, weights: dict[str, torch.Tensor]) -> None:
         expected = {n for n, _ in self.model.named_parameters()}
@@ -232,6 +239,37 @@ class RankEngine:
         self.model.load_state_dict(weights, strict=False, assign=True)
         if self.model.ties_lm_head:
             self.model.lm_head.weight = self.model.embed.weight
+
+    # ---- live weight updates (POST /admin/update_weights): stage on every rank, then swap ----------
+
+    def stage_weights(self, directory: Path) -> dict[str, torch.Tensor]:
+        """Another engine's weights for this rank, read into host memory and checked against the
+        loaded model (same build, every tensor's name, shape and dtype, sha256 pieces) without
+        touching it. A user error here (EngineError) leaves the model as it was."""
+        spec = EngineSpec.read_checked(directory)
+        differences = self.spec.differences(spec)
+        if differences:
+            raise EngineError(f"{directory} is not a build of the loaded engine's model ({', '.join(differences)} "
+                              "differ); refit this engine with the new checkpoint: `dist-infer refit --engine "
+                              f"{self.spec.directory} --checkpoint NEW`.")
+        staged = read_rank_weights(spec, self.mapping.rank, torch.device("cpu"))
+        params = dict(self.model.named_parameters())
+        wrong = sorted(n for n in params.keys() | staged.keys()
+                       if n not in params or n not in staged or staged[n].shape != params[n].shape
+                       or staged[n].dtype != params[n].dtype)
+        if wrong:
+            raise EngineError(f"{directory} rank {self.mapping.rank}: tensors {wrong[:3]} differ from the loaded "
+                              "model's in name, shape or dtype; refit with `dist-infer refit` (it keeps them).")
+        return staged
+
+    @torch.no_grad()
+    def swap_weights(self, staged: dict[str, torch.Tensor]) -> None:
+        """Copy staged weights into the parameters in place: their storage stays where the CUDA
+        graphs captured it (a tied head shares the embedding's, so it follows)."""
+        for name, param in self.model.named_parameters():
+            param.copy_(staged[name], non_blocking=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _eager_step(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         hidden = self.model(x, batch, self.cache)
@@ -267,6 +305,30 @@ class RankEngine:
         for graphs in self.graphs:
             graphs.close()
         self.graphs = []
+
+
+def read_rank_weights(spec: EngineSpec, rank: int, device: torch.device,
+                      verify: bool = True) -> dict[str, torch.Tensor]:
+    """A rank file read straight onto `device` (no host copy of the weights on a GPU), hashed against
+    engine.json by threads beside the read: a load costs the longer of the two, not their sum."""
+    name = rank_weights_file(rank)
+    path = spec.directory / name
+    fix = f"Rebuild the engine: `dist-infer build --checkpoint CKPT --out {spec.directory} --force`."
+    if not path.is_file() or name not in spec.files:
+        raise EngineError(f"engine rank {rank}: {path} is missing. {fix}")
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        check = pool.submit(verify_file, path, spec.files[name], f"engine rank {rank}", fix) if verify else None
+        try:
+            weights = load_file(path, device=str(device))
+        except Exception as exc:  # safetensors' own errors on a damaged file; the manifest's names it better
+            _raise_if_corrupt(check)
+            raise EngineError(f"engine rank {rank}: cannot read {path}: {exc}. {fix}") from exc
+        _raise_if_corrupt(check)
+    seconds = time.perf_counter() - started
+    log.info("rank %d: weights read onto %s in %.2f s (%.2f GB/s)%s", rank, device, seconds,
+             path.stat().st_size / seconds / 1e9, ", sha256 verified beside" if verify else "")
+    return weights
 
 
 def _raise_if_corrupt(check: Future | None) -> None:

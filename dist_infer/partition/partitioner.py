@@ -88,6 +88,12 @@ def check_output_dir(out: Path, source_dir: Path, force: bool) -> None:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --force to replace it.")
 
 
+def read_model_config(model: str | Path) -> ModelConfig:
+    """The ModelConfig a HF checkpoint (directory, .gguf file or 'default') partitions as, read
+    from its config alone (no weights): what `refit` compares with an engine's before any work."""
+    return _model_config(open_source(model))
+
+
 def _model_config(source: SourceCheckpoint) -> ModelConfig:
     """The model's shape; a config.json value transformers let through but that makes
     no sense as a shape (a string, a list) is the file's fault, not a bug."""

@@ -108,6 +108,12 @@ class BlockManager:
                 self.cached[key] = block
                 self.key_of[block] = key
 
+    def forget_cached(self) -> None:
+        """No cached block counts as a prefix any more (their KV came from weights since replaced);
+        the blocks stay where they are, owned or free."""
+        self.cached.clear()
+        self.key_of.clear()
+
     def free_sequence(self, seq: Sequence) -> None:
         """Drop the sequence's references. The tail goes into the queue first, so
         it is evicted before the (more often shared) head of the sequence."""

@@ -8,6 +8,9 @@ Shutdown: the first SIGTERM/SIGINT drains (new requests get 503, running ones
 finish, at most --shutdown-timeout), the second exits at once. If rank 0 dies,
 /health turns 503 and the process exits 1 shortly after.
 
+With `serve --enable-admin`, POST /admin/update_weights makes every rank take the weights of a
+refitted engine between two steps (serve/admin.py); without it that route answers 403.
+
 Under `serve --restart N` (serve_supervised) this process is the top one instead:
 it binds the engine sockets, and a Supervisor (serve/supervisor.py) starts the
 rank job as its child and starts it again when it fails; meanwhile /health is
@@ -40,6 +43,7 @@ from dist_infer.client import EngineClient, EngineDeadError, EngineDrainingError
 from dist_infer.engine.runtime import EngineSpec
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import RequestError
+from dist_infer.serve.admin import AdminEngineClient, install_admin_routes
 from dist_infer.serve.limits import BodySizeLimit, HttpLimits, deadline_protocol
 from dist_infer.serve.metrics import Metrics, RequestTimer
 from dist_infer.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingFields,
@@ -67,6 +71,9 @@ class ServerState:
     draining: bool = False
     created: int = int(time.time())
     supervisor: object | None = None  # serve --restart: the Supervisor (restart counts for /health)
+    spec: EngineSpec | None = None     # the served engine, as loaded (admin updates must match it)
+    admin_enabled: bool = False        # serve --enable-admin: POST /admin/update_weights (serve/admin.py)
+    weights_id: str | None = None      # the weights the ranks run (changed by an update)
 
 
 # ---- prompts and parameters ---------------------------------------------------------------------------
@@ -420,7 +427,8 @@ def build_app(state: ServerState, limits: HttpLimits = HttpLimits()) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "dist_infer", "max_model_len": state.max_model_len}]}
+                                            "owned_by": "dist_infer", "max_model_len": state.max_model_len,
+                                            "weights_id": state.weights_id}]}
 
     @app.post("/v1/completions")
     async def v1_completions(body: CompletionRequest, http: HTTPRequest):
@@ -431,6 +439,7 @@ def build_app(state: ServerState, limits: HttpLimits = HttpLimits()) -> FastAPI:
         return await chat_completions(state, body, http)
 
     _install_triton_routes(app, state)
+    install_admin_routes(app, state)
     return app
 
 
@@ -513,7 +522,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_auth(app: FastAPI, state: ServerState) -> None:
     @app.middleware("http")
     async def check_key(http: HTTPRequest, call_next):
-        if state.api_key and http.url.path.startswith(("/v1/", "/v2/models")):
+        if state.api_key and http.url.path.startswith(("/v1/", "/v2/models", "/admin/")):
             if http.headers.get("authorization", "") != f"Bearer {state.api_key}":
                 return JSONResponse(APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
                                              code="invalid_api_key").body(), status_code=401)
@@ -584,13 +593,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=1024)
     p.add_argument("--shutdown-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--enable-admin", action="store_true", help="POST /admin/update_weights (serve/admin.py)")
     return p.parse_args(argv)
 
 
 async def serve_http(args: argparse.Namespace) -> int:
     """The front-end as rank 0's child: rank 0 bound the engine sockets in --ipc-dir."""
     tokenizer = load_tokenizer(Path(args.engine))
-    client = EngineClient(EngineAddresses.in_directory(Path(args.ipc_dir)), tokenizer)
+    client = AdminEngineClient(EngineAddresses.in_directory(Path(args.ipc_dir)), tokenizer)
     await client.start()
     state = server_state(args, client, tokenizer)
     watch_parent(state)
@@ -605,7 +615,8 @@ def server_state(args: argparse.Namespace, client: EngineClient, tokenizer) -> S
     spec = EngineSpec.read(Path(args.engine))
     return ServerState(client, tokenizer, args.served_model_name or Path(args.engine).resolve().name,
                        spec.build.max_seq_len, spec.model.vocab_size, spec.build.max_batch_size, args.max_queue,
-                       os.environ.get("DIST_INFER_API_KEY") or None, Metrics(args.served_model_name or "engine"))
+                       os.environ.get("DIST_INFER_API_KEY") or None, Metrics(args.served_model_name or "engine"),
+                       spec=spec, admin_enabled=args.enable_admin, weights_id=spec.weights_id)
 
 
 def http_server(args: argparse.Namespace, state: ServerState) -> DrainingServer:
@@ -621,7 +632,7 @@ async def serve_supervised(args: argparse.Namespace, start_job, policy, control_
     from dist_infer.serve.supervisor import FirstStartFailed, Supervisor
 
     tokenizer = load_tokenizer(Path(args.engine))
-    client = EngineClient(None, tokenizer)
+    client = AdminEngineClient(None, tokenizer)
     await client.start()
     state = server_state(args, client, tokenizer)
     state.supervisor = supervisor = Supervisor(client, start_job, control_host, policy)

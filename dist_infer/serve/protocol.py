@@ -173,3 +173,22 @@ class TritonGenerateRequest(RequestBody):
     max_tokens: int = Field(64, ge=1)
     parameters: dict = Field(default_factory=dict)
     stream: bool = False
+
+
+class UpdateWeightsRequest(RequestBody):
+    """POST /admin/update_weights (serve --enable-admin): the engine directory whose weights every
+    rank takes, a `dist-infer refit` of the served engine (or the served engine itself, refitted in
+    place). Unknown fields are refused: a typo must not look like an update of nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: str = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data):
+        unknown = sorted(set(data) - {"engine"}) if isinstance(data, dict) else []
+        if unknown:
+            raise ValueError(f"unknown field {', '.join(map(repr, unknown))}: the body is {{\"engine\": \"DIR\"}}, "
+                             "a `dist-infer refit` engine directory")
+        return data

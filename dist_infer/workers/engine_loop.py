@@ -11,9 +11,11 @@ loop stops when the front-end falls silent (it pings every second), so a rank
 job never outlives its supervisor for long.
 
 Commands (pickled tuples): ("add", request_id, Request) | ("abort", request_id)
-| ("drain", timeout_s) | ("shutdown",) | ("ping",). Messages back:
+| ("drain", timeout_s) | ("shutdown",) | ("ping",)
+| ("update_weights", update_id, engine_dir) (serve --enable-admin). Messages back:
 ("outputs", [RequestOutput]) | ("rejected", request_id, message)
-| ("heartbeat", EngineStats, draining).
+| ("heartbeat", EngineStats, draining)
+| ("weights", update_id, WeightsUpdated | None, error message | None).
 
 While no request runs the loop blocks on the socket (no busy core) and sends
 the other ranks an empty keepalive step every `keepalive_s`, so their wait for
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import zmq
 
-from dist_infer.errors import LaunchError, RequestError
+from dist_infer.errors import DistInferError, LaunchError, RequestError
 from dist_infer.workers.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
@@ -272,6 +274,20 @@ class EngineLoop:
             self.start_drain(message[1])
         elif kind == "shutdown":
             self.stopping = True
+        elif kind == "update_weights":
+            self._update_weights(message[1], message[2])
+
+    def _update_weights(self, update_id: str, directory: str) -> None:
+        """Between steps: the step in flight is finished (its tokens go out first), every rank
+        swaps in the new weights (all or none), and the next step runs on them."""
+        self._send(("outputs", self.engine.finish_in_flight()))
+        try:
+            done = self.engine.update_weights(Path(directory))
+        except DistInferError as exc:
+            log.warning("weight update from %s refused: %s", directory, exc)
+            self._send(("weights", update_id, None, str(exc)))
+            return
+        self._send(("weights", update_id, done, None))
 
     def _add(self, request_id: str, request) -> None:
         if self.drain_deadline is not None:

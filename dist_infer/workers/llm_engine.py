@@ -21,6 +21,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from dist_infer.engine.runtime import EngineSpec
 from dist_infer.engine.sampling import Logprobs, SamplingParams
@@ -95,6 +96,15 @@ class Completion:
 
 
 @dataclass
+class WeightsUpdated:
+    """The answer to a weight update: which engine's weights every rank now runs."""
+
+    engine: str
+    weights_id: str
+    seconds: float
+
+
+@dataclass
 class EngineStats:
     running: int
     waiting: int
@@ -161,6 +171,9 @@ class LLMEngine:
         # (tokens in step, seconds from launch to collected tokens) of recent steps; reset by generate()
         self.step_times: deque[tuple[int, float]] = deque(maxlen=STEP_HISTORY)
         self._in_flight: _LaunchedStep | None = None
+        self.weights_id = spec.weights_id  # what the ranks run now (a weight update changes it)
+        self._prefix_caching = options.enable_prefix_caching
+        self._old_weight_seqs: set[int] = set()  # sequences with KV of the weights before an update
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -226,6 +239,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Finish one step on every rank (launching it first if none is in flight) and start
         the next; returns a delta for each request that got a token."""
+        self._resume_prefix_cache()
         launched, self._in_flight = self._in_flight or self._launch(), None
         if launched is None:
             return []
@@ -247,6 +261,35 @@ class LLMEngine:
         self.num_steps += 1
         self.step_times.append((launched.plan.num_tokens, time.perf_counter() - launched.started))
         return result
+
+    # ---- weight updates -----------------------------------------------------------------------------
+
+    def update_weights(self, directory: Path) -> WeightsUpdated:
+        """Every rank takes the weights of the engine in `directory` (a refit of this one), between
+        two steps: call finish_in_flight() first. Running requests go on with the new weights (their
+        KV so far is the old weights'); nothing cached before counts as a prefix any more."""
+        if self._in_flight is not None:
+            raise RuntimeError("update_weights between steps only: finish_in_flight() first")
+        seconds = self.worker.update_weights(directory)
+        self.weights_id = EngineSpec.read(directory).weights_id
+        self._forget_prefix_cache()
+        log.info("weights of %s in use (%s) after %.2f s; %d running requests continue with them",
+                 directory, self.weights_id, seconds, len(self.requests))
+        return WeightsUpdated(str(directory), self.weights_id, seconds)
+
+    def _forget_prefix_cache(self) -> None:
+        """KV cached by the old weights must not be a new request's prefix. Sequences still running
+        would register blocks whose KV mixes both (their earlier tokens' KV is the old weights'), so
+        prefix caching pauses until they have all finished."""
+        self.blocks.forget_cached()
+        self._old_weight_seqs = set(self._by_seq)
+        self.blocks.enable_prefix_caching = self._prefix_caching and not self._old_weight_seqs
+
+    def _resume_prefix_cache(self) -> None:
+        if self._old_weight_seqs:
+            self._old_weight_seqs &= self._by_seq.keys()
+            if not self._old_weight_seqs:
+                self.blocks.enable_prefix_caching = self._prefix_caching
 
     def finish_in_flight(self) -> list[RequestOutput]:
         """Collect the step in flight, launching no other (before shutting the ranks down)."""

@@ -69,6 +69,7 @@ class ServeOptions:
     control_host: str = "127.0.0.1"          # the address of this node that rank 0 connects to
     start_timeout: float = 300.0             # a (re)started rank job's engine must be ready within this
     rank_args: list[str] = field(default_factory=list)     # the ranks' own `serve ...` arguments
+    enable_admin: bool = False               # POST /admin/update_weights on the front-end (serve/admin.py)
 
     def frontend_command(self, ipc_dir: Path) -> list[str]:
         return [sys.executable, "-m", "dist_infer.serve.api_server", *self.frontend_argv(ipc_dir)]
@@ -79,6 +80,7 @@ class ServeOptions:
         argv += ["--ipc-dir", str(ipc_dir)] if ipc_dir else []
         if self.served_model_name:
             argv += ["--served-model-name", self.served_model_name]
+        argv += ["--enable-admin"] if self.enable_admin else []
         return argv + self.frontend_args
 
     def rank_job_command(self, addresses: EngineAddresses) -> list[str]:

@@ -109,6 +109,7 @@ class StepWatchdog:
         self.failed = threading.Event()
         self.lifelines: dict[socket.socket, int | None] = {}  # socket -> the rank at its other end
         self.listener: socket.socket | None = None               # rank 0: where lifelines come in
+        self.leaving = False  # this rank said goodbye: a lifeline that closes now is its peer answering
 
     def start(self) -> None:
         endpoints = self._bind() if self.world.rank == 0 else None
@@ -191,14 +192,16 @@ class StepWatchdog:
             data = b""
         rank = self.lifelines.pop(sock)
         sock.close()
-        if not data.startswith(GOODBYE) and not self.failed.is_set():
+        if not data.startswith(GOODBYE) and not self.failed.is_set() and not self.leaving:
             peer = self.peers.get(rank, _Peer("unknown host", -1))
             where = f"on {peer.host}, pid {peer.pid}" if peer.pid >= 0 else f"on {peer.host}"
             log.error("rank %d (%s) died: its lifeline to rank %d closed without a goodbye (killed, or it "
                       "crashed); the job ends.", rank, where, self.world.rank)
 
     def _goodbye(self) -> None:
-        """A normal exit (atexit): the lifelines close, but no one died."""
+        """A normal exit (atexit): the lifelines close, but no one died. (Rank 0 closes its end when
+        it reads the goodbye; the thread watching this end must not take that for rank 0's death.)"""
+        self.leaving = True
         for sock in list(self.lifelines):
             try:
                 sock.sendall(GOODBYE)

@@ -16,14 +16,18 @@ dropped).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from dist_infer.comm.base import collective_call
 from dist_infer.comm.groups import ParallelGroups
 from dist_infer.engine.kv_cache import StepBatch
 from dist_infer.engine.runtime import RankEngine
 from dist_infer.engine.sampling import Logprobs, Sampler, SamplingParams
+from dist_infer.errors import DistInferError
 from dist_infer.workers.watchdog import StepProgress
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,14 @@ class StepResult:
     logprobs: Logprobs | None = None    # for those chunks, when any of their sequences asked
     logits: torch.Tensor | None = None  # [B, V] float32 when the plan asked
     prompt_logprobs: Logprobs | None = None  # every chunk's prompt_targets, concatenated in plan order
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """A control message in the plan stream (between two steps): every rank stages its rank file
+    of the engine in `directory`, and only once all have it checked does each swap it in."""
+
+    directory: Path
 
 
 class RankWorker:
@@ -232,7 +244,34 @@ class RankWorker:
     def serve(self) -> None:
         """Ranks other than 0: run whatever rank 0 plans until it sends None."""
         while (plan := self.groups.world.broadcast_object(None)) is not None:
-            self.execute(plan)
+            if isinstance(plan, WeightUpdate):
+                self._follow_weight_update(plan)
+            else:
+                self.execute(plan)
+
+    def update_weights(self, directory: Path) -> float:
+        """Rank 0, between steps: every rank takes the weights of the engine in `directory`; the
+        seconds it took. All or nothing: a rank that cannot stage them (EngineError: another build,
+        a missing or corrupt file) fails the update on every rank before any rank swaps."""
+        started = time.perf_counter()
+        update = WeightUpdate(Path(directory))
+        self.groups.world.broadcast_object(update)
+        self._apply_weight_update(update)
+        return time.perf_counter() - started
+
+    def _apply_weight_update(self, update: WeightUpdate) -> None:
+        world = self.groups.world
+        staged = collective_call(world, lambda: self.engine.stage_weights(update.directory))
+        # Every rank holds its checked copy: swap (same shapes and dtypes, nothing left to fail),
+        # and agree that all have, so rank 0 answers only once every rank runs the new weights.
+        collective_call(world, lambda: self.engine.swap_weights(staged))
+        log.info("rank %d: weights of %s swapped in", world.rank, update.directory)
+
+    def _follow_weight_update(self, update: WeightUpdate) -> None:
+        try:
+            self._apply_weight_update(update)
+        except DistInferError as exc:  # collective: rank 0 answers the caller; keep serving the old weights
+            log.warning("rank %d: weight update refused, keeping the loaded weights: %s", self.groups.world.rank, exc)
 
     def step(self, plan: StepPlan) -> StepResult:
         """Rank 0: broadcast the plan and run it."""

@@ -113,3 +113,16 @@ def test_prefix_caching_off():
     a = _seq(0, list(range(9)))
     _computed(bm, a)
     assert bm.take_cached_prefix(_seq(1, list(range(9)))) == 0 and not bm.cached
+
+
+def test_forgotten_cache_gives_no_prefix_and_keeps_blocks_owned():
+    """After a weight update the cached KV is stale: no hit, but the owner keeps its blocks."""
+    bm = BlockManager(20, BS)
+    a = _seq(0, list(range(10)))
+    _computed(bm, a)
+    owned = list(a.block_ids)
+    bm.forget_cached()
+    assert bm.take_cached_prefix(_seq(1, list(range(8)) + [99])) == 0
+    assert a.block_ids == owned and all(bm.refcount[b] == 1 for b in owned)
+    bm.free_sequence(a)
+    assert bm.take_cached_prefix(_seq(2, list(range(8)) + [99])) == 0

@@ -238,3 +238,4 @@ def test_sigterm_drains_last(server, client):
     assert result["text"][-1] == "length"          # the in-flight request ran to its end
     assert code_holder["code"] == 0, server.output()
     assert server.orphans() == []
+    assert "died" not in server.output(), server.output()[-3000:]  # an orderly exit is no rank's death
