@@ -82,6 +82,7 @@ def _run(args) -> int:
         chat_template=not args.no_chat_template, json_output=args.json, verify=not args.no_verify,
         device=args.device, max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
         num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout,
+        num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
     ))
 
 
@@ -273,6 +274,37 @@ def _check_prompts(parser: argparse.ArgumentParser, prompts: list[str]) -> None:
             parser.error(f"prompt {index} (--prompt number {index + 1}) is empty; give it some text or drop it.")
 
 
+def _check_beam_search(parser: argparse.ArgumentParser, args) -> None:
+    """Beam search is deterministic: refuse sampling flags beside it (before any rank loads)."""
+    if args.num_beams == 1:
+        return
+    conflicts = [flag for flag, on in (("--temperature", args.temperature > 0), ("--top-k", args.top_k > 0),
+                                       ("--top-p", args.top_p < 1), ("--stop", bool(args.stop))) if on]
+    if conflicts:
+        parser.error(f"--num-beams {args.num_beams} cannot be combined with {', '.join(conflicts)} (beam search "
+                     "is deterministic and has no stop strings yet); drop them or use --num-beams 1.")
+    if args.num_beams > MAX_BEAMS:
+        parser.error(f"--num-beams {args.num_beams} is over the most supported ({MAX_BEAMS}: each beam returns its "
+                     "top 2*num_beams logprobs, at most 20); use a smaller --num-beams.")
+
+
+MAX_BEAMS = 10
+
+
+def _early_stopping(text: str) -> bool | str:
+    values = {"true": True, "false": False, "never": "never"}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"must be true, false or never, got {text}")
+    return values[text.lower()]
+
+
+def _length_penalty(text: str) -> float:
+    value = _parse(text, float, "a number")
+    if value != value or abs(value) == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number (1 = average logprob per token), got {text}")
+    return value
+
+
 def _stop(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("an empty stop string would end every answer at once; drop it")
@@ -417,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=_int_at_least(0, " (0 = off)"), default=0)
     r.add_argument("--top-p", type=_top_p, default=1.0)
     r.add_argument("--seed", type=int, default=None, help="prompt i samples with seed SEED+i (default: random)")
+    r.add_argument("--num-beams", type=_int_at_least(1), default=1,
+                   help="beam search with this many beams (1 = greedy or sampling); output equals transformers' "
+                        "generate(num_beams=K)")
+    r.add_argument("--length-penalty", type=_length_penalty, default=1.0,
+                   help="beam search: a finished beam scores sum(logprobs) / length**F (default 1.0)")
+    r.add_argument("--early-stopping", type=_early_stopping, default=False, metavar="{true,false,never}",
+                   help="beam search: stop when num_beams hypotheses are done (true), when none can improve "
+                        "by a heuristic (false, default), or by the exact bound (never), as transformers")
     r.add_argument("--stop", action="append", default=[], type=_stop,
                    help="stop string (repeatable); for a newline use bash's $'\\n' (\"\\n\" is a backslash and n)")
     r.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens even past EOS")
@@ -498,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # serve --restart passes it on to the ranks
     if args.command == "run":
         _check_prompts(parser, args.prompt)
+        _check_beam_search(parser, args)
     from dist_infer.log import launch_rank, setup_logging
 
     setup_logging(args.log_level)

@@ -34,6 +34,11 @@ class SamplingParams:
     logprobs: int | None = None  # None = no logprobs; k = the sampled token's and the top k's
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (`echo`)
     resume_at: int = 0  # tokens sampled before a restart: the random stream starts after their draws
+    # Beam search (rank 0 only: workers/beam_search.py; the ranks just see greedy rows with logprobs)
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True | False | "never", as transformers
+    num_return_sequences: int = 1       # hypotheses kept in the answer (Completion.beams), <= num_beams
 
     def __post_init__(self):
         if not self.temperature >= 0:

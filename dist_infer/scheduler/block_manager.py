@@ -10,6 +10,10 @@ and a cache hit takes a block back out of it.
 
 Only full blocks are ever shared, and a sequence writes KV only past its
 computed prefix, so a shared block is never written: no copy-on-write needed.
+A forked sequence (a beam of beam search) shares its parent's full blocks the
+same way and recomputes the tokens of the parent's partial last block into a
+block of its own (at most block_size - 1 tokens, in the fork's first step): the
+"copy" of copy-on-write is a recompute, so the ranks need no block-copy op.
 """
 
 from __future__ import annotations
@@ -107,6 +111,17 @@ class BlockManager:
             if key not in self.cached and block not in self.key_of:
                 self.cached[key] = block
                 self.key_of[block] = key
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child (a copy of the parent's tokens, holding no blocks) references the parent's
+        full computed blocks; the rest of its tokens are computed again into its own blocks."""
+        assert not child.block_ids, "a fork starts with no blocks"
+        full = min(parent.num_computed // self.block_size, len(parent.block_ids))
+        for block in parent.block_ids[:full]:
+            self._ref(block)
+        child.block_ids = parent.block_ids[:full]
+        child.block_hashes = parent.block_hashes[:full]
+        child.num_computed = child.num_cached_tokens = full * self.block_size
 
     def forget_cached(self) -> None:
         """No cached block counts as a prefix any more (their KV came from weights since replaced);

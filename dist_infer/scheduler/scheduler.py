@@ -107,8 +107,8 @@ class Scheduler:
     def _schedule_running(self, seqs: list[Sequence], budget: int, chunks: dict[int, ScheduledChunk],
                           preempted: list[Sequence]) -> int:
         for seq in seqs:
-            if budget == 0:
-                break
+            if budget == 0 or len(chunks) >= self.config.max_num_seqs:
+                break  # (forked beams can make the running batch larger than a step)
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed, budget)
@@ -126,7 +126,8 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, budget: int, chunks: dict[int, ScheduledChunk]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        active = self._num_active()
+        while self.waiting and budget > 0 and active < self.config.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.take_cached_prefix(seq)
             n = min(seq.num_uncomputed, budget)
@@ -138,11 +139,27 @@ class Scheduler:
             self.running.append(seq)
             chunks[seq.seq_id] = self._chunk(seq, n)
             budget -= n
+            active += 1
+
+    def _num_active(self) -> int:
+        """Running sequences with tokens to run. A beam waiting for its siblings' step has none;
+        it holds its KV but no batch slot, so a preempted sibling can come back in."""
+        return sum(1 for s in self.running if s.num_uncomputed > 0)
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         first, seq.announced = not seq.announced, True
         samples = seq.num_computed + n == seq.num_tokens
         return ScheduledChunk(seq, seq.num_computed, n, seq.take_new_blocks(), first, samples)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """A new sequence that shares the parent's computed full blocks (a beam of beam search);
+        it runs beside the parent, or waits with it if the parent was preempted."""
+        self.blocks.fork(parent, child)
+        if parent.status is SequenceStatus.RUNNING:
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        else:
+            self.add(child)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: free the KV, keep the tokens, queue at the front."""

@@ -124,9 +124,10 @@ def engine_request(state: ServerState, body: SamplingFields, prompt_ids: list[in
                        f"requested {len(prompt_ids) + (max_tokens or 1)} tokens ({len(prompt_ids)} in the prompt, "
                        f"{max_tokens or 1} for the completion). Reduce the prompt or max_tokens.", "max_tokens",
                        "context_length_exceeded")
+    beam = body.beam_fields() if isinstance(body, CompletionRequest) else {}
     try:
-        sampling = SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed, logprobs,
-                                  prompt_logprobs)
+        sampling = SamplingParams(beam.pop("temperature", body.temperature), max(body.top_k, 0), body.top_p, body.seed,
+                                  logprobs, prompt_logprobs, **beam)
     except RequestError as exc:  # the engine's own checks, should the request models let a value through
         raise APIError(400, str(exc)) from exc
     return Request(prompt_ids, max_tokens or room, sampling, tuple(body.stop or ()), body.ignore_eos)

@@ -111,6 +111,11 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    # Beam search, an extension field (as vLLM's use_beam_search + best_of were): the best of num_beams beams,
+    # equal to transformers' generate(num_beams=...); deterministic, so temperature defaults to 0 with it.
+    num_beams: int = Field(1, ge=1, le=10)
+    length_penalty: float = Field(1.0, allow_inf_nan=False)
+    early_stopping: bool | Literal["never"] = False
 
     @field_validator("prompt")
     @classmethod
@@ -126,6 +131,30 @@ class CompletionRequest(SamplingFields):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: 0 is only meaningful with echo: true (scoring a prompt)")
         return self
+
+    @model_validator(mode="after")
+    def _beam_search(self):
+        if self.num_beams == 1:
+            return self
+        asked_temperature = "temperature" in self.model_fields_set and self.temperature > 0  # default 1 is fine
+        sampled = [name for name, on in (("temperature", asked_temperature), ("top_p", self.top_p < 1),
+                                         ("top_k", self.top_k > 0)) if on]
+        unsupported = [name for name, on in (("stream", self.stream), ("stop", bool(self.stop)),
+                                             ("logprobs", self.logprobs is not None), ("echo", self.echo)) if on]
+        if sampled:
+            raise ValueError(f"num_beams > 1 is deterministic beam search: drop {', '.join(sampled)} "
+                             "(or set temperature to 0)")
+        if unsupported:
+            raise ValueError(f"num_beams > 1 does not support {', '.join(unsupported)} (the answer exists only once "
+                             "the search ends); drop it or use num_beams 1")
+        return self
+
+    def beam_fields(self) -> dict:
+        """SamplingParams' beam-search fields (greedy rows: temperature 0)."""
+        if self.num_beams == 1:
+            return {}
+        return dict(temperature=0.0, num_beams=self.num_beams, length_penalty=self.length_penalty,
+                    early_stopping=self.early_stopping)
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: text, or token ids."""

@@ -23,11 +23,14 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from dist_infer.engine.runtime import EngineSpec
 from dist_infer.engine.sampling import Logprobs, SamplingParams
 from dist_infer.errors import RequestError
 from dist_infer.scheduler import (BlockManager, IncrementalDetokenizer, ScheduledChunk, Scheduler, SchedulerConfig,
-                                  Sequence)
+                                  Sequence, SequenceStatus)
+from dist_infer.workers.beam_search import BeamSearch, BeamSearchParams
 from dist_infer.workers.prompts import generation_eos_ids
 from dist_infer.workers.worker import RankWorker, SeqChunk, StepPlan, StepResult
 
@@ -49,6 +52,16 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+
+    @property
+    def beam_search(self) -> bool:
+        return self.sampling.num_beams != 1
+
+    @property
+    def beam(self) -> BeamSearchParams:
+        """The sampling's beam-search fields, validated (a RequestError names a bad one)."""
+        s = self.sampling
+        return BeamSearchParams(s.num_beams, s.length_penalty, s.early_stopping, s.num_return_sequences)
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class Completion:
     text: str | None
     finish_reason: str
     first_token_s: float = 0.0
+    beams: list[list[int]] | None = None  # beam search: the num_return_sequences best, best first
 
 
 @dataclass
@@ -125,6 +139,13 @@ class _RequestState:
     scheduled_s: float | None = None
     finish_reason: str | None = None
     prompt_lps: list[TokenLogprob] = field(default_factory=list)
+    beam: BeamSearch | None = None
+    beam_seqs: list[Sequence] = field(default_factory=list)  # the running beams, in the search's order
+    beam_rows: dict = field(default_factory=dict)  # seq_id -> (top ids [n], top logprobs [n]) of this step
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return self.beam_seqs if self.beam is not None else [self.seq]
 
 
 @dataclass
@@ -174,6 +195,8 @@ class LLMEngine:
         self.weights_id = spec.weights_id  # what the ranks run now (a weight update changes it)
         self._prefix_caching = options.enable_prefix_caching
         self._old_weight_seqs: set[int] = set()  # sequences with KV of the weights before an update
+        self._beam_pending: set[str] = set()  # beam searches with rows of some beams this step
+        self._beam_done: list[_RequestState] = []  # beam searches finished, their output not yet returned
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -190,9 +213,24 @@ class LLMEngine:
         bad = [t for t in r.prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise RequestError(f"{name} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if r.beam_search:
+            self._validate_beam(r)
         if r.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this engine has none; use token-id prompts "
                                "without stop strings.")
+
+    def _validate_beam(self, r: Request) -> None:
+        beam, s = r.beam, r.sampling
+        if not s.greedy or s.top_k or s.top_p < 1:
+            raise RequestError("beam search is deterministic: it cannot be combined with temperature > 0, top_k or "
+                               "top_p; drop those or use num_beams=1.")
+        if r.stop or s.logprobs is not None or s.prompt_logprobs is not None:
+            raise RequestError("beam search does not support stop strings or logprobs yet; drop them or use "
+                               "num_beams=1.")
+        beam.check_candidates(len(self._eos(r)))
+
+    def _eos(self, request: Request) -> set[int]:
+        return set() if request.ignore_eos else self.eos_ids
 
     def add_request(self, request_id: str, request: Request) -> None:
         """Queue a request (validated first: a RequestError leaves the engine untouched)."""
@@ -208,10 +246,21 @@ class LLMEngine:
         seq.reuse_prefix = request.sampling.prompt_logprobs is None  # cached tokens would have no logits
         detok = IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer is not None else None
         state = _RequestState(request_id, request, seq, detok)
+        if request.beam_search:
+            self._start_beam_search(state)
         self.requests[request_id] = state
         self._by_seq[seq.seq_id] = state
         self.scheduler.add(seq)
         return state
+
+    def _start_beam_search(self, state: _RequestState) -> None:
+        """The prompt runs as one sequence; its first step forks it into the beams. Every beam
+        asks the sampler rank for its top `candidates` logprobs (greedy: its own token is unused)."""
+        r = state.request
+        max_new = min(r.max_new_tokens, self.max_seq_len - len(r.prompt_ids))
+        state.beam = BeamSearch(r.beam, self._eos(r), max_new)
+        state.beam_seqs = [state.seq]
+        state.request = replace(r, sampling=replace(r.sampling, logprobs=state.beam.num_candidates))
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks (the ranks forget it with the next plan)."""
@@ -245,7 +294,7 @@ class LLMEngine:
             return []
         sampled = self._record(launched, self._collect(launched))
         self._in_flight = self._launch()
-        return self._outputs(sampled)
+        return self._outputs(sampled) + self._beam_outputs()
 
     def _launch(self) -> _LaunchedStep | None:
         scheduled = self.scheduler.schedule()
@@ -294,7 +343,8 @@ class LLMEngine:
     def finish_in_flight(self) -> list[RequestOutput]:
         """Collect the step in flight, launching no other (before shutting the ranks down)."""
         launched, self._in_flight = self._in_flight, None
-        return self._outputs(self._record(launched, self._collect(launched))) if launched else []
+        sampled = self._record(launched, self._collect(launched)) if launched else []
+        return self._outputs(sampled) + self._beam_outputs()
 
     def keepalive(self) -> None:
         """An empty step: idle ranks stay inside their collective timeout, and the
@@ -322,6 +372,11 @@ class LLMEngine:
     def _record(self, launched: _LaunchedStep, result: StepResult) -> list[_Sampled]:
         """What the next plan depends on: KV now cached, tokens appended, EOS and length finishes.
         Chunks of requests finished since the launch (stop string, abort) are dropped."""
+        sampled = self._record_chunks(launched, result)
+        self._advance_beam_searches()
+        return sampled
+
+    def _record_chunks(self, launched: _LaunchedStep, result: StepResult) -> list[_Sampled]:
         sampled, row, prompt_row = [], 0, 0
         for chunk, work in zip(launched.chunks, launched.plan.chunks):
             state = self._by_seq.get(chunk.seq.seq_id)
@@ -330,10 +385,93 @@ class LLMEngine:
                 prompt_row += len(work.prompt_targets)
             if state is not None:
                 self.scheduler.computed(chunk)
-                if chunk.samples:
+                if chunk.samples and state.beam is not None:
+                    self._take_beam_row(state, chunk.seq, result, row)
+                elif chunk.samples:
                     sampled.append(self._take_token(state, result, row))
             row += chunk.samples
         return sampled
+
+    # ---- beam search: the beams are sequences; between steps their next tokens are chosen here -----
+
+    def _take_beam_row(self, state: _RequestState, seq: Sequence, result: StepResult, row: int) -> None:
+        n = state.beam.num_candidates
+        state.beam_rows[seq.seq_id] = (result.logprobs.top_ids[row, :n].cpu(), result.logprobs.top[row, :n].cpu())
+        self._beam_pending.add(state.request_id)
+
+    def _advance_beam_searches(self) -> None:
+        """A search steps once every running beam has its row (preemption or a full step can hold
+        some beams back a step; the others wait, holding their KV)."""
+        for request_id in sorted(self._beam_pending):
+            state = self.requests.get(request_id)
+            if state is not None and all(s.seq_id in state.beam_rows for s in state.beam_seqs):
+                self._beam_pending.discard(request_id)
+                self._advance_beams(state)
+
+    def _advance_beams(self, state: _RequestState) -> None:
+        rows = [state.beam_rows[s.seq_id] for s in state.beam_seqs]
+        state.beam_rows = {}
+        if state.first_token_s is None:
+            state.first_token_s = time.perf_counter() - state.arrival
+        choices = state.beam.step(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+        if state.beam.done:
+            self._finish_beam_search(state)
+        else:
+            state.beam_seqs = self._reorder_beams(state, choices)
+
+    def _reorder_beams(self, state: _RequestState, choices: list) -> list[Sequence]:
+        """The next beams: a parent's first child continues the parent's sequence, each further
+        child forks it (sharing its full KV blocks); parents with no child are freed."""
+        parents, taken, beams = state.beam_seqs, set(), []
+        for choice in choices:
+            parent = parents[choice.parent]
+            if choice.parent in taken:
+                beams.append(self._fork(state, parent, choice.token))
+            else:
+                taken.add(choice.parent)
+                beams.append(parent)
+        for i, choice in enumerate(choices):
+            if beams[i] is parents[choice.parent]:
+                beams[i].token_ids.append(choice.token)
+        for i, parent in enumerate(parents):
+            if i not in taken:
+                self._drop_seq(parent)
+        return beams
+
+    def _fork(self, state: _RequestState, parent: Sequence, token: int) -> Sequence:
+        child = Sequence(next(self._seq_ids), parent.token_ids + [token], parent.num_prompt_tokens)
+        child.reuse_prefix = parent.reuse_prefix
+        self.scheduler.fork(parent, child)
+        self._by_seq[child.seq_id] = state
+        return child
+
+    def _drop_seq(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self._by_seq.pop(seq.seq_id, None)
+
+    def _finish_beam_search(self, state: _RequestState) -> None:
+        """The best hypothesis becomes the request's sequence; every beam's KV is freed."""
+        best = state.beam.best()[0].output_ids
+        self._release(state, "stop" if best[-1] in state.beam.eos_ids else "length")
+        final = Sequence.from_prompt(state.seq.seq_id, state.request.prompt_ids + best)
+        final.num_prompt_tokens, final.num_cached_tokens = len(state.request.prompt_ids), state.seq.num_cached_tokens
+        final.status = SequenceStatus.FINISHED
+        state.seq, state.beam_seqs = final, []
+        self._beam_done.append(state)
+
+    def _beam_outputs(self) -> list[RequestOutput]:
+        done, self._beam_done = self._beam_done, []
+        return [self._beam_output(state) for state in done]
+
+    def _beam_output(self, state: _RequestState) -> RequestOutput:
+        ids = state.seq.output_ids
+        text = ""
+        if state.detok is not None:
+            for token in ids:
+                state.detok.add(token)
+            text = state.detok.delta(finished=True)
+        return RequestOutput(state.request_id, ids, text, True, state.finish_reason, state.seq.num_prompt_tokens,
+                             len(ids), state.seq.num_cached_tokens, queue_s=state.scheduled_s)
 
     def _take_token(self, state: _RequestState, result: StepResult, row: int) -> _Sampled:
         token, seq = result.tokens[row], state.seq
@@ -408,9 +546,10 @@ class LLMEngine:
 
     def _release(self, state: _RequestState, reason: str) -> None:
         state.finish_reason = reason
-        self.scheduler.finish(state.seq)
+        for seq in state.seqs:
+            self._drop_seq(seq)
         self.requests.pop(state.request_id, None)
-        self._by_seq.pop(state.seq.seq_id, None)
+        self._beam_pending.discard(state.request_id)
 
     def _final(self, state: _RequestState, ids: list[int], text: str, error: str | None = None) -> RequestOutput:
         seq = state.seq
@@ -442,7 +581,9 @@ class LLMEngine:
         text = None
         if state.detok is not None:
             ids, text = ids[:state.detok.ids_before_stop()], state.detok.text
-        return Completion(index, state.request.prompt_ids, ids, text, state.finish_reason, state.first_token_s or 0.0)
+        beams = [h.output_ids for h in state.beam.best()] if state.beam is not None and state.beam.done else None
+        return Completion(index, state.request.prompt_ids, ids, text, state.finish_reason, state.first_token_s or 0.0,
+                          beams)
 
     def _log_throughput(self, completions: list[Completion], elapsed: float) -> None:
         generated = sum(len(c.output_ids) for c in completions)

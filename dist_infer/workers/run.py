@@ -48,6 +48,9 @@ class RunOptions:
     num_kv_blocks: int | None = None
     kv_cache: KVCacheConfig = KVCacheConfig()  # --kv-cache-dtype / -free-gpu-memory-fraction / -bytes
     step_timeout: float | None = None  # None: watchdog.default_step_timeout(device)
+    num_beams: int = 1  # > 1: beam search (greedy sampling options only)
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True | False | "never"
 
 
 def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu", cuda_graphs: bool = True,
@@ -184,7 +187,8 @@ def _warn_if_capped(prompts: list[list[int]], max_new_tokens: int, max_seq_len: 
 def _sampling(opts: RunOptions, index: int) -> SamplingParams:
     """Each prompt its own stream: duplicate prompts give different samples."""
     seed = None if opts.seed is None else opts.seed + index
-    return SamplingParams(opts.temperature, opts.top_k, opts.top_p, seed)
+    return SamplingParams(opts.temperature, opts.top_k, opts.top_p, seed, num_beams=opts.num_beams,
+                          length_penalty=opts.length_penalty, early_stopping=opts.early_stopping)
 
 
 def _print(completions: list[Completion], as_json: bool, numbered: bool | None = None) -> None:

@@ -1,8 +1,8 @@
 """`dist-infer launch` with launcher: ray on a one-node Ray cluster started here
 (`ray start --head`, own temp dir and ports, stopped by process group):
 `ray job submit` and a driver started by `launch`; rank actors in a
-placement group, a gloo world between them. Also measures the per-step
-control overhead against mpirun on the same engine."""
+placement group, a gloo world between them. (The per-step control overhead
+against mpirun is measured by scripts/ray_overhead.py.)"""
 
 from __future__ import annotations
 
@@ -95,8 +95,7 @@ def assert_reference_tokens(proc, engine, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def job_submit_run(tmp_path_factory, engine, ray_local):
-    """`ray job submit` (ray.submit: true) of the overhead comparison's generation: one launch
-    that test_ray_job_submit_one_node checks and that is one of the comparison's Ray runs."""
+    """`ray job submit` (ray.submit: true) of a 48-step generation."""
     tmp_path = tmp_path_factory.mktemp("ray-submit")
     cluster = ray_yaml(tmp_path, engine, f"address: '{ray_local.job_url}', submit: true")
     return ok(launch(cluster, bench_args(engine), timeout=240))
@@ -109,62 +108,22 @@ def test_ray_job_submit_one_node(engine, job_submit_run):
     assert len(set(rank_nodes(proc.stdout + proc.stderr))) == 1
 
 
-def _steps_per_s(proc) -> float:
+def steps_per_s(proc) -> float:
+    """The generation's steps/s from the run's summary line (scripts/ray_overhead.py compares them)."""
     m = STEPS_RE.findall(proc.stdout + proc.stderr)
     assert m, (proc.stdout + proc.stderr)[-3000:]
     _, steps, seconds = m[-1]
     return int(steps) / float(seconds)
 
 
-def test_ray_driver_and_overhead_vs_mpirun(tmp_path, engine, ray_local, job_submit_run):
-    """A driver started by `dist-infer launch` (ray.submit: false), and the
-    per-step control overhead: steps/s of the same generation under Ray
-    actors (gloo world) and under mpirun (MPI world), same engine, same machine.
-    Every run's greedy tokens begin with the single-process reference."""
+def test_ray_driver_started_by_launch(tmp_path, engine, ray_local):
+    """A driver started by `dist-infer launch` (ray.submit: false) on the running cluster: the
+    rank actors reproduce the single-process tokens. (Ray's per-step overhead against mpirun
+    is a benchmark: scripts/ray_overhead.py.)"""
     cluster = ray_yaml(tmp_path, engine, f"address: '{ray_local.gcs_address}', submit: false")
-    bench = bench_args(engine)
-    def mpi_cluster(name, extra, env=""):
-        return write_cluster(tmp_path / f"{name}.yaml", f"""
-launcher: mpirun
-engine: {engine.dir}
-launch_dir: {tmp_path}
-nodes: [{{host: localhost, slots: {TP * PP}}}]
-mpirun: {{extra_args: [--oversubscribe, --bind-to, none{extra}]}}
-env: {{OMP_NUM_THREADS: "1"{env}}}
-""")
-
-    # OpenMPI busy-polls while waiting; with more ranks than cores (4 on CI's 2)
-    # that steals the cores from the working rank, so also measure it yielding.
-    clusters = {"ray": cluster, "mpirun": mpi_cluster("mpi", ""),
-                "mpirun_yield_when_idle": mpi_cluster("mpiy", ", --mca, mpi_yield_when_idle, '1'"),
-                # mpirun starting the ranks, gloo carrying the data: the same data plane as the
-                # Ray actors, so this ratio is Ray's own per-step overhead.
-                "mpirun_gloo": mpi_cluster("mpig", "", f", DIST_INFER_COMM: gloo, MASTER_ADDR: 127.0.0.1, "
-                                                       f"MASTER_PORT: '{free_port()}'")}
-    # The asserted ratio (Ray over mpirun with gloo ranks) is the best of two runs of each, as
-    # the noise of 2 shared cores needs (Ray: the job-submit run and a driver-mode run); the
-    # MPI-data-plane runs only feed the record: one each.
-    runs = {"ray": 1, "mpirun": 1, "mpirun_yield_when_idle": 1, "mpirun_gloo": 2}
-    rates = {k: [] for k in clusters}
-    rates["ray"].append(_steps_per_s(job_submit_run))
-    for round_ in range(2):
-        for name, c in clusters.items():
-            if round_ < runs[name]:
-                proc = ok(launch(c, bench, timeout=240))
-                assert_reference_tokens(proc, engine, name)
-                rates[name].append(_steps_per_s(proc))
-    best = {k: round(max(v), 2) for k, v in rates.items()}
-    record = {"engine": f"tiny llama tp={TP} pp={PP}, CPU, {os.cpu_count()} cores", "steps": BENCH_TOKENS,
-              "batch": 3, "steps_per_s": best, "all_runs": rates,
-              "ray_over_mpirun": round(best["ray"] / best["mpirun"], 3),
-              "ray_over_mpirun_yield": round(best["ray"] / best["mpirun_yield_when_idle"], 3),
-              "ray_over_mpirun_gloo": round(best["ray"] / best["mpirun_gloo"], 3)}
-    (REPO / "out").mkdir(exist_ok=True)
-    (REPO / "out" / "ray_vs_mpirun.json").write_text(json.dumps(record, indent=1))
-    print("Ray vs mpirun steps/s:", record)
-    # Ray adds no per-step calls: with the same (gloo) data plane it keeps mpirun's pace.
-    # (gloo itself is slower than MPI when ranks outnumber cores: see the record.)
-    assert record["ray_over_mpirun_gloo"] > 0.5, record  # 2 shared cores: timings are noisy
+    proc = ok(launch(cluster, bench_args(engine), timeout=240))
+    assert_reference_tokens(proc, engine, "ray driver")
+    assert steps_per_s(proc) > 0 and len(set(rank_nodes(proc.stdout + proc.stderr))) == 1
 
 
 def test_ray_serve_answers_and_drains(tmp_path, engine, ray_local):
