@@ -457,6 +457,12 @@ def wrap(source: SourceCheckpoint, model: ModelConfig, tp: int) -> SourceCheckpo
     return PrequantizedSource(source, fmt, linears, group, config)
 
 
+def _families_reading_prequantized() -> list[str]:
+    from dist_infer.models import BUILT_IN
+
+    return [t for t in BUILT_IN if family_of(t).quantizable_linears]
+
+
 def _refuse_unexplained_quantized_tensors(source: SourceCheckpoint) -> None:
     """Packed or FP8 tensors without a quantization_config saying how to read them."""
     odd = [n for n, m in source.tensors.items() if n.endswith(".qweight") or m.dtype.startswith("F8_")]
@@ -469,10 +475,15 @@ def _refuse_unexplained_quantized_tensors(source: SourceCheckpoint) -> None:
 def _check_linears(fmt, linears: dict[str, QuantLinear], model: ModelConfig) -> None:
     """Only decoder linears may be quantized (embeddings and LM head stay in the model dtype),
     q/k/v and gate/up all or none (the engine fuses them); dense ones are quantized by the build."""
+    family = family_of(model.architecture)  # its decoder linears' names, and which the engine fuses
+    if not family.quantizable_linears:
+        raise CheckpointError(f"this is a pre-quantized ({fmt.name}) {model.architecture} checkpoint; the "
+                              f"{model.architecture} family reads unquantized weights only (pre-quantized "
+                              "checkpoints are read for the families that declare their quantizable linears: "
+                              f"{', '.join(_families_reading_prequantized())}). " + UNQUANTIZED_FIX)
     if not linears:
         raise CheckpointError(f"the quantization_config says {fmt.name} but no tensor is quantized that way; "
                               "restore the checkpoint from its download.")
-    family = family_of(model.architecture)  # its decoder linears' names, and which the engine fuses
     inside = re.compile(re.escape(family.layer_prefix).replace(r"\{layer\}", r"\d+")
                         + "(" + "|".join(map(re.escape, family.quantizable_linears)) + ")")
     outside = sorted(p for p in linears if not (family.quantizable_linears and inside.fullmatch(p)))

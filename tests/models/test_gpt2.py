@@ -34,3 +34,25 @@ def test_gpt2_config_and_weights(gpt2):
 
 def test_gpt2_under_mpirun(gpt2, tmp_path):
     assert greedy_under_mpirun(gpt2, tmp_path) == gpt2[2]
+
+
+def test_a_prequantized_gpt2_is_refused_naming_the_families_that_read_one(gpt2, tmp_path):
+    """GPT-2 declares no quantizable linears: a pre-quantized copy is refused for what it is
+    (not as "a quantized LM head"), with the families that read one and the unquantized route."""
+    import json
+    import shutil
+
+    from dist_infer.errors import CheckpointError
+    from dist_infer.partition import partition
+    from partition.test_prequantized import compressed_tensors_config
+
+    source = tmp_path / "gpt2-fp8"
+    shutil.copytree(gpt2[0] / "hf", source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = compressed_tensors_config()
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as exc:
+        partition(source, 1, 1, tmp_path / "ckpt", progress=False)
+    msg = str(exc.value)
+    assert "pre-quantized" in msg and "gpt2 family reads unquantized weights only" in msg, msg
+    assert "llama" in msg and "--quant" in msg and not (tmp_path / "ckpt").exists()
