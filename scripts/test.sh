@@ -14,10 +14,4 @@ import_pid=$!
 bash scripts/ci_system_deps.sh
 # Best effort: if it failed, the first test that needs the model imports it (and shows why).
 wait "$import_pid" || echo "note: the SmolLM2 import beside the installs failed; the tests import it again"
-# Two workers: most tests wait on processes they start (servers, restarts, timeouts), so two
-# overlap well on 2 cores; the launcher tests share one worker (tests/conftest.py). Tests marked
-# `alone` (a latency bound) run afterwards with nothing beside them.
-.venv/bin/python -m pytest -q -rfE --durations=25 -n 2 --dist loadgroup -m "not alone" "$@"
-status=0
-.venv/bin/python -m pytest -q -rfE -m alone "$@" || status=$?
-[ "$status" -eq 0 ] || [ "$status" -eq 5 ]  # 5: the paths given hold no `alone` test
+.venv/bin/python -m pytest -q -rfE --durations=25 "$@"

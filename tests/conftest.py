@@ -226,12 +226,3 @@ def smollm2_hf(smollm2_dir):
 # attempts allowed it fails at once with the same answer (EAI_AGAIN); /etc/hosts still answers.
 # Give this to the processes that run on those hosts (the launch's environment, or the daemons').
 NETNS_NO_DNS_ENV = {"RES_OPTIONS": "attempts:0"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """scripts/test.sh runs the tests on 2 xdist workers (`--dist loadgroup`). The launcher tests
-    share what they start on the machine (network-namespace hosts, Slurm and Ray daemons, the
-    out/ records they write), so they run on one worker, one after another."""
-    for item in items:
-        if "launchers" in item.path.parts:
-            item.add_marker(pytest.mark.xdist_group("launchers"))

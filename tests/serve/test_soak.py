@@ -16,7 +16,7 @@ from .conftest import VOCAB
 from .server import Server
 from .soak import MODEL, run_soak
 
-pytestmark = [pytest.mark.timeout(400), pytest.mark.alone]  # its p99 bound wants a quiet machine
+pytestmark = pytest.mark.timeout(400)
 STREAMS, WARMUP_S, DURATION_S, WINDOW_S = 64, 12.0, 48.0, 12.0  # 60 s of load, 4 latency windows
 
 
