@@ -68,7 +68,7 @@ def main() -> int:
     args = p.parse_args()
     os.environ["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # see tests/launchers/test_ray.py
     root = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
-    for sub in ("submit", "driver"):
+    for sub in ("submit", "driver", "ray"):  # (RayCluster writes its logs into ray/)
         (root / sub).mkdir()
     engine = Engine(root / "engine")
     ray = RayCluster(root / "ray", [None], cpus=[TP * PP])
