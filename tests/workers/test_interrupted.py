@@ -44,7 +44,13 @@ def checkpoint(hf) -> Path:
 def start(*args: str, env: dict | None = None, log_level: str = "INFO") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dist_infer", "--log-level", log_level, *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A shell starts background jobs with SIGINT ignored, and children inherit that: a suite
+    started with `&` would see Ctrl-C ignored. The command under test gets the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 60) -> None:
