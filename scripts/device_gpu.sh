@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (device tool): GPU tests, then benchmarks.
-#   bash scripts/device_gpu.sh [tests|bench1|bench2|all]
+#   bash scripts/device_gpu.sh [tests|bench1|bench2|allreduce|engine|all]
 # Needs the nccl4py wheel carried in .whl/. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out/device}; mkdir -p "$OUT"
@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$OUT/gpu.txt"
 python3 -c "import nccl.core as n; print('nccl4py', n.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 if [[ $what == tests || $what == all ]]; then
-    python3 -m pytest tests/engine/test_gpu.py -m gpu -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+    python3 -m pytest tests/engine/test_gpu.py tests/workers/test_beam_search_gpu.py tests/comm/test_custom_all_reduce_gpu.py -m gpu -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [[ $what == bench1 || $what == all ]]; then
     python3 -m dist_infer bench --model llama-3-8b --batch-size 1 8 64 --baseline hf 2>&1 | tee "$OUT/bench_tp1.log"
@@ -26,6 +26,17 @@ if [[ $what == bench2 ]]; then
     python3 -m dist_infer bench --model llama-3-8b --batch-size 1 64 --baseline hf 2>&1 | tee "$OUT/bench_h200_tp1.log"
     mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench --model llama-3-8b --tp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_h200_tp2.log"
     mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench --model llama-3-8b --pp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_h200_pp2.log"
+fi
+if [[ $what == allreduce ]]; then
+    # TP=2's all-reduce: correctness against NCCL, latency per size, and the 8B decode at
+    # TP=1, TP=2 over NCCL only (the baseline) and TP=2 with the one-shot kernel, one call.
+    ARGS=(--allow-run-as-root -x PYTHONPATH -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x PYTHONUNBUFFERED)
+    nvidia-smi topo -m 2>&1 | tee "$OUT/topo.txt"
+    python3 -m pytest tests/comm/test_custom_all_reduce_gpu.py -m gpu -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/allreduce_tests.log"
+    mpirun "${ARGS[@]}" -n 2 python3 scripts/bench_all_reduce.py --out "$OUT/allreduce.json" 2>&1 | tee "$OUT/allreduce_bench.log"
+    python3 -m dist_infer bench --model llama-3-8b --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp1.log"
+    DIST_INFER_CUSTOM_ALL_REDUCE=0 mpirun "${ARGS[@]}" -x DIST_INFER_CUSTOM_ALL_REDUCE -n 2 python3 -m dist_infer bench --model llama-3-8b --tp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp2_nccl.log"
+    mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench --model llama-3-8b --tp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp2_custom.log"
 fi
 if [[ $what == engine ]]; then
     # A real partition -> build -> load -> run on GPU (random 1B-shape Llama saved by transformers):

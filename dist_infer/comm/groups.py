@@ -30,7 +30,7 @@ class ParallelGroups:
         if str(device).startswith("cuda"):
             from dist_infer.comm.nccl import NcclCommunicator
 
-            tp = NcclCommunicator(tp) if tp.size > 1 else tp
+            tp = NcclCommunicator(tp, custom_all_reduce=True) if tp.size > 1 else tp
             pp = NcclCommunicator(pp) if pp.size > 1 else pp
         return cls(world, tp, pp, mapping)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dist_infer.comm.base import Communicator
+from dist_infer.comm.custom_all_reduce import try_custom_all_reduce
 from dist_infer.errors import LaunchError
 
 
@@ -19,7 +20,7 @@ def _stream() -> int:
 
 
 class NcclCommunicator:
-    def __init__(self, bootstrap: Communicator):
+    def __init__(self, bootstrap: Communicator, custom_all_reduce: bool = False):
         try:
             import nccl.core as nccl
         except ImportError as exc:
@@ -30,8 +31,13 @@ class NcclCommunicator:
         uid = nccl.get_unique_id() if bootstrap.rank == 0 else None
         uid_bytes = bootstrap.broadcast_object(None if uid is None else uid.as_bytes, src=0)
         self.comm = nccl.Communicator.init(self.size, self.rank, nccl.UniqueId.from_bytes(uid_bytes))
+        # The TP group's small messages go through a one-shot kernel over IPC buffers where it can.
+        self.custom = try_custom_all_reduce(bootstrap, torch.device("cuda", torch.cuda.current_device())) \
+            if custom_all_reduce else None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.custom is not None and self.custom.fits(x):
+            return self.custom.all_reduce(x)
         self.comm.allreduce(x, x, self._nccl.SUM, stream=_stream())
         return x
 
@@ -58,7 +64,7 @@ class NcclCommunicator:
         self.bootstrap.barrier()
 
     def split(self, color: int, key: int) -> NcclCommunicator:
-        return NcclCommunicator(self.bootstrap.split(color, key))
+        return NcclCommunicator(self.bootstrap.split(color, key), self.custom is not None)
 
     def abort(self, code: int = 1) -> None:
         self.comm.abort()
@@ -66,6 +72,9 @@ class NcclCommunicator:
 
     def close(self) -> None:
         """Destroy the NCCL communicator (after every graph that captured it is gone)."""
+        if self.custom is not None:
+            self.custom.close()
+            self.custom = None
         if self.comm is not None:
             self.comm.destroy()
             self.comm = None

@@ -32,7 +32,7 @@ def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, s
                          stride_qn, stride_qh, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, KV_SCALED: tl.constexpr):
+                         HAS_WINDOW: tl.constexpr, KV_SCALED: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     ctx = tl.load(ContextLens + seq).to(tl.int32)
@@ -59,14 +59,14 @@ def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, s
         slot = page.to(tl.int64) * PAGE + pos % PAGE
         kv_off = slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
         k = tl.load(K + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0).to(Q.dtype.element_ty)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0).to(Q.dtype.element_ty)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc * v_scale / l_i[:, None]
     tl.store(O + seq * stride_on + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
@@ -103,8 +103,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
-        BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, KV_SCALED=k_scale is not None, num_warps=warps,
-        num_stages=stages)
+        BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, KV_SCALED=k_scale is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 engines are references: no TF32
+        num_warps=warps, num_stages=stages)
     return out
 
 
