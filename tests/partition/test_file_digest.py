@@ -135,3 +135,70 @@ raise SystemExit(3)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert proc.returncode == 3, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ file-to-file copies
+
+@pytest.fixture
+def stored(tmp_path):
+    """A safetensors file and where each tensor's bytes start in it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dist_infer.partition.sources import data_offsets
+
+    tensors = {"w": torch.randn(6, 5).to(torch.bfloat16), "b": torch.randn(7)}
+    save_file(tensors, tmp_path / "src.safetensors")
+    return tmp_path / "src.safetensors", tensors, data_offsets(tmp_path / "src.safetensors")
+
+
+def _copy_rows(tmp_path, stored, rows: range, declared_rows: int):
+    """Rows `rows` of `w` copied into a tensor of `declared_rows` rows (the rest: padding)."""
+    import torch
+    from safetensors.torch import load_file
+
+    src, tensors, offsets = stored
+    row_bytes = 5 * 2
+    writer = StreamingSafetensorsWriter(tmp_path / "out.safetensors", [("w", torch.bfloat16, (declared_rows, 5)),
+                                                                       ("b", torch.float32, (7,))])
+    writer.copy_from("w", src, offsets["w"] + rows.start * row_bytes, len(rows) * row_bytes)
+    writer.copy_from("b", src, offsets["b"], 7 * 4)
+    writer.close()
+    return load_file(tmp_path / "out.safetensors"), tensors
+
+
+def test_copied_row_ranges_read_back_exactly_and_padding_is_zero(tmp_path, stored):
+    import torch
+
+    got, tensors = _copy_rows(tmp_path, stored, range(2, 5), declared_rows=4)
+    assert torch.equal(got["w"][:3], tensors["w"][2:5]) and not got["w"][3].any()
+    assert torch.equal(got["b"], tensors["b"])
+
+
+def test_copies_fall_back_to_reads_and_writes_where_the_kernel_cannot(tmp_path, stored, monkeypatch):
+    import errno
+
+    import torch
+
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    got, tensors = _copy_rows(tmp_path, stored, range(0, 6), declared_rows=6)
+    assert calls and torch.equal(got["w"], tensors["w"]) and torch.equal(got["b"], tensors["b"])
+
+
+def test_a_copy_past_the_end_of_its_source_raises_in_the_caller(tmp_path, stored):
+    import torch
+
+    src, _, offsets = stored
+    writer = StreamingSafetensorsWriter(tmp_path / "out.safetensors", [("w", torch.float32, (1000,))])
+    with pytest.raises(OSError, match="bytes short"):
+        writer.copy_from("w", src, offsets["w"], 4000)
+        writer.close()
+    with pytest.raises(ValueError, match="declared 4000 bytes, asked to copy 4004"):
+        StreamingSafetensorsWriter(tmp_path / "o2.safetensors", [("w", torch.float32, (1000,))]).copy_from(
+            "w", src, 0, 4004)
