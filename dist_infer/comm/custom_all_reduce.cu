@@ -8,13 +8,12 @@
 //
 // Buffers, per rank (allocated once, registered with every peer):
 //   data:    2 halves x world slots x `slot_bytes`; call number e uses half e % 2, and rank
-//            p writes slot p. A rank writes a half again two calls later, after every
-//            peer's same block has passed the next call's barrier (so has read this one):
-//            no barrier is needed at the end of a call.
+//            p writes slot p. A rank writes a half again two calls later, once every peer
+//            has finished reading it (finish_call): no barrier is needed at the end of a call.
 //   signals: flags[MAX_BLOCKS][MAX_RANKS] u64; flags[b][p] = the call number rank p's
 //            block b last reached. Call numbers only grow (u64: no wrap-around).
-//   epochs:  local u64 per block, the call number of this rank's block b. It lives in
-//            device memory so that a CUDA graph replays with fresh call numbers.
+//   epochs:  local u64s, the number of the last call (see finish_call). They live in device
+//            memory so that a CUDA graph replays with fresh call numbers.
 // Block b handles the same 16-byte packs on every rank, and waits only on the same block
 // of its peers; the grid never exceeds MAX_BLOCKS (fewer than the SMs), so every block is
 // resident and no wait can deadlock.
@@ -92,6 +91,18 @@ __device__ __forceinline__ char* slot(u64 buf, u64 epoch, int s, int world, long
     return (char*)buf + ((long long)(epoch & 1) * world + s) * slot_bytes;
 }
 
+// Every entry of `epochs` holds the number of the last call, whatever its grid: block b of a
+// call sets entries b, b + grid, ... (no block of this call reads those but its own), so the
+// next call's blocks all read the same number. One number per call keeps the halves safe when
+// calls of different grids follow each other: a rank inside call e has finished call e - 1,
+// whose block 0 met every peer's block 0, so every peer has finished call e - 2 (the last one
+// that used this half).
+__device__ __forceinline__ void finish_call(u64* epochs, u64 epoch) {
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int j = blockIdx.x; j < MAX_BLOCKS; j += gridDim.x) epochs[j] = epoch;
+}
+
 template <typename Op>
 __device__ __forceinline__ void sum_pack(uint4* out, const char* half, long long slot_bytes, long long i, int world) {
     const int n = 16 / sizeof(typename Op::T);
@@ -142,8 +153,87 @@ __device__ void one_shot(void* x, long long nbytes, const u64* bufs, const u64* 
     if (blockIdx.x == 0)
         for (long long j = first_tail + threadIdx.x; j < count; j += blockDim.x)
             sum_element<Op>((T*)x, half, slot_bytes, j, world);
+    finish_call(epochs, epoch);
+}
+
+// The sum of one row's 16-byte pack p over the slots, rounded to T as an all-reduce returns it.
+template <typename Op>
+__device__ __forceinline__ void sum_slots(float* acc, const char* half, long long slot_bytes, long long i, int world) {
+    const int n = 16 / sizeof(typename Op::T);
+    for (int k = 0; k < n; ++k) acc[k] = 0.0f;
+    for (int r = 0; r < world; ++r) {
+        uint4 v = load_slot((const uint4*)(half + r * slot_bytes) + i);
+        const typename Op::T* e = (const typename Op::T*)&v;
+#pragma unroll
+        for (int k = 0; k < n; ++k) acc[k] += Op::load(e[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < n; ++k) acc[k] = Op::load(Op::store(acc[k]));
+}
+
+// Sum of `v` over the block (every thread gets it). `scratch`: 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
+    __syncthreads();  // scratch is free again (the previous row's sum was read)
+    if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    if (threadIdx.x == 0) epochs[blockIdx.x] = epoch;
+    v = lane < warps ? scratch[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// All-reduce + residual add + RMSNorm in one kernel (TensorRT-LLM's fused AllReduce+RMSNorm):
+//   x [rows, cols]: this rank's partial sums in, RMSNorm(sum + residual) * weight out;
+//   residual [rows, cols]: in place, += the sum (the residual stream, rounded to T as unfused);
+//   weight [cols]. Rows are spread over the blocks: block b pushes and sums the same rows on
+//   every rank, so the per-block barrier is enough.
+template <typename Op>
+__device__ void one_shot_add_rms_norm(void* x, void* residual, const void* weight, long long rows, long long cols,
+                                      float eps, const u64* bufs, const u64* sigs, u64* epochs, int rank, int world,
+                                      long long slot_bytes) {
+    typedef typename Op::T T;
+    const int n = 16 / sizeof(T);
+    __shared__ float scratch[32];
+    const u64 epoch = epochs[blockIdx.x] + 1;
+    const long long row_packs = cols / n;
+    for (long long row = blockIdx.x; row < rows; row += gridDim.x)
+        for (long long p = threadIdx.x; p < row_packs; p += blockDim.x) {
+            const long long i = row * row_packs + p;
+            const uint4 v = ((const uint4*)x)[i];
+            for (int r = 0; r < world; ++r) ((uint4*)slot(bufs[r], epoch, rank, world, slot_bytes))[i] = v;
+        }
+    block_barrier(sigs, rank, world, epoch);
+    const char* half = slot(bufs[rank], epoch, 0, world, slot_bytes);
+    for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+        float squares = 0.0f;
+        for (long long p = threadIdx.x; p < row_packs; p += blockDim.x) {
+            const long long i = row * row_packs + p;
+            float acc[16 / sizeof(T)];
+            sum_slots<Op>(acc, half, slot_bytes, i, world);
+            uint4 v = ((const uint4*)residual)[i];
+            T* e = (T*)&v;
+#pragma unroll
+            for (int k = 0; k < n; ++k) {
+                e[k] = Op::store(acc[k] + Op::load(e[k]));
+                const float r = Op::load(e[k]);
+                squares += r * r;
+            }
+            ((uint4*)residual)[i] = v;
+        }
+        const float rstd = 1.0f / sqrtf(block_sum(squares, scratch) / (float)cols + eps);
+        for (long long p = threadIdx.x; p < row_packs; p += blockDim.x) {
+            const long long i = row * row_packs + p;
+            uint4 v = ((const uint4*)residual)[i];
+            const uint4 w = ((const uint4*)weight)[p];
+            T* e = (T*)&v;
+            const T* we = (const T*)&w;
+#pragma unroll
+            for (int k = 0; k < n; ++k) e[k] = Op::store(Op::load(we[k]) * Op::load(Op::store(Op::load(e[k]) * rstd)));
+            ((uint4*)x)[i] = v;
+        }
+    }
+    finish_call(epochs, epoch);
 }
 
 #define ONE_SHOT(name, Op)                                                                                     \
@@ -156,3 +246,15 @@ __device__ void one_shot(void* x, long long nbytes, const u64* bufs, const u64* 
 ONE_SHOT(one_shot_all_reduce_bf16, Bf16)
 ONE_SHOT(one_shot_all_reduce_f16, F16)
 ONE_SHOT(one_shot_all_reduce_f32, F32)
+
+#define ONE_SHOT_ADD_RMS_NORM(name, Op)                                                                        \
+    extern "C" __global__ void __launch_bounds__(512)                                                         \
+        name(void* x, void* residual, const void* weight, long long rows, long long cols, float eps,          \
+             const u64* bufs, const u64* sigs, u64* epochs, int rank, int world, long long slot_bytes) {      \
+        one_shot_add_rms_norm<Op>(x, residual, weight, rows, cols, eps, bufs, sigs, epochs, rank, world,      \
+                                  slot_bytes);                                                               \
+    }
+
+ONE_SHOT_ADD_RMS_NORM(one_shot_add_rms_norm_bf16, Bf16)
+ONE_SHOT_ADD_RMS_NORM(one_shot_add_rms_norm_f16, F16)
+ONE_SHOT_ADD_RMS_NORM(one_shot_add_rms_norm_f32, F32)

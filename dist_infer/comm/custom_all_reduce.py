@@ -32,8 +32,9 @@ SIGNAL_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 # One-shot moves world x message bytes per rank, so it wins only up to a size; above it
 # NCCL's ring is faster (2x H200, measured per size: docs/PERFORMANCE.md, all-reduce table).
 DEFAULT_MAX_BYTES = 4 * 2**20
-KERNELS = {torch.bfloat16: "one_shot_all_reduce_bf16", torch.float16: "one_shot_all_reduce_f16",
-           torch.float32: "one_shot_all_reduce_f32"}
+SUFFIX = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
+KERNELS = {dtype: f"one_shot_all_reduce_{s}" for dtype, s in SUFFIX.items()}
+NORM_KERNELS = {dtype: f"one_shot_add_rms_norm_{s}" for dtype, s in SUFFIX.items()}
 ENV_SWITCH = "DIST_INFER_CUSTOM_ALL_REDUCE"  # "0": NCCL for every message (A/B benchmarks)
 
 
@@ -77,6 +78,7 @@ class CustomAllReduce:
         self._epochs = torch.zeros(MAX_BLOCKS, dtype=torch.int64, device=device)
         module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("--std=c++17",))
         self._kernels = {dtype: module.get_function(name) for dtype, name in KERNELS.items()}
+        self._norm_kernels = {dtype: module.get_function(name) for dtype, name in NORM_KERNELS.items()}
 
     def _pointers(self, rank: int, handles) -> tuple[int, int]:
         if rank == self.rank:
@@ -88,18 +90,44 @@ class CustomAllReduce:
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype in KERNELS and x.is_contiguous() and x.numel() * x.element_size() <= self.max_bytes
 
+    def fits_rows(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether the fused all-reduce + add + RMSNorm takes these: rows of whole 16-byte packs."""
+        return (self.fits(x) and x.dim() == 2 and residual.shape == x.shape and residual.dtype == x.dtype
+                and residual.is_contiguous() and weight.dtype == x.dtype and weight.is_contiguous()
+                and x.shape[1] * x.element_size() % 16 == 0)
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over the group, in place (every rank gets the same bits)."""
         import numpy as np
 
         nbytes = x.numel() * x.element_size()
         blocks = max(1, min(MAX_BLOCKS, -(-nbytes // (16 * THREADS))))
-        stream = self._cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
-        args = (np.uint64(x.data_ptr()), np.int64(nbytes), np.uint64(self._table[0].data_ptr()),
-                np.uint64(self._table[1].data_ptr()), np.uint64(self._epochs.data_ptr()), np.int32(self.rank),
-                np.int32(self.world), np.int64(self.max_bytes))
-        self._kernels[x.dtype]((blocks,), (THREADS,), args, stream=stream)
+        self._launch(self._kernels[x.dtype], blocks, np.uint64(x.data_ptr()), np.int64(nbytes))
         return x
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(sum(x) + residual) * weight, sum(x) + residual) in one kernel, written into
+        x and residual. x, residual: [N, H]; the rounding of the unfused ops (all-reduce, add,
+        norm) is kept step by step."""
+        import numpy as np
+
+        rows, cols = x.shape
+        threads = min(THREADS, max(32, -(-cols * x.element_size() // 16 // 32) * 32))  # a thread per pack
+        self._launch(self._norm_kernels[x.dtype], min(MAX_BLOCKS, rows), np.uint64(x.data_ptr()),
+                     np.uint64(residual.data_ptr()), np.uint64(weight.data_ptr()), np.int64(rows), np.int64(cols),
+                     np.float32(eps), threads=threads)
+        return x, residual
+
+    def _launch(self, kernel, blocks: int, *args, threads: int = THREADS) -> None:
+        """`kernel(*args, buffers...)` on the caller's current stream (captured when it captures)."""
+        import numpy as np
+
+        stream = self._cupy.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
+        tail = (np.uint64(self._table[0].data_ptr()), np.uint64(self._table[1].data_ptr()),
+                np.uint64(self._epochs.data_ptr()), np.int32(self.rank), np.int32(self.world),
+                np.int64(self.max_bytes))
+        kernel((blocks,), (threads,), args + tail, stream=stream)
 
     def close(self) -> None:
         """Unmap the peers' buffers and free ours (after every graph that captured a call is gone)."""

@@ -41,6 +41,14 @@ class NcclCommunicator:
         self.comm.allreduce(x, x, self._nccl.SUM, stream=_stream())
         return x
 
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All-reduce + residual add + RMSNorm in one kernel where the custom all-reduce takes
+        the shapes; None where it does not (the caller all-reduces, then norms)."""
+        if self.custom is not None and self.custom.fits_rows(x, residual, weight):
+            return self.custom.all_reduce_add_rms_norm(x, residual, weight, eps)
+        return None
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         out = x.new_empty((self.size, *x.shape))

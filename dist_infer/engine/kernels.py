@@ -22,8 +22,11 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.
 class ReferenceKernels:
     name = "reference"
 
-    def add_rms_norm(self, x, weight, eps: float, residual=None):
-        """(RMSNorm(x + residual), x + residual): x, residual [N, H]; the sum is the new stream."""
+    def add_rms_norm(self, x, weight, eps: float, residual=None, reduce=None):
+        """(RMSNorm(x + residual), x + residual): x, residual [N, H]; the sum is the new stream.
+        reduce: the TP group x is a partial sum over (its all-reduce comes first), or None."""
+        if reduce is not None:
+            x = reduce.all_reduce(x)
         if residual is not None:
             x = x + residual
         # Normalize in float32 and cast back before the scale, as transformers does.
@@ -86,7 +89,13 @@ class GpuKernels(ReferenceKernels):
 
         self.fused, self.attn, self.quant = fused_gpu, attention_gpu, quant_gpu
 
-    def add_rms_norm(self, x, weight, eps, residual=None):
+    def add_rms_norm(self, x, weight, eps, residual=None, reduce=None):
+        if reduce is not None:  # one kernel for all-reduce + add + norm where the group has one
+            fused = getattr(reduce, "all_reduce_add_rms_norm", None)
+            done = fused(x, residual, weight, eps) if fused is not None and residual is not None else None
+            if done is not None:
+                return done
+            x = reduce.all_reduce(x)
         return self.fused.add_rmsnorm(x, weight, eps, residual)
 
     def silu_mul(self, gate_up):

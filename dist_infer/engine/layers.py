@@ -157,9 +157,11 @@ class RMSNorm(UsesKernels, nn.Module):
         self.weight = _empty(hidden, dtype=dtype)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(RMSNorm(x + residual), x + residual); the sum is the new residual stream."""
-        return self.kernels.add_rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                reduce: Communicator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(x + residual), x + residual); the sum is the new residual stream.
+        reduce: x is a partial sum over this TP group (all-reduced first, fused where it can be)."""
+        return self.kernels.add_rms_norm(x, self.weight, self.eps, residual, reduce)
 
 
 class LayerNorm(UsesKernels, nn.Module):
@@ -247,9 +249,11 @@ def local_heads(cfg, tp: int) -> tuple[int, int]:
 
 class Attention(UsesKernels, nn.Module):
     """qkv_proj (column-parallel, q/k/v fused) -> RoPE + paged KV write -> paged attention ->
-    o_proj (row-parallel). Engine names: qkv_proj, o_proj."""
+    o_proj (row-parallel). Engine names: qkv_proj, o_proj. reduce=False leaves o_proj's partial
+    sums to the caller (the norm after it all-reduces them in its own kernel)."""
 
-    def __init__(self, cfg, layer_slot: int, tp: Communicator, dtype: torch.dtype, linear: LinearMethod = DENSE):
+    def __init__(self, cfg, layer_slot: int, tp: Communicator, dtype: torch.dtype, linear: LinearMethod = DENSE,
+                 reduce: bool = True):
         super().__init__()
         self.heads, self.kv_heads = local_heads(cfg, tp.size)
         self.head_dim = cfg.head_dim
@@ -259,7 +263,7 @@ class Attention(UsesKernels, nn.Module):
         q, kv = self.heads * cfg.head_dim, self.kv_heads * cfg.head_dim
         self.split = (q, kv, kv)
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, q + 2 * kv, cfg.qkv_bias, dtype, linear)
-        self.o_proj = RowParallelLinear(q, cfg.hidden_size, cfg.o_bias, dtype, tp, linear)
+        self.o_proj = RowParallelLinear(q, cfg.hidden_size, cfg.o_bias, dtype, tp if reduce else _NoReduce(), linear)
 
     def forward(self, x, positions: StepPositions, batch: StepBatch, cache: PagedKVCache):
         n = x.shape[0]
@@ -331,21 +335,37 @@ class SparseMoE(UsesKernels, nn.Module):
 
 class PreNormDecoderLayer(nn.Module):
     """Pre-norm: x + attn(norm(x)), then + mlp(norm(.)); the residual adds are fused into the norms.
-    A family names its MLP block (GatedMLP, MLP, SparseMoE) in `mlp_block`."""
+    A family names its MLP block (GatedMLP, MLP, SparseMoE) in `mlp_block`.
+
+    Under TP, o_proj's and down_proj's sums are all-reduced by the RMSNorm that follows them,
+    in one kernel with the residual add where the group has one (TensorRT-LLM's fused
+    AllReduce+RMSNorm): post_attention_norm takes o_proj's, and the next layer's input_norm
+    takes this layer's MLP output (`output_reduce`; the stage all-reduces the last layer's).
+    Only for bias-free projections into an RMSNorm: a bias is added after the sum."""
 
     mlp_block: type[nn.Module] = GatedMLP
 
     def __init__(self, cfg, layer_slot: int, tp, dtype: torch.dtype, linear):
         super().__init__()
+        fuse = tp.size > 1 and cfg.norm != "layer"
+        self.attn_reduce = tp if fuse and not cfg.o_bias else None
+        self.output_reduce = tp if fuse and self.mlp_block is GatedMLP and not cfg.mlp_bias else None
+        self.input_reduce = self.output_reduce if layer_slot > 0 else None  # the previous layer's MLP sum
         self.input_norm = make_norm(cfg, dtype)
-        self.self_attn = Attention(cfg, layer_slot, tp, dtype, linear)
+        self.self_attn = Attention(cfg, layer_slot, tp, dtype, linear, reduce=self.attn_reduce is None)
         self.post_attention_norm = make_norm(cfg, dtype)
-        self.mlp = self.mlp_block(cfg, tp, dtype, linear)
+        mlp_kwargs = {"reduce": False} if self.output_reduce is not None else {}
+        self.mlp = self.mlp_block(cfg, tp, dtype, linear, **mlp_kwargs)
 
     def forward(self, x, residual, positions, batch, cache):
-        """x: this layer's input [N, H] (the previous layer's MLP output); residual: the
-        stream before it (None for a stage's first layer). Returns (mlp output, residual)."""
-        h, residual = self.input_norm(x, residual)
+        """x: this layer's input [N, H] (the previous layer's MLP output, a partial sum over TP
+        when `input_reduce`); residual: the stream before it (None for a stage's first layer).
+        Returns (mlp output, partial over TP when `output_reduce`; residual)."""
+        h, residual = self._norm(self.input_norm, x, residual, self.input_reduce)
         h = self.self_attn(h, positions, batch, cache)
-        h, residual = self.post_attention_norm(h, residual)
+        h, residual = self._norm(self.post_attention_norm, h, residual, self.attn_reduce)
         return self.mlp(h), residual
+
+    @staticmethod
+    def _norm(norm, x, residual, reduce):
+        return norm(x, residual) if reduce is None else norm(x, residual, reduce)

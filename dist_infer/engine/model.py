@@ -62,6 +62,8 @@ class StageModel(nn.Module):
         self.pos_embed = PositionEmbedding(cfg.max_position_embeddings, cfg.hidden_size, dtype) if learned else None
         self.layers = nn.ModuleDict({str(i): family.decoder_layer(cfg, slot, tp, dtype, linear)
                                      for slot, i in enumerate(self.layer_ids)})
+        last = list(self.layers.values())[-1] if len(self.layers) else None
+        self.output_reduce = getattr(last, "output_reduce", None)
         self._tied = False
         if mapping.is_last_stage:
             self.norm = make_norm(cfg, dtype)
@@ -97,6 +99,8 @@ class StageModel(nn.Module):
         residual = None
         for layer in self.layers.values():
             x, residual = layer(x, residual, positions, batch, cache)
+        if self.output_reduce is not None:  # the last layer left its MLP's TP sum to the stage
+            x = self.output_reduce.all_reduce(x)
         return x if residual is None else x + residual
 
     def logits(self, hidden: torch.Tensor, batch: StepBatch) -> torch.Tensor:
