@@ -93,6 +93,7 @@ class Scheduler:
         budget = self._schedule_running(prefilling, self._prefill_budget(budget, chunks), chunks, preempted)
         if not preempted:
             self._admit_waiting(budget, chunks)
+            self._unblock_waiting(budget, chunks, preempted)
         freed, self._freed = self._freed, []
         return SchedulerOutput(list(chunks.values()), preempted, freed)
 
@@ -117,7 +118,9 @@ class Scheduler:
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim.seq_id in chunks:  # already scheduled this step: take its tokens back
-                    budget += chunks.pop(victim.seq_id).num_tokens
+                    taken = chunks.pop(victim.seq_id)
+                    budget += taken.num_tokens
+                    victim.announced = victim.announced and not taken.first  # its parameters never went out
                 if victim is seq:
                     break
             else:
@@ -141,6 +144,18 @@ class Scheduler:
             budget -= n
             active += 1
 
+    def _unblock_waiting(self, budget: int, chunks: dict[int, ScheduledChunk], preempted: list[Sequence]) -> None:
+        """A step with nothing to run while sequences wait: beams that have their row and wait
+        for a preempted sibling hold the KV that sibling needs, and nothing else will free it.
+        Preempt them, newest first, to the back of the queue (the blocked head goes first)."""
+        while not chunks and self.waiting and (idle := self._newest_idle()) is not None:
+            self._preempt(idle, to_back=True)
+            preempted.append(idle)
+            self._admit_waiting(budget, chunks)
+
+    def _newest_idle(self) -> Sequence | None:
+        return next((s for s in reversed(self.running) if s.num_uncomputed == 0), None)
+
     def _num_active(self) -> int:
         """Running sequences with tokens to run. A beam waiting for its siblings' step has none;
         it holds its KV but no batch slot, so a preempted sibling can come back in."""
@@ -161,14 +176,14 @@ class Scheduler:
         else:
             self.add(child)
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute-style preemption: free the KV, keep the tokens, queue at the front."""
+    def _preempt(self, seq: Sequence, to_back: bool = False) -> None:
+        """Recompute-style preemption: free the KV, keep the tokens, queue at the front (or back)."""
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.append(seq) if to_back else self.waiting.appendleft(seq)
 
     def computed(self, chunk: ScheduledChunk) -> None:
         """A step ran the chunk: its tokens' KV is in the cache."""

@@ -172,3 +172,17 @@ def test_abort_waiting_and_running():
     assert s.schedule().freed_ids == [0]
     s.finish(a)                              # twice is harmless
     assert s.schedule().freed_ids == []
+
+
+def test_idle_beams_make_room_for_a_blocked_sibling():
+    """Sequences whose tokens are all computed and that wait (beams waiting for a sibling's row)
+    hold the pool; a waiting sequence can only run if they give their KV back: the newest goes
+    to the back of the queue, the blocked one runs. (Before: an empty step, forever.)"""
+    s = _sched(blocks=5, prefix=False)       # 4 usable blocks
+    a, b = _add(s, 0, 7), _add(s, 1, 7)
+    for c in s.schedule().chunks:
+        s.computed(c)                        # prefilled; no token appended: idle, 2 blocks each
+    c = _add(s, 2, 5)
+    out = s.schedule()
+    assert [p.seq_id for p in out.preempted] == [1] and [ch.seq for ch in out.chunks] == [c]
+    assert list(s.waiting) == [b] and b.num_preemptions == 1 and a.status is SequenceStatus.RUNNING

@@ -144,6 +144,29 @@ def test_abort_mid_search_frees_every_beam(llm):
     assert sum(llm.blocks.refcount) == 0
 
 
+PRESSURE_REQUESTS = [Request(p, 24, _beams(k), ignore_eos=True) for p in _prompts([5, 11, 9, 14], seed=1)
+                     for k in (2, 4)]
+
+
+@pytest.fixture(scope="module")
+def unpressured(llm):
+    return [c.output_ids for c in llm.generate(PRESSURE_REQUESTS)]
+
+
+@pytest.mark.parametrize("blocks", [17, 18])
+def test_beams_under_kv_pressure_finish_with_the_same_tokens(tiny, unpressured, blocks):
+    """A pool that holds one full-length sequence (17 blocks) or one block more: beams are
+    preempted again and again, beams that wait for a preempted sibling give their KV back, and
+    a fork preempted in the step that first scheduled it is announced again. Every search ends
+    with the tokens of a pool that never runs dry. (Before: 17 stalled in empty steps forever;
+    18 crashed on a fork whose sampling parameters the ranks had never been sent.)"""
+    spec = EngineSpec.read(tiny[2][1])
+    groups = ParallelGroups.build(LocalCommunicator(), spec.mapping)
+    tight = LLMEngine(RankWorker(load_rank_engine(spec, groups, "cpu", max_kv_blocks=blocks), groups), spec)
+    assert [c.output_ids for c in tight.generate(PRESSURE_REQUESTS)] == unpressured
+    assert tight.scheduler.num_preemptions > 50 and sum(tight.blocks.refcount) == 0
+
+
 def test_under_mpirun_at_tp2(tiny, tmp_path):
     """`mpirun -n 2 dist-infer run --num-beams 2` (TP=2) prints transformers' beams."""
     path = write_prompts(tmp_path / "p.jsonl", PROMPTS)
