@@ -63,6 +63,16 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def hf_beams(model, prompt: list[int], max_new_tokens: int, k: int, length_penalty: float, early_stopping,
+             eos: int | None) -> list[int]:
+    """transformers' `generate(num_beams=k)` tokens for one prompt (beam search's reference)."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         num_beams=k, length_penalty=length_penalty, early_stopping=early_stopping,
+                         eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 def mpirun_prefix(n: int) -> list[str]:
     mpirun = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
     return [mpirun, "--allow-run-as-root", "--oversubscribe", "-n", str(n)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_in_process, completions, make_tiny_model, run_cli, write_prompts
+from conftest import build_in_process, completions, hf_beams, make_tiny_model, run_cli, write_prompts
 from dist_infer.comm import LocalCommunicator, ParallelGroups
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
@@ -45,11 +45,7 @@ PROMPTS = _prompts([5, 11, 7])
 
 
 def _hf_beams(model, prompt, k, length_penalty, early_stopping, eos) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
-                         num_beams=k, length_penalty=length_penalty, early_stopping=early_stopping,
-                         eos_token_id=eos, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return hf_beams(model, prompt, NEW, k, length_penalty, early_stopping, eos)
 
 
 @pytest.fixture(scope="module")
