@@ -69,18 +69,6 @@ def _read_shard(source: SourceCheckpoint, shard: Shard) -> torch.Tensor:
     return part
 
 
-def _byte_span(source: SourceCheckpoint, shard: Shard) -> tuple[Path, int, int] | None:
-    """(file, offset, bytes) when the shard is a byte range of a stored tensor: the whole
-    tensor, or rows [start, stop) of it (a column-parallel split, a PP stage's vocab rows),
-    untransformed. These are copied file to file; column slices (row-parallel) are strided."""
-    meta = source.tensors[shard.source]
-    if meta.data_offset is None or shard.transform or shard.dim not in (REPLICATED, 0):
-        return None
-    row_bytes = torch.Size(meta.shape[1:]).numel() * dtype_from_code(meta.dtype).itemsize
-    start, stop = (0, meta.shape[0] if meta.shape else 1) if shard.dim == REPLICATED else (shard.start, shard.stop)
-    return meta.file, meta.data_offset + start * row_bytes, (stop - start) * row_bytes
-
-
 def _transformed(part: torch.Tensor, transform: str) -> torch.Tensor:
     if transform == TRANSPOSE:  # Conv1D [in, out] -> [out, in]
         return part.t().contiguous()
@@ -179,9 +167,6 @@ def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], direct
             cached_key, cached = None, None
             for shard in by_source[name]:
                 key = (shard.dim, shard.start, shard.stop, shard.length, shard.transform)
-                if (span := _byte_span(source, shard)) is not None:
-                    writers[shard.rank].copy_from(shard.name, *span)
-                    continue
                 if key != cached_key:  # replicas of the same slice are read once
                     cached_key, cached = key, _read_shard(source, shard)
                 writers[shard.rank].write(shard.name, cached)

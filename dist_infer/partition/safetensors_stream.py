@@ -13,7 +13,6 @@ on several cores: a whole-file sha256 is one core's work, ~14 s for an 8B file.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -68,7 +67,7 @@ class StreamingSafetensorsWriter:
         _pwrite_all(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self._fd, self._data_start + offset)
         self._slots = threading.Semaphore(WRITE_QUEUE)  # one per tensor handed over and not yet written
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (function, *args), then None to stop
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (bytes, offset), then None to stop
         self._failure: OSError | None = None
         self._thread = threading.Thread(target=self._write_jobs, daemon=True, name="safetensors-write")
         self._thread.start()
@@ -78,22 +77,9 @@ class StreamingSafetensorsWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.contiguous().view(-1).view(torch.uint8).numpy()  # the job keeps it alive until written
-        self._submit(name, (_pwrite_all, self._fd, data, self._data_start + offset))
-
-    def copy_from(self, name: str, source: Path, source_offset: int, nbytes: int) -> None:
-        """Tensor `name` is `nbytes` bytes of `source` at `source_offset` (a stored tensor or a
-        contiguous slice of one): copied file to file by the kernel, never through Python memory.
-        Fewer bytes than declared leave the rest zero (the file was created sparse): vocab padding."""
-        dtype, shape, offset = self._layout[name]
-        declared = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        if nbytes > declared:
-            raise ValueError(f"{name}: declared {declared} bytes, asked to copy {nbytes}")
-        self._submit(name, (_copy_range, source, source_offset, nbytes, self._fd, self._data_start + offset))
-
-    def _submit(self, name: str, job: tuple) -> None:
         self._slots.acquire()  # wait for a free slot: memory holds at most WRITE_QUEUE tensors waiting
         self._raise_failure()
-        self._jobs.put(job)
+        self._jobs.put((data, self._data_start + offset))
         self._pending.discard(name)
 
     def close(self) -> None:
@@ -108,7 +94,7 @@ class StreamingSafetensorsWriter:
         while (job := self._jobs.get()) is not None:
             try:
                 if self._failure is None:  # after a failed write the rest are dropped
-                    job[0](*job[1:])
+                    _pwrite_all(self._fd, *job)
             except OSError as exc:  # disk full, I/O error: `write` or `close` raises it
                 self._failure = exc
             finally:
@@ -120,42 +106,12 @@ class StreamingSafetensorsWriter:
             raise self._failure
 
 
-def _pwrite_all(fd: int, data, offset: int) -> int:
-    """All of `data` at `offset` (one pwrite moves at most ~2 GiB on Linux); returns its length."""
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """All of `data` at `offset` (one pwrite moves at most ~2 GiB on Linux)."""
     view = memoryview(data).cast("B")
-    total = len(view)
     while len(view):
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-    return total
-
-
-COPY_CHUNK = 64 << 20  # bytes per copy call (and the read/write fallback's buffer)
-
-
-def _copy_range(source: Path, source_offset: int, nbytes: int, fd: int, offset: int) -> None:
-    """`nbytes` of `source` at `source_offset` into `fd` at `offset`: copy_file_range (in the
-    kernel; a reflink where the filesystem shares blocks), else reads and writes of COPY_CHUNK."""
-    with open(source, "rb") as f:
-        while nbytes > 0:
-            copied = _kernel_copy(f.fileno(), source_offset, min(nbytes, COPY_CHUNK), fd, offset)
-            if copied is None:  # this kernel or filesystem pair cannot: plain reads and writes
-                copied = _pwrite_all(fd, os.pread(f.fileno(), min(nbytes, COPY_CHUNK), source_offset), offset)
-            if copied == 0:
-                raise OSError(errno.EIO, f"{source} ends {nbytes} bytes short of byte {source_offset + nbytes}")
-            source_offset, offset, nbytes = source_offset + copied, offset + copied, nbytes - copied
-
-
-def _kernel_copy(src: int, src_offset: int, nbytes: int, dst: int, dst_offset: int) -> int | None:
-    """Bytes copied by copy_file_range, or None where it is not supported."""
-    if not hasattr(os, "copy_file_range"):
-        return None
-    try:
-        return os.copy_file_range(src, dst, nbytes, src_offset, dst_offset)
-    except OSError as exc:
-        if exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
-            return None
-        raise
 
 
 def file_sha256(path: Path, chunk: int = 16 << 20) -> str:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,16 +39,6 @@ class TensorMeta:
     file: Path
     dtype: str  # safetensors code: "F32", "BF16", ...
     shape: tuple[int, ...]
-    data_offset: int | None = None  # where its bytes start in `file` (None: made, not stored, e.g. converted)
-
-
-def data_offsets(file: Path) -> dict[str, int]:
-    """Where each tensor's bytes start in a safetensors file: the format is a u64 header length,
-    the JSON header (each tensor's `data_offsets` relative to the data), then the data."""
-    with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return {name: 8 + length + entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}
 
 
 class SourceCheckpoint:
@@ -78,11 +67,10 @@ class SourceCheckpoint:
                 raise CheckpointError(f"{file.name} is listed in model.safetensors.index.json but missing from "
                                       f"{self.directory}; re-download the checkpoint.")
             try:
-                offsets = data_offsets(file)
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
                         sl = f.get_slice(name)
-                        tensors[name] = TensorMeta(file, sl.get_dtype(), tuple(sl.get_shape()), offsets[name])
+                        tensors[name] = TensorMeta(file, sl.get_dtype(), tuple(sl.get_shape()))
             except Exception as exc:  # safetensors raises its own error types
                 raise CheckpointError(f"cannot read {file}: {exc}. The file is damaged; re-download it.") from exc
         return tensors

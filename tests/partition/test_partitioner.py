@@ -202,26 +202,6 @@ def test_round_trip_exact(arch, tp, pp, tiny_dirs, partitioned):
     reassemble_from_manifest(out, src, ranks)
 
 
-def test_byte_copies_and_tensor_reads_make_the_same_files(tmp_path, tiny_dirs, monkeypatch):
-    """Whole tensors and row slices are copied file to file (copy_from); column slices and padded
-    vocab rows take the tensor path. Forcing every shard down the tensor path gives the same bytes."""
-    from dist_infer.partition import partitioner
-    from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter
-
-    copied = []
-    copy_from = StreamingSafetensorsWriter.copy_from
-    monkeypatch.setattr(StreamingSafetensorsWriter, "copy_from",
-                        lambda self, name, *span: copied.append(name) or copy_from(self, name, *span))
-    fast = partition(tiny_dirs["llama"], 2, 2, tmp_path / "fast", progress=False)
-    monkeypatch.setattr(partitioner, "_byte_span", lambda source, shard: None)
-    slow = partition(tiny_dirs["llama"], 2, 2, tmp_path / "slow", progress=False)
-    assert any(".qkv_proj." in n or ".q_proj." in n for n in copied)  # column-parallel: row slices
-    assert not any(".o_proj." in n or ".down_proj." in n for n in copied)  # row-parallel: strided
-    for rank in range(4):
-        name = f"rank{rank}.safetensors"
-        assert (fast / name).read_bytes() == (slow / name).read_bytes(), name
-
-
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}-pp{p}" for t, p in LAYOUTS])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stage_contents_and_metadata(arch, tp, pp, tiny_dirs, partitioned):
