@@ -28,18 +28,14 @@ from dist_infer.engine.model import StageModel
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import LaunchError
-from dist_infer.presets import PRESETS, preset_hf_config
+from dist_infer.presets import preset_hf_config
 from dist_infer.workers.llm_engine import EngineOptions, LLMEngine, Request
 from dist_infer.workers.worker import RankWorker
 
 log = logging.getLogger(__name__)
 
 def preset_config(name: str):
-    from transformers import LlamaConfig
-
-    if name not in PRESETS:
-        raise LaunchError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}.")
-    return LlamaConfig(**PRESETS[name], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return preset_hf_config(name)
 
 
 def random_rank_weights(model: StageModel, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -56,6 +52,35 @@ def random_rank_weights(model: StageModel, device: torch.device, seed: int) -> d
             t.normal_(0.0, 0.02, generator=gen)
         weights[name] = t
     return weights
+
+
+def expert_read_fraction(cfg: ModelConfig, batch: int) -> float:
+    """The share of a MoE layer's expert weights a decode step of `batch` tokens needs, expected
+    under uniform routing: 1 - (1 - k/E)^batch (Mixtral's top-2 of 8: 0.25 at batch 1, 0.90 at 8);
+    1 for a dense model. MBU counts these bytes, whether a path reads only them or all experts."""
+    if not cfg.num_experts:
+        return 1.0
+    return 1.0 - (1.0 - cfg.experts_per_token / cfg.num_experts) ** batch
+
+
+def weight_bytes_read(model: StageModel, cfg: ModelConfig, batch: int) -> float:
+    """Bytes of this rank's weights a decode step of `batch` tokens needs (every weight but the
+    unchosen experts')."""
+    total = experts = 0
+    for name, p in model.named_parameters():
+        total += p.numel() * p.element_size()
+        experts += p.numel() * p.element_size() if ".experts." in name else 0
+    return total - experts * (1.0 - expert_read_fraction(cfg, batch))
+
+
+def _moe_path(kernels, cfg: ModelConfig, batch: int) -> str:
+    """Which MoE path a decode step of `batch` runs: engine/moe_gpu.py's grouped kernels (decode
+    sizes) or every expert on every token (larger steps, or DIST_INFER_MOE_KERNEL=0: the baseline)."""
+    from dist_infer.engine.moe_gpu import use_grouped_kernel
+
+    grouped = getattr(kernels, "moe_kernel", False) and use_grouped_kernel(batch, cfg.experts_per_token,
+                                                                            cfg.num_experts)
+    return "grouped" if grouped else "dense"
 
 
 def copy_bandwidth(device: torch.device, gigabytes: float = 2.0) -> float:
@@ -241,7 +266,6 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     bandwidth = copy_bandwidth(device)
     log.info("device copy bandwidth %.0f GB/s; build (random weights + graph capture) %.1f s",
              bandwidth / 1e9, max(build_time))
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     engine_kv_dtype, kv_blocks = str(engine.cache.storage_dtype).removeprefix("torch."), engine.cache.num_blocks
     kv_bytes_per_token = 2 * len(engine.model.layer_ids) * engine.cache.k.shape[2] * model_cfg.head_dim * \
         engine.cache.k.element_size()
@@ -269,12 +293,13 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         engine.step_events = None
         decode = [s for n, s in llm.step_times if n == batch]  # pure decode steps
         mean_ctx = input_len + output_len / 2
-        step_bytes = weight_bytes + batch * mean_ctx * kv_bytes_per_token
+        step_bytes = weight_bytes_read(engine.model, model_cfg, batch) + batch * mean_ctx * kv_bytes_per_token
         mbu = step_bytes / statistics.median(decode) / bandwidth if decode else 0.0
         results.append(CaseResult(batch, latency, max(c.first_token_s for c in completions),
                                   [s * 1e3 for s in decode], sum(len(c.output_ids) for c in completions), mbu,
                                   statistics.median(gpu_ms) if gpu_ms else 0.0))
     llm.shutdown()
+    engine_kernels = engine.model.kernels
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
     worker.close()
 
@@ -302,6 +327,8 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
                       generation_tokens_per_second=f"{(r.tokens - r.batch) / gen_time:.2f}",
                       mbu=f"{r.mbu:.3f}", **{"copy_bw(gb/s)": f"{bandwidth / 1e9:.0f}",
                                              "gpu_step_p50(ms)": f"{r.gpu_step_ms:.3f}"})
+        if model_cfg.num_experts:
+            fields["moe_path"] = _moe_path(engine_kernels, model_cfg, r.batch)
         if r.batch in hf_results:
             fields.update(hf_fields(hf_results[r.batch], r.tokens / r.latency_s, r.latency_s, peak_gb))
         report.emit(fields)
@@ -355,10 +382,10 @@ def engine_hf_config(engine_dir: Path, vocab_size: int):
 def hf_baseline(hf_config, batch_sizes, input_len, output_len, dtype, device) -> dict[int, HFResult]:
     """transformers `generate` (eager, default cache) on the same shapes and GPU: tokens/s, latency and
     peak GPU memory per batch size."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(hf_config, dtype=DTYPES[dtype]).eval()
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[dtype]).eval()
     gen = torch.Generator().manual_seed(0)
     out = {}
     for batch in batch_sizes:

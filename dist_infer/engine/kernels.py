@@ -2,7 +2,7 @@
 
 `ReferenceKernels` is the CPU reference (plain torch, the numbers transformers computes);
 `GpuKernels` overrides the ops that have a Triton/CUDA implementation (engine/fused_gpu.py,
-attention_gpu.py, quant_gpu.py) and inherits the rest. `kernels_for(device)` picks one when
+attention_gpu.py, quant_gpu.py, moe_gpu.py) and inherits the rest. `kernels_for(device)` picks one when
 a rank loads its engine; `StageModel.use_kernels` hands it to every layer. Model and family
 code call `self.kernels.<op>` and never ask which device or which quantization they run.
 """
@@ -83,11 +83,14 @@ class ReferenceKernels:
 
 class GpuKernels(ReferenceKernels):
     name = "gpu"
+    moe_kernel = False  # moe_gpu's grouped kernels at decode sizes: $DIST_INFER_MOE_KERNEL, read in __init__
 
     def __init__(self):
-        from dist_infer.engine import attention_gpu, fused_gpu, quant_gpu
+        from dist_infer.engine import attention_gpu, fused_gpu, moe_gpu, quant_gpu
 
-        self.fused, self.attn, self.quant = fused_gpu, attention_gpu, quant_gpu
+        self.fused, self.attn, self.quant, self.moe = fused_gpu, attention_gpu, quant_gpu, moe_gpu
+        self.moe_kernel = moe_gpu.kernel_enabled()  # read once: the choice is captured in the graphs
+        self.expert_tables = moe_gpu.ExpertTableCache()
 
     def add_rms_norm(self, x, weight, eps, residual=None, reduce=None):
         if reduce is not None:  # one kernel for all-reduce + add + norm where the group has one
@@ -117,9 +120,19 @@ class GpuKernels(ReferenceKernels):
         return self.attn.gpu_attention(q, cache, layer, batch, scale, window)
 
     def moe_experts(self, x, weights, chosen, experts):
-        """Graph-safe MoE (static shapes, no host sync): every expert runs on every token, scaled by
-        its routing weight, 0 where it was not chosen. E/k times the reference's expert FLOPs: a
-        grouped-GEMM kernel that skips the zeros is the next step."""
+        """Graph-safe MoE (static shapes, no host sync). Decode-size steps (N * k <= 2E, dense
+        weights): moe_gpu's grouped kernels read only the chosen experts' weights. Larger steps, or
+        quantized experts, or $DIST_INFER_MOE_KERNEL=0: the dense path below."""
+        pairs = self.moe.grouped_kernel_weights(x, chosen, experts) if self.moe_kernel else None
+        if pairs is not None:
+            return self.moe.moe_grouped(x, weights, chosen, self.expert_tables.get(pairs))
+        return self._moe_every_expert(x, weights, chosen, experts)
+
+    @staticmethod
+    def _moe_every_expert(x, weights, chosen, experts):
+        """Every expert runs on every token, scaled by its routing weight, 0 where it was not
+        chosen: E/k times the reference's expert FLOPs and every expert's weights read, but the
+        GEMMs are cuBLAS's, which is what larger steps (most experts chosen anyway) want."""
         dense = torch.zeros(x.shape[0], len(experts), dtype=x.dtype, device=x.device)
         dense.scatter_(1, chosen, weights.to(x.dtype))  # [N, E]
         out = torch.zeros_like(x)
