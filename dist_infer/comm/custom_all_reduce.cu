@@ -184,12 +184,14 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 // All-reduce + residual add + RMSNorm in one kernel (TensorRT-LLM's fused AllReduce+RMSNorm):
-//   x [rows, cols]: this rank's partial sums in, RMSNorm(sum + residual) * weight out;
-//   residual [rows, cols]: in place, += the sum (the residual stream, rounded to T as unfused);
+//   x [rows, cols]: this rank's partial sums in; sum + residual out (the new residual stream,
+//            rounded to T as unfused), so the inputs a caller still holds are never written;
+//   residual [rows, cols]: read only; out [rows, cols]: RMSNorm(sum + residual) * weight;
 //   weight [cols]. Rows are spread over the blocks: block b pushes and sums the same rows on
 //   every rank, so the per-block barrier is enough.
 template <typename Op>
-__device__ void one_shot_add_rms_norm(void* x, void* residual, const void* weight, long long rows, long long cols,
+__device__ void one_shot_add_rms_norm(void* x, const void* residual, void* out, const void* weight, long long rows,
+                                      long long cols,
                                       float eps, const u64* bufs, const u64* sigs, u64* epochs, int rank, int world,
                                       long long slot_bytes) {
     typedef typename Op::T T;
@@ -219,18 +221,18 @@ __device__ void one_shot_add_rms_norm(void* x, void* residual, const void* weigh
                 const float r = Op::load(e[k]);
                 squares += r * r;
             }
-            ((uint4*)residual)[i] = v;
+            ((uint4*)x)[i] = v;  // x was read before the barrier (pushed), so it is free now
         }
         const float rstd = 1.0f / sqrtf(block_sum(squares, scratch) / (float)cols + eps);
         for (long long p = threadIdx.x; p < row_packs; p += blockDim.x) {
             const long long i = row * row_packs + p;
-            uint4 v = ((const uint4*)residual)[i];
+            uint4 v = ((const uint4*)x)[i];
             const uint4 w = ((const uint4*)weight)[p];
             T* e = (T*)&v;
             const T* we = (const T*)&w;
 #pragma unroll
             for (int k = 0; k < n; ++k) e[k] = Op::store(Op::load(we[k]) * Op::load(Op::store(Op::load(e[k]) * rstd)));
-            ((uint4*)x)[i] = v;
+            ((uint4*)out)[i] = v;
         }
     }
     finish_call(epochs, epoch);
@@ -249,9 +251,10 @@ ONE_SHOT(one_shot_all_reduce_f32, F32)
 
 #define ONE_SHOT_ADD_RMS_NORM(name, Op)                                                                        \
     extern "C" __global__ void __launch_bounds__(512)                                                         \
-        name(void* x, void* residual, const void* weight, long long rows, long long cols, float eps,          \
+        name(void* x, const void* residual, void* out, const void* weight, long long rows, long long cols,   \
+             float eps,                                                                                       \
              const u64* bufs, const u64* sigs, u64* epochs, int rank, int world, long long slot_bytes) {      \
-        one_shot_add_rms_norm<Op>(x, residual, weight, rows, cols, eps, bufs, sigs, epochs, rank, world,      \
+        one_shot_add_rms_norm<Op>(x, residual, out, weight, rows, cols, eps, bufs, sigs, epochs, rank, world, \
                                   slot_bytes);                                                               \
     }
 

@@ -107,17 +107,18 @@ class CustomAllReduce:
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(RMSNorm(sum(x) + residual) * weight, sum(x) + residual) in one kernel, written into
-        x and residual. x, residual: [N, H]; the rounding of the unfused ops (all-reduce, add,
-        norm) is kept step by step."""
+        """(RMSNorm(sum(x) + residual) * weight, sum(x) + residual) in one kernel; the new residual
+        stream is written into x (consumed), residual is only read. x, residual: [N, H]; the
+        roundings of the unfused ops (all-reduce, add, norm) are kept step by step."""
         import numpy as np
 
         rows, cols = x.shape
+        out = torch.empty_like(x)
         threads = min(THREADS, max(32, -(-cols * x.element_size() // 16 // 32) * 32))  # a thread per pack
         self._launch(self._norm_kernels[x.dtype], min(MAX_BLOCKS, rows), np.uint64(x.data_ptr()),
-                     np.uint64(residual.data_ptr()), np.uint64(weight.data_ptr()), np.int64(rows), np.int64(cols),
-                     np.float32(eps), threads=threads)
-        return x, residual
+                     np.uint64(residual.data_ptr()), np.uint64(out.data_ptr()), np.uint64(weight.data_ptr()),
+                     np.int64(rows), np.int64(cols), np.float32(eps), threads=threads)
+        return out, x
 
     def _launch(self, kernel, blocks: int, *args, threads: int = THREADS) -> None:
         """`kernel(*args, buffers...)` on the caller's current stream (captured when it captures)."""

@@ -187,9 +187,11 @@ ONE_GPU_RANKS = """
             res = data(rows * cols, dtype, cols).view(rows, cols)
             w = torch.from_numpy(world.all_gather(data(cols, dtype, 7).cpu().float())[0].numpy()).to(device, dtype)
             want_norm, want_res = add_rmsnorm(custom.all_reduce(x.clone()), w, 1e-5, res.clone())
-            norm, new_res = custom.all_reduce_add_rms_norm(x.clone(), res.clone(), w, 1e-5)
+            kept = res.clone()
+            norm, new_res = custom.all_reduce_add_rms_norm(x.clone(), res, w, 1e-5)
             report["fused"].append({"dtype": str(dtype), "shape": [rows, cols],
                                     "residual_equal": bool(torch.equal(new_res, want_res)),
+                                    "residual_input_kept": bool(torch.equal(res, kept)),
                                     "norm_max_diff": (norm.float() - want_norm.float()).abs().max().item(),
                                     "norm_scale": want_norm.float().abs().max().item()})
 
@@ -204,9 +206,9 @@ ONE_GPU_RANKS = """
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             for _ in range(5):
-                a, b, c, d = small.clone(), big.clone(), x2.clone(), r2.clone()
-                custom.all_reduce(a), custom.all_reduce(b), custom.all_reduce_add_rms_norm(c, d, w2, 1e-5)
-                outs.append((a, b, c, d))
+                a, b = custom.all_reduce(small.clone()), custom.all_reduce(big.clone())
+                normed, residual = custom.all_reduce_add_rms_norm(x2.clone(), r2, w2, 1e-5)
+                outs.append((a, b, normed, residual))
     torch.cuda.current_stream().wait_stream(stream)
     replays = []
     for seed in range(3):
@@ -240,5 +242,6 @@ def test_kernels_on_one_gpu_from_two_processes(tmp_path):
         assert all(c["equal"] for c in report["sums"]), report["sums"]
         for case in report["fused"]:
             ulp = 2 ** -7 if case["dtype"] == "torch.bfloat16" else 2 ** -23
-            assert case["residual_equal"] and case["norm_max_diff"] <= 2 * ulp * case["norm_scale"], case
+            assert case["residual_equal"] and case["residual_input_kept"], case
+            assert case["norm_max_diff"] <= 2 * ulp * case["norm_scale"], case
         assert report["graph_replays"] == [True] * 3
