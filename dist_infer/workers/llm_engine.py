@@ -301,9 +301,20 @@ class LLMEngine:
         plan = StepPlan([self._chunk_work(c) for c in scheduled.chunks], [s.seq_id for s in scheduled.preempted],
                         scheduled.freed_ids)
         if not plan.chunks and not plan.finished and not plan.preempted:
+            self._check_not_stalled()
             return None
         started = time.perf_counter()
         return _LaunchedStep(plan, scheduled.chunks, self.worker.launch(plan), started)
+
+    def _check_not_stalled(self) -> None:
+        """An empty step while sequences wait or run means nothing will ever change (a step is
+        the only thing that frees KV): a scheduling bug. Fail loudly instead of spinning, so a
+        server's health turns red and its supervisor restarts it rather than hang forever."""
+        if self.scheduler.has_work():
+            s = self.scheduler
+            raise RuntimeError(f"scheduler stall: {len(s.waiting)} sequence(s) waiting and {len(s.running)} running, "
+                               f"none schedulable with {self.blocks.num_free} of {self.blocks.num_blocks} KV blocks "
+                               "free. This is a bug in dist-infer's scheduler; please report it with this line.")
 
     def _collect(self, launched: _LaunchedStep) -> StepResult:
         result = self.worker.collect(launched.plan, launched.result)

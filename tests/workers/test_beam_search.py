@@ -163,6 +163,17 @@ def test_beams_under_kv_pressure_finish_with_the_same_tokens(tiny, unpressured, 
     assert tight.scheduler.num_preemptions > 50 and sum(tight.blocks.refcount) == 0
 
 
+def test_a_scheduler_stall_fails_loudly_instead_of_spinning(tiny, monkeypatch):
+    """Without the unblocking above, 17 blocks stall: the engine raises, naming the state,
+    instead of running empty steps forever (a server's health then turns red)."""
+    monkeypatch.setattr(Scheduler, "_unblock_waiting", lambda self, *args: None)
+    spec = EngineSpec.read(tiny[2][1])
+    groups = ParallelGroups.build(LocalCommunicator(), spec.mapping)
+    tight = LLMEngine(RankWorker(load_rank_engine(spec, groups, "cpu", max_kv_blocks=17), groups), spec)
+    with pytest.raises(RuntimeError, match=r"scheduler stall: \d+ sequence\(s\) waiting and \d+ running"):
+        tight.generate(PRESSURE_REQUESTS)
+
+
 def test_under_mpirun_at_tp2(tiny, tmp_path):
     """`mpirun -n 2 dist-infer run --num-beams 2` (TP=2) prints transformers' beams."""
     path = write_prompts(tmp_path / "p.jsonl", PROMPTS)
