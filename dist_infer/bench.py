@@ -30,6 +30,7 @@ from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import LaunchError
 from dist_infer.presets import preset_hf_config
 from dist_infer.workers.llm_engine import EngineOptions, LLMEngine, Request
+from dist_infer.workers.run import freeze_startup_objects
 from dist_infer.workers.worker import RankWorker
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,8 @@ def check_max_load(max_load: MaxLoad | None, engine_max_batch: int) -> None:
 def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: int, output_len: int,
               dtype: str = "bfloat16", baseline: str | None = None, cuda_graphs: bool = True,
               warmup: int = 1, engine_dir: Path | None = None, kv_cache: KVCacheConfig | None = None,
-              max_load: MaxLoad | None = None, report: BenchReport | None = None) -> int:
+              max_load: MaxLoad | None = None, report: BenchReport | None = None,
+              async_scheduling: bool = True) -> int:
     report = report or BenchReport()
     world = world_from_launch()
     device = torch.device(collective_call(world, lambda: resolve_device("cuda", world.rank)))
@@ -258,6 +260,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     torch.cuda.synchronize(device)
     build_time = collective_call(world, lambda: time.perf_counter() - started, gather=True)
     worker = RankWorker(engine, groups)
+    freeze_startup_objects()
     if world.rank != 0:
         worker.serve()
         worker.close()
@@ -272,10 +275,11 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     if max_load:
         row = dict(model_name=preset, world_size=world.size, tp=tp, pp=pp, precision=dtype,
                    quant=spec.build.quant or "none", kv_cache_dtype=engine_kv_dtype, kv_cache_blocks=kv_blocks,
-                   input_length=input_len, output_length=output_len)
-        return _bench_max_load(worker, spec, max_load, row, model_cfg.vocab_size, device, report)
+                   input_length=input_len, output_length=output_len, async_scheduling=async_scheduling)
+        return _bench_max_load(worker, spec, max_load, row, model_cfg.vocab_size, device, report, async_scheduling)
     # As before the step-wise engine: every prompt prefilled in one step, no prefix reuse between repeats.
-    options = EngineOptions(max_num_batched_tokens=max(batch_sizes) * input_len, enable_prefix_caching=False)
+    options = EngineOptions(max_num_batched_tokens=max(batch_sizes) * input_len, enable_prefix_caching=False,
+                            async_scheduling=async_scheduling)
     llm = LLMEngine(worker, spec, options=options)
     gen = torch.Generator().manual_seed(0)
     results = []
@@ -337,11 +341,12 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
 
 
 def _bench_max_load(worker: RankWorker, spec: EngineSpec, max_load: MaxLoad, row: dict, vocab_size: int,
-                    device: torch.device, report: BenchReport) -> int:
+                    device: torch.device, report: BenchReport, async_scheduling: bool = True) -> int:
     # Throughput, not inter-token latency: steps that decode may take prefill chunks up to the whole
     # token budget (eager past the largest mixed CUDA graph), as trtllm-bench's max_num_tokens does.
     tokens = max_load.max_num_batched_tokens
-    options = EngineOptions(tokens, False, max_decode_step_tokens=tokens, max_num_seqs=max_load.max_batch)
+    options = EngineOptions(tokens, False, max_decode_step_tokens=tokens, max_num_seqs=max_load.max_batch,
+                            async_scheduling=async_scheduling)
     llm = LLMEngine(worker, spec, options=options)
     torch.cuda.reset_peak_memory_stats(device)
     requests = max_load_requests(max_load.num_requests, row["input_length"], row["output_length"], vocab_size)

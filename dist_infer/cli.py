@@ -81,6 +81,7 @@ def _run(args) -> int:
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
         chat_template=not args.no_chat_template, json_output=args.json, verify=not args.no_verify,
         device=args.device, max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
+        async_scheduling=not args.no_async_scheduling,
         num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout,
         num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
     ))
@@ -103,6 +104,7 @@ def serve_options(args):
         max_queue=args.max_queue, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
         keepalive_s=args.keepalive, device=args.device, verify=not args.no_verify,
         max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
+        async_scheduling=not args.no_async_scheduling,
         num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout,
         frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None,
         connect=args.connect, restart=args.restart, launcher_cmd=args.launcher_cmd, rank_cmd=args.rank_cmd,
@@ -159,7 +161,8 @@ def _bench(args) -> int:
     return run_bench(args.model, args.tp, args.pp, args.batch_size, args.input_len, args.output_len,
                      dtype=args.dtype, baseline=args.baseline, cuda_graphs=not args.no_cuda_graphs,
                      engine_dir=Path(args.engine) if args.engine else None, kv_cache=_kv_cache_config(args),
-                     max_load=_max_load(args), report=BenchReport(output_json))
+                     max_load=_max_load(args), report=BenchReport(output_json),
+                     async_scheduling=not args.no_async_scheduling)
 
 
 def _max_load(args):
@@ -348,6 +351,7 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
                         "engine's max batch size if larger); long prompts are prefilled in chunks")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse the KV of prompt prefixes shared between requests")
+    _async_scheduling_arg(p)
     p.add_argument("--num-kv-blocks", type=_int_at_least(1), default=None,
                    help="cap the KV pool at this many blocks (default: what memory and the engine allow); "
                         "a pool too small for every request at once preempts and recomputes")
@@ -355,6 +359,12 @@ def _scheduler_args(p: argparse.ArgumentParser) -> None:
                    help="with more than one rank: end the job, naming the rank and host, when a rank stops "
                         "sending heartbeats or a step runs this long (default: 30 s on GPUs, 600 s on CPU, "
                         "whose steps of long prompts can take minutes); exit code 3")
+
+
+def _async_scheduling_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="plan each step only after the previous one's tokens are back on the host (by default the "
+                        "next step is queued while one runs; single-stage engines, beam search steps in turn)")
 
 
 def _kv_cache_args(p: argparse.ArgumentParser) -> None:
@@ -518,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "size; presets are built for 512)")
     k.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=8192, metavar="T",
                    help="with --num-requests: tokens in one step, prefill chunks and decodes together")
+    _async_scheduling_arg(k)
     k.add_argument("--output-json", metavar="FILE",
                    help="also write every case's figures to FILE as JSON ({\"results\": [{field: value}]})")
     k.set_defaults(func=_bench)

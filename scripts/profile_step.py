@@ -1,7 +1,9 @@
 """Per-kernel device time of one decode step (eager, so the profiler sees each
-kernel; the CUDA-graph replay runs the same kernels). One GPU, TP=1.
+kernel; the CUDA-graph replay runs the same kernels), or with --prefill-len of
+one prefill step (every sequence brings that many prompt tokens). One GPU, TP=1.
 
     python3 scripts/profile_step.py --model llama-3-8b --batch 1 --context 192
+    python3 scripts/profile_step.py --model llama-3-8b --batch 64 --prefill-len 128
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=192)
+    parser.add_argument("--prefill-len", type=int, default=0, help="profile a prefill of this many tokens a sequence")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
 
     device = torch.device("cuda:0")
     torch.cuda.set_device(device)
     cfg = ModelConfig.from_hf(preset_config(args.model))
-    build = BuildConfig(dtype="bfloat16", max_batch_size=args.batch, max_seq_len=args.context + 16)
+    context = max(args.context, args.prefill_len)
+    build = BuildConfig(dtype="bfloat16", max_batch_size=args.batch, max_seq_len=context + 16)
     spec = EngineSpec(None, cfg, Mapping(), build, cfg.vocab_size, {})
     groups = ParallelGroups.build(LocalCommunicator(), Mapping(), "cuda:0")
     with torch.device("meta"):
@@ -39,7 +43,8 @@ def main() -> None:
     engine = load_rank_engine(spec, groups, "cuda:0", verify=False, cuda_graphs=False,
                               weights=random_rank_weights(shapes, device, 0))
     per_seq = spec.blocks_per_seq
-    seqs = [([1], args.context - 1, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))) for i in range(args.batch)]
+    new_tokens, start = ([1] * args.prefill_len, 0) if args.prefill_len else ([1], args.context - 1)
+    seqs = [(new_tokens, start, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))) for i in range(args.batch)]
     batch = StepBatch.build(seqs, build.kv_block_size, device)
     x = batch.input_ids
     for _ in range(3):
@@ -53,7 +58,8 @@ def main() -> None:
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top)
     print(table)
     total_us = sum(e.device_time_total for e in prof.key_averages()) / steps
-    print(f"device time per decode step (eager, sum of kernels): {total_us / 1e3:.3f} ms; "
+    kind = f"prefill step of {args.batch} x {args.prefill_len} tokens" if args.prefill_len else "decode step"
+    print(f"device time per {kind} (eager, sum of kernels): {total_us / 1e3:.3f} ms; "
           f"weights {sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e9:.2f} GB")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_infer.engine.transfer import to_device
 from dist_infer.errors import RequestError
 
 MAX_LOGPROBS = 20
@@ -92,10 +93,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def _param_tensors(params: list[SamplingParams], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-    k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
-    p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-    return t.to(device), k.to(device), p.to(device)
+    return (to_device([p.temperature for p in params], torch.float32, device),
+            to_device([p.top_k for p in params], torch.int64, device),
+            to_device([p.top_p for p in params], torch.float32, device))
 
 
 def _stream_at(seed: int | None, draws_done: int) -> random.Random:
@@ -130,14 +130,15 @@ class Sampler:
         tokens = logits.argmax(-1)
         rows = [i for i, s in enumerate(seq_ids) if not self._params[s].greedy]
         if rows:
-            tokens[rows] = self._draw(logits[rows], [seq_ids[i] for i in rows])
+            at = to_device(rows, torch.int64, logits.device)
+            tokens[at] = self._draw(logits[at], [seq_ids[i] for i in rows])
         return tokens
 
     def _draw(self, logits: torch.Tensor, seq_ids: list[int]) -> torch.Tensor:
         """Inverse-CDF draw over the filtered rows, one uniform number per row."""
         ordered, order = _sorted_filtered(logits, *_param_tensors([self._params[s] for s in seq_ids], logits.device))
         cdf = ordered.softmax(-1).cumsum(-1)  # [S, V]
-        u = torch.tensor([self._streams[s].random() for s in seq_ids], dtype=torch.float32).to(logits.device)
+        u = to_device([self._streams[s].random() for s in seq_ids], torch.float32, logits.device)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
         return order.gather(1, pick)[:, 0]
 

@@ -102,7 +102,8 @@ class BlockManager:
         (call after a step computed their KV)."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed // self.block_size, len(seq.block_ids))
+        known = min(seq.num_computed, seq.num_tokens)  # a pending token's id is not known yet
+        full = min(known // self.block_size, len(seq.block_ids))
         for i in range(len(seq.block_hashes), full):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             key = block_hash(parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))

@@ -43,6 +43,9 @@ class SchedulerConfig:
                              "in one step.")
 
 
+PENDING_TOKEN = -1  # a chunk's input sampled by the step in flight: the ranks read it on the device
+
+
 @dataclass
 class ScheduledChunk:
     seq: Sequence
@@ -51,10 +54,12 @@ class ScheduledChunk:
     new_block_ids: list[int]      # blocks the ranks have not seen yet
     first: bool                   # the ranks meet this sequence for the first time
     samples: bool                 # the chunk reaches the sequence's last token: its logits give the next one
+    preemptions: int = 0          # the sequence's preemption count when scheduled
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.token_ids[self.start:self.start + self.num_tokens]
+        known = self.seq.token_ids[self.start:self.start + self.num_tokens]
+        return known + [PENDING_TOKEN] * (self.num_tokens - len(known))
 
 
 @dataclass
@@ -154,7 +159,7 @@ class Scheduler:
             self._admit_waiting(budget, chunks)
 
     def _newest_idle(self) -> Sequence | None:
-        return next((s for s in reversed(self.running) if s.num_uncomputed == 0), None)
+        return next((s for s in reversed(self.running) if s.num_uncomputed == 0 and not s.num_pending), None)
 
     def _num_active(self) -> int:
         """Running sequences with tokens to run. A beam waiting for its siblings' step has none;
@@ -163,8 +168,8 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         first, seq.announced = not seq.announced, True
-        samples = seq.num_computed + n == seq.num_tokens
-        return ScheduledChunk(seq, seq.num_computed, n, seq.take_new_blocks(), first, samples)
+        samples = seq.num_computed + n == seq.num_scheduled_tokens
+        return ScheduledChunk(seq, seq.num_computed, n, seq.take_new_blocks(), first, samples, seq.num_preemptions)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """A new sequence that shares the parent's computed full blocks (a beam of beam search);
@@ -185,10 +190,20 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.append(seq) if to_back else self.waiting.appendleft(seq)
 
+    def launched(self, output: SchedulerOutput) -> None:
+        """The step is on its way: its chunks count as computed and its samples as pending, so
+        the next step can be planned before this one's tokens are back (async scheduling)."""
+        for chunk in output.chunks:
+            chunk.seq.num_computed = chunk.start + chunk.num_tokens
+            chunk.seq.num_pending += chunk.samples
+
     def computed(self, chunk: ScheduledChunk) -> None:
-        """A step ran the chunk: its tokens' KV is in the cache."""
-        chunk.seq.num_computed = chunk.start + chunk.num_tokens
-        self.blocks.commit(chunk.seq)
+        """A step ran the chunk: its tokens' KV is in the cache (unless the sequence was
+        preempted since it was scheduled: then its KV is gone and it starts again)."""
+        seq = chunk.seq
+        if seq.num_preemptions == chunk.preemptions:
+            seq.num_computed = max(seq.num_computed, chunk.start + chunk.num_tokens)
+            self.blocks.commit(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence (finished, aborted or failed) and free its blocks."""

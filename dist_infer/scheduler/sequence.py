@@ -26,6 +26,10 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its last admission
     num_preemptions: int = 0
     reuse_prefix: bool = True   # False when every prompt position's logits are needed (prompt logprobs)
+    # Tokens sampled by launched steps, not yet back on the host (async scheduling: the next step
+    # is planned while this one runs, its input read from the device). They count as tokens to run.
+    num_pending: int = 0
+    max_tokens: int | None = None  # the most tokens it may reach (prompt + max_new_tokens, max_seq_len)
 
     @classmethod
     def from_prompt(cls, seq_id: int, prompt_ids: list[int]) -> Sequence:
@@ -40,10 +44,19 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def num_scheduled_tokens(self) -> int:
+        """Its tokens on the host and those pending on the device."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def num_uncomputed(self) -> int:
         """Tokens still to run before the next sample: the prompt (or its rest) in
-        prefill, 1 in decode, everything again after a preemption."""
-        return self.num_tokens - self.num_computed
+        prefill, 1 in decode, everything again after a preemption; none once its last
+        allowed token is sampled (that token's KV is never needed)."""
+        total = self.num_scheduled_tokens
+        if self.max_tokens is not None and total >= self.max_tokens:
+            return 0
+        return total - self.num_computed
 
     def take_new_blocks(self) -> list[int]:
         """Blocks the ranks have not been told about yet (a plan delta)."""

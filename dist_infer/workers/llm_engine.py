@@ -71,6 +71,9 @@ class EngineOptions:
     # Tokens in a step that decodes. None: the largest step a CUDA graph replays (uncapped without graphs).
     max_decode_step_tokens: int | None = None
     max_num_seqs: int | None = None  # sequences in the running batch (None: the engine's max batch size)
+    # Plan and launch step N+1 while step N runs, its decode inputs read from N's tokens on the
+    # device, so the host's bookkeeping hides behind the GPU (one pipeline stage; beams step in turn).
+    async_scheduling: bool = True
 
 
 @dataclass
@@ -192,6 +195,9 @@ class LLMEngine:
         # (tokens in step, seconds from launch to collected tokens) of recent steps; reset by generate()
         self.step_times: deque[tuple[int, float]] = deque(maxlen=STEP_HISTORY)
         self._in_flight: _LaunchedStep | None = None
+        self._async = options.async_scheduling and spec.mapping.pp == 1  # a later stage has no sampled tokens
+        self._num_beam_searches = 0
+        self._last_collect = 0.0
         self.weights_id = spec.weights_id  # what the ranks run now (a weight update changes it)
         self._prefix_caching = options.enable_prefix_caching
         self._old_weight_seqs: set[int] = set()  # sequences with KV of the weights before an update
@@ -244,6 +250,8 @@ class LLMEngine:
             request = replace(request, sampling=replace(request.sampling, seed=self._seeds.getrandbits(63)))
         seq = Sequence.from_prompt(next(self._seq_ids), request.prompt_ids)
         seq.reuse_prefix = request.sampling.prompt_logprobs is None  # cached tokens would have no logits
+        if not request.beam_search:  # (beams stop by the search's rule)
+            seq.max_tokens = min(len(request.prompt_ids) + request.max_new_tokens, self.max_seq_len)
         detok = IncrementalDetokenizer(self.tokenizer, request.stop) if self.tokenizer is not None else None
         state = _RequestState(request_id, request, seq, detok)
         if request.beam_search:
@@ -259,6 +267,7 @@ class LLMEngine:
         r = state.request
         max_new = min(r.max_new_tokens, self.max_seq_len - len(r.prompt_ids))
         state.beam = BeamSearch(r.beam, self._eos(r), max_new)
+        self._num_beam_searches += 1
         state.beam_seqs = [state.seq]
         state.request = replace(r, sampling=replace(r.sampling, logprobs=state.beam.num_candidates))
 
@@ -287,22 +296,31 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Finish one step on every rank (launching it first if none is in flight) and start
-        the next; returns a delta for each request that got a token."""
+        the next; returns a delta for each request that got a token. With async scheduling the
+        next step is launched before this one's tokens are collected (its decode inputs are
+        those tokens, still on the device); beam searches need their tokens first."""
         self._resume_prefix_cache()
         launched, self._in_flight = self._in_flight or self._launch(), None
         if launched is None:
             return []
+        overlap = self._async and not self._num_beam_searches
+        if overlap:
+            self._in_flight = self._launch(running=launched)
         sampled = self._record(launched, self._collect(launched))
-        self._in_flight = self._launch()
+        if not overlap:
+            self._in_flight = self._launch()
         return self._outputs(sampled) + self._beam_outputs()
 
-    def _launch(self) -> _LaunchedStep | None:
+    def _launch(self, running: _LaunchedStep | None = None) -> _LaunchedStep | None:
+        """Plan and queue a step (`running`: the step still in flight, whose samples are pending)."""
         scheduled = self.scheduler.schedule()
         plan = StepPlan([self._chunk_work(c) for c in scheduled.chunks], [s.seq_id for s in scheduled.preempted],
-                        scheduled.freed_ids)
+                        scheduled.freed_ids, share_tokens=self._async)
         if not plan.chunks and not plan.finished and not plan.preempted:
-            self._check_not_stalled()
+            if running is None:  # (with a step in flight its tokens are what the rest waits for)
+                self._check_not_stalled()
             return None
+        self.scheduler.launched(scheduled)
         started = time.perf_counter()
         return _LaunchedStep(plan, scheduled.chunks, self.worker.launch(plan), started)
 
@@ -319,7 +337,9 @@ class LLMEngine:
     def _collect(self, launched: _LaunchedStep) -> StepResult:
         result = self.worker.collect(launched.plan, launched.result)
         self.num_steps += 1
-        self.step_times.append((launched.plan.num_tokens, time.perf_counter() - launched.started))
+        now = time.perf_counter()  # a step queued behind another starts when that one is collected
+        self.step_times.append((launched.plan.num_tokens, now - max(launched.started, self._last_collect)))
+        self._last_collect = now
         return result
 
     # ---- weight updates -----------------------------------------------------------------------------
@@ -407,6 +427,7 @@ class LLMEngine:
 
     def _take_beam_row(self, state: _RequestState, seq: Sequence, result: StepResult, row: int) -> None:
         n = state.beam.num_candidates
+        seq.num_pending -= 1  # the search chooses its token
         state.beam_rows[seq.seq_id] = (result.logprobs.top_ids[row, :n].cpu(), result.logprobs.top[row, :n].cpu())
         self._beam_pending.add(state.request_id)
 
@@ -487,6 +508,7 @@ class LLMEngine:
     def _take_token(self, state: _RequestState, result: StepResult, row: int) -> _Sampled:
         token, seq = result.tokens[row], state.seq
         seq.token_ids.append(token)
+        seq.num_pending -= 1
         first = state.first_token_s is None
         if first:
             state.first_token_s = time.perf_counter() - state.arrival
@@ -556,6 +578,8 @@ class LLMEngine:
         return None
 
     def _release(self, state: _RequestState, reason: str) -> None:
+        if state.beam is not None and state.request_id in self.requests:
+            self._num_beam_searches -= 1
         state.finish_reason = reason
         for seq in state.seqs:
             self._drop_seq(seq)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import logging
 import os
@@ -45,12 +47,22 @@ class RunOptions:
     device: str = "cpu"
     max_num_batched_tokens: int | None = None
     prefix_cache: bool = True
+    async_scheduling: bool = True
     num_kv_blocks: int | None = None
     kv_cache: KVCacheConfig = KVCacheConfig()  # --kv-cache-dtype / -free-gpu-memory-fraction / -bytes
     step_timeout: float | None = None  # None: watchdog.default_step_timeout(device)
     num_beams: int = 1  # > 1: beam search (greedy sampling options only)
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True | False | "never"
+
+
+def freeze_startup_objects() -> None:
+    """Take everything loaded so far (model, tokenizer, torch's and the libraries' state) out of
+    the garbage collector's view, so a full collection scans only what serving makes. On the H100
+    with 1,024 running requests, full collections had stalled the step loop ~0.3 s every ~19 steps."""
+    gc.collect()
+    gc.freeze()
+    atexit.register(gc.unfreeze)  # (collected at exit as before; bindings report frozen objects as leaks)
 
 
 def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu", cuda_graphs: bool = True,
@@ -72,6 +84,7 @@ def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu", cud
              groups.mapping.rank, groups.mapping.tp_rank, groups.mapping.pp_rank, engine.model.layer_ids.start,
              engine.model.layer_ids.stop - 1, socket.gethostname(), device, os.getpid(), time.perf_counter() - started)
     worker = RankWorker(engine, groups)
+    freeze_startup_objects()
     if world.size > 1:
         worker.watchdog = StepWatchdog(world, worker.progress, step_timeout or default_step_timeout(device))
         worker.watchdog.start()
@@ -102,7 +115,8 @@ def _run_rank(opts: RunOptions, spec: EngineSpec, worker: RankWorker) -> int:
     def prepare() -> list[Request]:
         nonlocal llm
         tokenizer = load_tokenizer(opts.engine)
-        llm = _RunEngine(worker, spec, tokenizer, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache))
+        llm = _RunEngine(worker, spec, tokenizer, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache,
+                                                                      async_scheduling=opts.async_scheduling))
         ids = tokenize(read_prompts(opts.prompts, opts.prompts_file), tokenizer, opts.chat_template)
         _warn_if_capped(ids, opts.max_new_tokens, spec.build.max_seq_len)
         return [Request(p, opts.max_new_tokens, _sampling(opts, i), tuple(opts.stop), opts.ignore_eos)

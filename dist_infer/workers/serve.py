@@ -56,6 +56,7 @@ class ServeOptions:
     verify: bool = True
     max_num_batched_tokens: int | None = None
     prefix_cache: bool = True
+    async_scheduling: bool = True
     num_kv_blocks: int | None = None
     kv_cache: KVCacheConfig = KVCacheConfig()  # --kv-cache-dtype / -free-gpu-memory-fraction / -bytes
     step_timeout: float | None = None  # None: watchdog.default_step_timeout(device)
@@ -125,7 +126,8 @@ def _serve_rank(opts: ServeOptions, spec, worker) -> int:
         worker.serve()
         worker.close()
         return 0
-    engine = LLMEngine(worker, spec, None, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache))
+    engine = LLMEngine(worker, spec, None, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache,
+                                                             async_scheduling=opts.async_scheduling))
     if opts.connect is not None:  # under a supervisor: its front-end bound the sockets
         loop = EngineLoop(engine, opts.connect, opts.keepalive_s, connect=True)
         log.info("engine only: connected to the front-end at %s", opts.connect.joined())

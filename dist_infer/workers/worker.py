@@ -27,7 +27,9 @@ from dist_infer.comm.groups import ParallelGroups
 from dist_infer.engine.kv_cache import StepBatch
 from dist_infer.engine.runtime import RankEngine
 from dist_infer.engine.sampling import Logprobs, Sampler, SamplingParams
+from dist_infer.engine.transfer import ready_event, to_device, to_host_async
 from dist_infer.errors import DistInferError
+from dist_infer.scheduler.scheduler import PENDING_TOKEN
 from dist_infer.workers.watchdog import StepProgress
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class StepPlan:
     preempted: list[int] = field(default_factory=list)  # block tables to drop (recomputed later)
     finished: list[int] = field(default_factory=list)   # sequences to forget
     return_logits: bool = False                          # [B, V] logits of every chunk back to rank 0
+    # Keep this step's sampled tokens on the device (every TP rank gets a copy): the next plan,
+    # made before they reach the host, runs them as its PENDING_TOKEN inputs (one stage only).
+    share_tokens: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +71,7 @@ class StepResult:
     logprobs: Logprobs | None = None    # for those chunks, when any of their sequences asked
     logits: torch.Tensor | None = None  # [B, V] float32 when the plan asked
     prompt_logprobs: Logprobs | None = None  # every chunk's prompt_targets, concatenated in plan order
+    ready: torch.cuda.Event | None = None    # on a GPU: the host copies of the fields above have landed
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class RankWorker:
         self.mapping = groups.mapping
         self.sampler = Sampler(engine.device) if self.mapping.rank == self.mapping.sampler_rank else None
         self.block_tables: dict[int, list[int]] = {}
+        # The last step's sampled tokens [S] on the device, and each sampling sequence's row in them.
+        self.sampled: tuple[torch.Tensor, dict[int, int]] | None = None
         self.params: dict[int, SamplingParams] = {}  # every rank: rank 0 sizes the logprobs it receives
         self.progress = StepProgress()  # read by the step watchdog's thread
         self.watchdog = None  # a StepWatchdog when the rank has peers (workers/run.py: start_worker)
@@ -134,6 +142,7 @@ class RankWorker:
         batch = StepBatch.build([(c.token_ids, c.start_pos, self.block_tables[c.seq_id]) for c in plan.chunks],
                                 engine.spec.build.kv_block_size, engine.device)
         last_rows = self._logit_rows(plan, batch)
+        self._fill_pending(plan, batch)
         if m.is_first_stage:
             x = batch.input_ids
         else:
@@ -145,9 +154,51 @@ class RankWorker:
         result = None
         if self.sampler is not None:
             prompt = self._prompt_logprobs(plan, out, last_rows)
-            result = self._sample(plan, out if last_rows is None else out[last_rows])
+            logits = out if last_rows is None else out[to_device(last_rows, torch.int64, out.device)]
+            result = self._sample(plan, logits)
             result.prompt_logprobs = prompt
-        return result
+        if plan.share_tokens:
+            self._share_sampled(plan, result)
+        return None if result is None else self._stage_for_host(result)
+
+    def _stage_for_host(self, result: StepResult) -> StepResult:
+        """Queue the copies of the step's outputs to pinned host memory now, right behind the
+        sampler, and an event after them: rank 0 then waits for this step alone, not also for
+        the next one that async scheduling queues behind it on the same stream."""
+        if self.engine.device.type != "cuda":
+            return result
+        host = lambda lp: None if lp is None else Logprobs(*(to_host_async(t) for t in (lp.token, lp.top_ids, lp.top)))
+        return StepResult(to_host_async(result.tokens), host(result.logprobs), result.logits,
+                          host(result.prompt_logprobs), ready_event(self.engine.device))
+
+    def _fill_pending(self, plan: StepPlan, batch: StepBatch) -> None:
+        """A chunk whose last input is PENDING_TOKEN runs the token its sequence sampled in the
+        previous step: copied from that step's tokens on the device, so no host wait."""
+        at, rows = [], []
+        for i, c in enumerate(plan.chunks):
+            if c.token_ids[-1] == PENDING_TOKEN:
+                if self.sampled is None or c.seq_id not in self.sampled[1]:
+                    raise RuntimeError(f"sequence {c.seq_id}: its input is the token sampled by the previous step, "
+                                       "which did not sample it. This is a bug in dist-infer's scheduler.")
+                at.append(batch.query_starts[i + 1] - 1)
+                rows.append(self.sampled[1][c.seq_id])
+        if at:
+            where = to_device(at + rows, torch.int64, batch.input_ids.device)
+            batch.input_ids[where[: len(at)]] = self.sampled[0][where[len(at):]]
+
+    def _share_sampled(self, plan: StepPlan, result: StepResult | None) -> None:
+        """Keep the tokens on every TP rank of the (only) stage: the sampler sends its copy."""
+        rows = {c.seq_id: r for r, c in enumerate(c for c in plan.chunks if c.sample)}
+        tp = self.groups.tp
+        if result is not None:
+            tokens = result.tokens
+            for peer in range(1, tp.size) if rows else ():
+                tp.send(tokens, dst=peer)
+        else:
+            tokens = torch.empty(len(rows), dtype=torch.int64, device=self.engine.device)
+            if rows:
+                tp.recv(tokens, src=0)
+        self.sampled = (tokens, rows)
 
     @staticmethod
     def _logit_rows(plan: StepPlan, batch: StepBatch) -> list[int] | None:
@@ -160,7 +211,7 @@ class RankWorker:
             qs, qe = batch.query_starts[i], batch.query_starts[i + 1]
             rows.extend(range(qs, qe) if c.prompt_targets else [qe - 1])
             last.append(len(rows) - 1)
-        batch.last_token_index = torch.tensor(rows, dtype=torch.int64).to(batch.positions.device)
+        batch.last_token_index = to_device(rows, torch.int64, batch.positions.device)
         return last
 
     def _prompt_logprobs(self, plan: StepPlan, logits: torch.Tensor, last_rows: list[int] | None) -> Logprobs | None:
@@ -172,16 +223,17 @@ class RankWorker:
                 first = last - len(c.token_ids) + 1
                 rows.extend(range(first, first + len(c.prompt_targets)))
                 targets.extend(c.prompt_targets)
-        target = torch.tensor(targets, dtype=torch.int64).to(logits.device)
-        return Sampler.logprobs(logits[rows], target, self.prompt_logprobs_width(plan))
+        rows_at, target = to_device(rows, torch.int64, logits.device), to_device(targets, torch.int64, logits.device)
+        return Sampler.logprobs(logits[rows_at], target, self.prompt_logprobs_width(plan))
 
     def _sample(self, plan: StepPlan, logits: torch.Tensor) -> StepResult:
         rows = [i for i, c in enumerate(plan.chunks) if c.sample]
-        sampled = logits[rows] if len(rows) < len(plan.chunks) else logits
+        sampled = logits[to_device(rows, torch.int64, logits.device)] if len(rows) < len(plan.chunks) else logits
         tokens = self.sampler(sampled, [plan.chunks[i].seq_id for i in rows])
         width = self.logprobs_width(plan)
         logprobs = None if width is None else self.sampler.logprobs(sampled, tokens, width)
-        return StepResult(tokens, logprobs, logits if plan.return_logits else None)
+        # (a copy: the CUDA graph's output buffer is overwritten by the next step, maybe queued already)
+        return StepResult(tokens, logprobs, logits.clone() if plan.return_logits else None)
 
     def _deliver(self, plan: StepPlan, result: StepResult | None) -> StepResult | None:
         """Tokens (and logprobs, logits if asked) from the sampler rank to rank 0."""
@@ -191,6 +243,8 @@ class RankWorker:
         if src == 0:
             return self._on_host(result) if world.rank == 0 else None
         if world.rank == src:
+            if result.ready is not None:
+                result.ready.synchronize()
             for t in self._result_tensors(result):
                 world.send(t.cpu().contiguous(), dst=0)
             return None
@@ -200,12 +254,11 @@ class RankWorker:
 
     @staticmethod
     def _on_host(result: StepResult) -> StepResult:
-        """Tokens as a list (the step's one wait for the device); logits copied out of the CUDA
-        graph's output buffer, which the next step overwrites while rank 0 reads this one."""
+        """Tokens as a list: the step's one wait for the device (for its own copies only)."""
+        if result.ready is not None:
+            result.ready.synchronize()
         if isinstance(result.tokens, torch.Tensor):
             result.tokens = result.tokens.tolist()
-        if result.logits is not None:
-            result.logits = result.logits.clone()
         return result
 
     @staticmethod

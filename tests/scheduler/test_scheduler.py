@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dist_infer.scheduler import BlockManager, Scheduler, SchedulerConfig, Sequence, SequenceStatus
+from dist_infer.scheduler.scheduler import PENDING_TOKEN
 
 BS = 4
 
@@ -186,3 +187,59 @@ def test_idle_beams_make_room_for_a_blocked_sibling():
     out = s.schedule()
     assert [p.seq_id for p in out.preempted] == [1] and [ch.seq for ch in out.chunks] == [c]
     assert list(s.waiting) == [b] and b.num_preemptions == 1 and a.status is SequenceStatus.RUNNING
+
+
+# ---- async scheduling: a launched step's chunks count as computed and its samples as pending --------
+
+def _launch(s: Scheduler):
+    out = s.schedule()
+    s.launched(out)
+    return out
+
+
+def _take(s: Scheduler, out, token: int = 7) -> None:
+    """As the engine records a step collected after the next was launched."""
+    for c in out.chunks:
+        s.computed(c)
+        if c.samples:
+            c.seq.token_ids.append(token)
+            c.seq.num_pending -= 1
+
+
+def test_the_next_step_is_planned_while_a_launched_step_still_holds_the_token():
+    s = _sched()
+    a = _add(s, 0, 6)
+    a.max_tokens = 8  # two new tokens at most
+    first = _launch(s)
+    (c,) = (second := _launch(s)).chunks  # a's first new token is still on the device
+    assert (c.start, c.num_tokens, c.samples, c.token_ids) == (6, 1, True, [PENDING_TOKEN])
+    assert a.num_pending == 2 and a.num_computed == 7
+    assert s.schedule().chunks == []  # its last allowed token is pending: nothing more to run
+    _take(s, first, token=70)
+    assert a.num_computed == 7 and a.token_ids[-1] == 70  # the later launch is not undone
+    _take(s, second, token=71)
+    assert a.output_ids == [70, 71] and a.num_pending == 0 and a.num_uncomputed == 0
+
+
+def test_a_sequence_preempted_while_its_step_runs_starts_again():
+    s = _sched(blocks=4)  # 3 usable blocks of 4 tokens
+    a, b = _add(s, 0, 4), _add(s, 1, 4)
+    first = _launch(s)
+    second = _launch(s)  # both decodes need a new block; one is left: b (newest) yields
+    assert [c.seq for c in second.chunks] == [a] and b.status is SequenceStatus.WAITING
+    _take(s, first)
+    assert b.num_computed == 0 and b.num_pending == 0 and b.token_ids[-1] == 7  # its token kept, its KV not
+    assert a.num_computed == 5
+    _take(s, second)
+    (c,) = s.schedule().chunks  # b waits for a block; a decodes on
+    assert c.seq is a and c.token_ids == [7]
+
+
+def test_a_block_whose_last_token_is_pending_is_not_cached_yet():
+    s = _sched()
+    a = _add(s, 0, 7)
+    first, second = _launch(s), _launch(s)  # the decode's input (position 7) completes block 2
+    _take(s, first)
+    assert len(a.block_hashes) == 1  # block 2's last token id is not known yet
+    _take(s, second)
+    assert len(a.block_hashes) == 2

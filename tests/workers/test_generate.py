@@ -170,6 +170,10 @@ def test_seeded_sampling_reproducible_across_runs_and_layouts(engines, tiny, tmp
     b0 = run_ids(e_tp2, [PROMPTS[0]], 2, tmp_path, *common, "--seed", "7")[0]["output_ids"]
     b2 = run_ids(e_tp2, [PROMPTS[2]], 2, tmp_path, *common, "--seed", "9")[0]["output_ids"]
     assert [b0, b2] == [a[0], a[2]]
+    # Planned in turn (each step after the last one's tokens are on the host), the same tokens: by
+    # default the next step is queued first, its inputs sent from TP rank 0 to rank 1 on the device.
+    in_turn = run_ids(e_tp2, PROMPTS, 2, tmp_path, *common, "--seed", "7", "--no-async-scheduling")
+    assert [c["output_ids"] for c in in_turn] == a
     # Duplicate prompts in one run draw from their own streams: different samples.
     dup = [c["output_ids"] for c in run_ids(e_tp2, [PROMPTS[1]] * 2, 2, tmp_path, *common, "--seed", "7")]
     assert dup[0] != dup[1]

@@ -126,3 +126,67 @@ def test_a_stop_string_found_while_the_next_step_runs_ends_the_request_exactly(t
     assert stopped[-1].finish_reason == "stop" and [o.finished for o in stopped].count(True) == 1
     assert [t for o in outs["other"] for t in o.new_token_ids] == plain[1].output_ids  # its neighbour unharmed
     assert engine.blocks.usage == 0.0 and not engine.requests and not engine.has_unfinished()
+
+
+# ---- async scheduling: step N+1 is launched before N's tokens are collected --------------------
+
+def _count_overlap(engine: LLMEngine) -> list[int]:
+    """Steps launched and not yet collected, seen at each launch."""
+    w, outstanding, seen = engine.worker, [0], []
+    launch, collect = w.launch, w.collect
+
+    def launched(plan):
+        outstanding[0] += 1
+        seen.append(outstanding[0])
+        return launch(plan)
+
+    def collected(plan, result):
+        outstanding[0] -= 1
+        return collect(plan, result)
+
+    w.launch, w.collect = launched, collected
+    return seen
+
+
+@pytest.fixture(scope="module")
+def tight_worker(tmp_path_factory):
+    """A KV pool of 24 blocks of 4 tokens for up to 4 sequences of up to 64: preemptions happen."""
+    out = tmp_path_factory.mktemp("llm-engine-tight") / "engine"
+    build_random_engine("tiny-llama", out, build=BuildConfig(dtype="float32", max_batch_size=4, max_seq_len=64,
+                                                             kv_block_size=4), with_tokenizer=False, device="cpu")
+    spec = EngineSpec.read(out)
+    groups = ParallelGroups.build(LocalCommunicator(), spec.mapping)
+    return spec, RankWorker(load_rank_engine(spec, groups, "cpu", max_kv_blocks=24), groups)
+
+
+def _mixed_requests() -> list[Request]:
+    shared = [3, 1, 4, 1, 5, 9, 2, 6, 5]  # a cached prefix for the later ones
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=11)
+    return [Request(shared + [7], 30), Request([8, 9, 10], 9, ignore_eos=True), Request(shared + [8, 9], 25, seeded),
+            Request(list(range(40, 58)), 40), Request(shared, 1), Request([60, 61], 33, seeded, ignore_eos=True)]
+
+
+def _completions(worker, eos: set[int] | None, **options):
+    engine = _engine(worker, **options)
+    if eos is not None:
+        engine.eos_ids = eos
+    seen = _count_overlap(engine)
+    try:
+        done = engine.generate(_mixed_requests())
+    finally:
+        del engine.worker.launch, engine.worker.collect
+    assert engine.blocks.usage == 0.0 and not engine.has_unfinished()
+    return [(c.output_ids, c.finish_reason) for c in done], seen, engine
+
+
+def test_async_scheduling_gives_the_same_tokens_as_planning_in_turn(tight_worker):
+    """Chunked prefill, prefix hits, preemption under a tight pool, seeded sampling, length and
+    EOS finishes (a token the sequential run samples mid-answer is made an EOS for both)."""
+    plain, _, _ = _completions(tight_worker, None, async_scheduling=False, max_num_batched_tokens=8)
+    eos = {plain[0][0][len(plain[0][0]) // 2]}
+    sequential, in_turn, _ = _completions(tight_worker, eos, async_scheduling=False, max_num_batched_tokens=8)
+    overlapped, ahead, engine = _completions(tight_worker, eos, max_num_batched_tokens=8)
+    assert overlapped == sequential
+    assert any(reason == "stop" for _, reason in sequential) and any(r == "length" for _, r in sequential)
+    assert max(in_turn) == 1 and max(ahead) == 2  # the next step was queued behind the running one
+    assert engine.scheduler.num_preemptions > 0 and engine.blocks.hit_rate > 0
