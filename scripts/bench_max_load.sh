@@ -8,6 +8,7 @@
 # for --max-batch-size MAX_BUILD), then for each case "ISL/OSL/N/B" in CASES: `dist-infer bench --engine
 # --num-requests N --input-len ISL --output-len OSL --max-batch-size B`; the fp8 engine once per KV dtype in
 # FP8_KV (default "fp8 auto": FP8 KV, then the model dtype's). bf16 runs first in the same call: the baseline.
+# SCHEDULING="async sync" runs each case twice: async scheduling (the default), then --no-async-scheduling.
 # The tokenizer is SmolLM2's (carry .whl/smollm2-tokenizer): 49,152 ids, both engines alike.
 #
 # Files in $OUT: gpu.txt, build_ENGINE.log, bench_ENGINE.log, summary.txt.
@@ -19,6 +20,7 @@ ENGINES=${ENGINES:-bf16 fp8}
 CASES=${CASES:-128/128/1024/512 128/128/1024/1024 2048/128/256/128}
 MAX_BUILD=${MAX_BUILD:-1024}
 FP8_KV=${FP8_KV:-fp8 auto}
+SCHEDULING=${SCHEDULING:-async}  # "async sync": each case also with --no-async-scheduling, after the default
 TOKENIZER=${TOKENIZER:-.whl/smollm2-tokenizer}
 ROOT=${ROOT:-/tmp/bench-max-load}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -39,10 +41,13 @@ for name in $ENGINES; do
     for kv in "${kvs[@]}"; do
         for case in $CASES; do
             IFS=/ read -r isl osl n b <<< "$case"
-            say "bench $name kv=$kv $isl/$osl n=$n batch=$b" | tee -a "$OUT/bench_$name.log"
-            $PYTHON -m dist_infer bench --engine "$engine" --num-requests "$n" --max-batch-size "$b" \
-                --input-len "$isl" --output-len "$osl" --kv-cache-dtype "$kv" >> "$OUT/bench_$name.log" 2>&1 \
-                || echo "bench $name $case failed (exit $?)" | tee -a "$OUT/bench_$name.log"
+            for scheduling in $SCHEDULING; do
+                flags=(); [[ $scheduling == sync ]] && flags=(--no-async-scheduling)
+                say "bench $name kv=$kv $isl/$osl n=$n batch=$b $scheduling" | tee -a "$OUT/bench_$name.log"
+                $PYTHON -m dist_infer bench --engine "$engine" --num-requests "$n" --max-batch-size "$b" \
+                    --input-len "$isl" --output-len "$osl" --kv-cache-dtype "$kv" "${flags[@]}" \
+                    >> "$OUT/bench_$name.log" 2>&1 || echo "bench $name $case failed (exit $?)" | tee -a "$OUT/bench_$name.log"
+            done
         done
     done
     grep '^\[BENCHMARK\]' "$OUT/bench_$name.log" | cut -c1-600

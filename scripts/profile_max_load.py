@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-seq-len", type=int, default=None, help="the engine's (default: input + output + 16)")
     p.add_argument("--device", default="cuda:0", help="cpu: a smoke run of the script, host phases only")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--sync-scheduling", action="store_true", help="plan each step after the last one's tokens are back")
@@ -120,7 +121,7 @@ def main() -> None:
         torch.cuda.set_device(device)
     cfg = ModelConfig.from_hf(preset_config(args.model))
     build = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
-                        max_seq_len=args.input_len + args.output_len + 16)
+                        max_seq_len=args.max_seq_len or args.input_len + args.output_len + 16)
     spec = EngineSpec(None, cfg, Mapping(), build, cfg.vocab_size, {})
     groups = ParallelGroups.build(LocalCommunicator(), Mapping(), str(device))
     with torch.device("meta"):
