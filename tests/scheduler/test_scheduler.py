@@ -21,12 +21,14 @@ def _add(s: Scheduler, seq_id: int, n: int, first_token: int = 0) -> Sequence:
     return seq
 
 
-def _run(s: Scheduler, out, token: int = 7) -> None:
-    """As the engine does after a step: mark chunks computed, append a token where sampled."""
+def _run(s: Scheduler, out, token: int = 7, launched: bool = False) -> None:
+    """As the engine does after a step: mark chunks computed, append a token where sampled
+    (`launched`: the step went through Scheduler.launched, so that token was pending)."""
     for c in out.chunks:
         s.computed(c)
         if c.samples:
             c.seq.token_ids.append(token)
+            c.seq.num_pending -= launched
 
 
 def test_config_validated():
@@ -199,11 +201,7 @@ def _launch(s: Scheduler):
 
 def _take(s: Scheduler, out, token: int = 7) -> None:
     """As the engine records a step collected after the next was launched."""
-    for c in out.chunks:
-        s.computed(c)
-        if c.samples:
-            c.seq.token_ids.append(token)
-            c.seq.num_pending -= 1
+    _run(s, out, token, launched=True)
 
 
 def test_the_next_step_is_planned_while_a_launched_step_still_holds_the_token():

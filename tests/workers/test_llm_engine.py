@@ -16,14 +16,18 @@ from dist_infer.workers.worker import RankWorker
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [21, 22, 23, 24, 25, 26, 27]]
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    out = tmp_path_factory.mktemp("llm-engine") / "engine"
+def _tiny_worker(out, max_kv_blocks: int | None = None):
+    """A one-rank CPU worker of tiny-llama: batch 4, 64 tokens, KV blocks of 4 tokens."""
     build_random_engine("tiny-llama", out, build=BuildConfig(dtype="float32", max_batch_size=4, max_seq_len=64,
                                                              kv_block_size=4), with_tokenizer=False, device="cpu")
     spec = EngineSpec.read(out)
     groups = ParallelGroups.build(LocalCommunicator(), spec.mapping)
-    return spec, RankWorker(load_rank_engine(spec, groups, "cpu"), groups)
+    return spec, RankWorker(load_rank_engine(spec, groups, "cpu", max_kv_blocks=max_kv_blocks), groups)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    return _tiny_worker(tmp_path_factory.mktemp("llm-engine") / "engine")
 
 
 def _engine(worker, **options) -> LLMEngine:
@@ -151,12 +155,7 @@ def _count_overlap(engine: LLMEngine) -> list[int]:
 @pytest.fixture(scope="module")
 def tight_worker(tmp_path_factory):
     """A KV pool of 24 blocks of 4 tokens for up to 4 sequences of up to 64: preemptions happen."""
-    out = tmp_path_factory.mktemp("llm-engine-tight") / "engine"
-    build_random_engine("tiny-llama", out, build=BuildConfig(dtype="float32", max_batch_size=4, max_seq_len=64,
-                                                             kv_block_size=4), with_tokenizer=False, device="cpu")
-    spec = EngineSpec.read(out)
-    groups = ParallelGroups.build(LocalCommunicator(), spec.mapping)
-    return spec, RankWorker(load_rank_engine(spec, groups, "cpu", max_kv_blocks=24), groups)
+    return _tiny_worker(tmp_path_factory.mktemp("llm-engine-tight") / "engine", max_kv_blocks=24)
 
 
 def _mixed_requests() -> list[Request]:
