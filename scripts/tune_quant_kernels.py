@@ -43,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_infer.engine import quant, quant_gpu  # noqa: E402
 from dist_infer.engine.quant_gpu import LaunchConfig  # noqa: E402
+from dist_infer.engine.splitk_gpu import programs_wanted  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # out x in
 M_VALUES = (1, 2, 4, 8, 16, 32, 64)
@@ -222,8 +223,7 @@ def _effective(mode, cfg, m, n, k):
     bm = quant_gpu._block_m(m, c.dot)
     k_tiles = -(-k // c.block_k)
     programs = -(-n // c.block_n) * -(-m // bm)
-    splits = quant_gpu._splits(c, programs, k_tiles, quant_gpu.TARGET_PROGRAMS * torch.cuda.get_device_properties(0)
-                               .multi_processor_count)
+    splits = quant_gpu._splits(c, programs, k_tiles, programs_wanted(torch.empty(0, device="cuda")))
     per = -(-k_tiles // splits) * c.block_k
     return dataclasses.replace(c, split_k=-(-k // per))
 

@@ -11,7 +11,7 @@ chose it, and never touch the others:
    (0 for tokens that did not choose it) into act [S, N, I].
 2. `_down_kernel`, grid (H tiles, slots, K splits): act[s] @ down^T into float32 partial
    sums [S * splits, N, H]; slots past the number of distinct experts store zeros.
-3. `_sum_parts_kernel`: the partial sums added up, cast to x's dtype: out [N, H].
+3. `splitk_gpu.sum_splits`: the partial sums added up, cast to x's dtype: out [N, H].
 
 S = min(N * k, E) slots cover every distinct expert a step can choose; the grid, the buffers
 and every launch depend on shapes alone, so the op is captured in a CUDA graph as it is.
@@ -36,18 +36,16 @@ tests/engine/test_moe_gpu.py.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from dist_infer.engine.splitk_gpu import programs_wanted, sum_splits
 from dist_infer.errors import EngineError
 
 PICKS_PER_EXPERT = 2    # the kernels run while N * k <= this * E (see use_grouped_kernel)
-TARGET_PROGRAMS = 2     # programs per SM that the down projection's split-K aims for
-REDUCE_BLOCK = 1024     # elements per program of the partial-sum reduction
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ENV = "DIST_INFER_MOE_KERNEL"
 
@@ -58,7 +56,7 @@ class MoeLaunchConfig:
     block_h: int = 128     # gate_up: hidden columns per loop step
     block_out: int = 32    # down: output columns per program
     block_k: int = 128     # down: intermediate columns per loop step
-    split_k: int = 0       # down: programs along I per (tile, slot); 0: enough for TARGET_PROGRAMS per SM
+    split_k: int = 0       # down: programs along I per (tile, slot); 0: enough for TARGET_PROGRAMS per SM (splitk_gpu)
     num_warps: int = 4
     num_stages: int = 4
 
@@ -257,28 +255,7 @@ def _down_kernel(Act, Chosen, DownBase, DownOffsets, Part, N, H, I, K_PER_SPLIT,
              mask=(rows[:, None] < N) & (offs_o[None, :] < H))
 
 
-@triton.jit(do_not_specialize=["SIZE"])
-def _sum_parts_kernel(Part, Out, SIZE, PARTS: tl.constexpr, BLOCK: tl.constexpr):
-    # Part [PARTS, SIZE] float32 -> Out [SIZE] in the output dtype
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < SIZE
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for p in range(PARTS):
-        acc += tl.load(Part + p * SIZE + offs, mask=mask, other=0.0)
-    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
-
-
 # ---------------------------------------------------------------- launch
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs_wanted(x: torch.Tensor) -> int:
-    sms = _sm_count(x.device.index or 0) if x.is_cuda else 132  # the interpreter: an H100's count
-    return TARGET_PROGRAMS * sms
 
 
 def _down_splits(cfg: MoeLaunchConfig, programs: int, inter: int, wanted: int) -> tuple[int, int]:
@@ -319,15 +296,11 @@ def _down(act: torch.Tensor, chosen: torch.Tensor, tables: ExpertTables, cfg: Mo
     # act [S, N, I] -> out [N, H]: one float32 partial sum per (slot, split), added up by one more kernel
     slots, tokens, inter = act.shape
     out_tiles = triton.cdiv(hidden, cfg.block_out)
-    splits, k_per_split = _down_splits(cfg, out_tiles * slots, inter, _programs_wanted(act))
+    splits, k_per_split = _down_splits(cfg, out_tiles * slots, inter, programs_wanted(act))
     out = torch.empty(tokens, hidden, dtype=act.dtype, device=act.device)
     parts = slots * splits
     target = out if parts == 1 else torch.empty(parts, tokens, hidden, dtype=torch.float32, device=act.device)
     _down_kernel[(out_tiles, slots, splits)](
         act, chosen, tables.down_base, tables.down_offsets, target, tokens, hidden, inter, k_per_split, SPLITS=splits,
         BLOCK_OUT=cfg.block_out, BLOCK_K=cfg.block_k, **common)
-    if parts > 1:
-        size = tokens * hidden
-        _sum_parts_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](target, out, size, PARTS=parts, BLOCK=REDUCE_BLOCK,
-                                                              num_warps=4)
-    return out
+    return sum_splits(target, out) if parts > 1 else out

@@ -60,13 +60,12 @@ import triton
 import triton.language as tl
 
 from dist_infer.engine.quant import dequantize_int4, fp8_linear_reference
+from dist_infer.engine.splitk_gpu import programs_wanted, sum_splits
 from dist_infer.errors import EngineError
 
 FUSED_MAX_TOKENS = 64             # rows up to which the fused kernels run; beyond, dequantize + cuBLAS
 FP8_WEIGHT_ONLY_MAX_TOKENS = 16   # rows up to which fp8 runs weight-only (W8A16); beyond, _scaled_mm
-TARGET_PROGRAMS = 2               # programs per SM that automatic split-K aims for
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # row counts the table is tuned at; a call takes the next one up
-REDUCE_BLOCK = 1024               # elements per program of the split-K reduction
 
 
 # ---------------------------------------------------------------- launch configs
@@ -76,7 +75,7 @@ REDUCE_BLOCK = 1024               # elements per program of the split-K reductio
 class LaunchConfig:
     block_n: int = 64      # output features per program
     block_k: int = 128     # inputs per loop step (INT4: at most the group size)
-    split_k: int = 0       # programs along the input dim; 0: enough for TARGET_PROGRAMS per SM
+    split_k: int = 0       # programs along the input dim; 0: enough for splitk_gpu.TARGET_PROGRAMS per SM
     num_warps: int = 4
     num_stages: int = 3
     dot: bool = True       # tl.dot (tensor cores, rows padded to 16) or broadcast-multiply-sum (GEMV)
@@ -147,27 +146,6 @@ def _store_tile(Out, acc, offs_m, offs_n, split, M, N):
     tl.store(ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.jit(do_not_specialize=["SIZE", "SPLITS"])
-def _sum_splits_kernel(Partial, Out, SIZE, SPLITS, BLOCK: tl.constexpr):
-    # Partial [SPLITS, SIZE] float32 -> Out [SIZE] in the output dtype
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < SIZE
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(Partial + s * SIZE + offs, mask=mask, other=0.0)
-    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs_wanted(x: torch.Tensor) -> int:
-    sms = _sm_count(x.device.index or 0) if x.is_cuda else 132  # the interpreter: an H100's count
-    return TARGET_PROGRAMS * sms
-
-
 def _block_m(tokens: int, dot: bool) -> int:
     rows = triton.next_power_of_2(tokens)
     return max(16, rows) if dot else rows  # tl.dot needs >= 16 rows
@@ -186,7 +164,7 @@ def _launch(kernel, x: torch.Tensor, out_features: int, in_features: int, cfg: L
     block_m = _block_m(tokens, cfg.dot)
     n_blocks, m_blocks = triton.cdiv(out_features, cfg.block_n), triton.cdiv(tokens, block_m)
     k_tiles = triton.cdiv(in_features, cfg.block_k)
-    splits = _splits(cfg, n_blocks * m_blocks, k_tiles, _programs_wanted(x))
+    splits = _splits(cfg, n_blocks * m_blocks, k_tiles, programs_wanted(x))
     k_per_split = triton.cdiv(k_tiles, splits) * cfg.block_k
     splits = triton.cdiv(in_features, k_per_split)
     out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)  # [M, N]
@@ -195,11 +173,7 @@ def _launch(kernel, x: torch.Tensor, out_features: int, in_features: int, cfg: L
         x, *weights, target, tokens, out_features, in_features, x.stride(0), k_per_split,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT=cfg.dot, IEEE=x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constants)
-    if splits > 1:
-        size = tokens * out_features
-        _sum_splits_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](target, out, size, splits, BLOCK=REDUCE_BLOCK,
-                                                               num_warps=4)
-    return out
+    return sum_splits(target, out) if splits > 1 else out
 
 
 def _fused(x: torch.Tensor, max_tokens: int = FUSED_MAX_TOKENS) -> bool:
