@@ -162,19 +162,28 @@ def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], direct
             by_source[shard.source].append(shard)
     order = sorted(by_source, key=lambda n: (str(source.tensors[n].file), n))
     total = sum(torch.Size(source.tensors[n].shape).numel() for n in order)
-    with tqdm(total=total, unit="param", unit_scale=True, desc="partition", disable=not progress) as bar:
-        for name in order:
-            cached_key, cached = None, None
-            for shard in by_source[name]:
-                key = (shard.dim, shard.start, shard.stop, shard.length, shard.transform)
-                if key != cached_key:  # replicas of the same slice are read once
-                    cached_key, cached = key, _read_shard(source, shard)
-                writers[shard.rank].write(shard.name, cached)
-            cached = None
-            slow_down_for_tests()
-            bar.update(torch.Size(source.tensors[name].shape).numel())
+    try:
+        with tqdm(total=total, unit="param", unit_scale=True, desc="partition", disable=not progress) as bar:
+            for name in order:
+                _write_source_tensor(source, by_source[name], writers)
+                slow_down_for_tests()
+                bar.update(torch.Size(source.tensors[name].shape).numel())
+    except BaseException:  # (SIGTERM, Ctrl-C, a read error): no writer thread outlives the partition
+        for writer in writers.values():
+            writer.abandon()
+        raise
     for writer in writers.values():
         writer.close()
+
+
+def _write_source_tensor(source: SourceCheckpoint, shards: list[Shard], writers: dict) -> None:
+    """Every shard of one source tensor to its rank's writer (replicas of one slice read once)."""
+    cached_key, cached = None, None
+    for shard in shards:
+        key = (shard.dim, shard.start, shard.stop, shard.length, shard.transform)
+        if key != cached_key:
+            cached_key, cached = key, _read_shard(source, shard)
+        writers[shard.rank].write(shard.name, cached)
 
 
 def _write_metadata(source: SourceCheckpoint, config: ModelConfig, plan: dict[int, list[Shard]],

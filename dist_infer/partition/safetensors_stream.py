@@ -90,6 +90,17 @@ class StreamingSafetensorsWriter:
         if self._pending:
             raise ValueError(f"{self.path.name}: tensors never written: {sorted(self._pending)[:5]}")
 
+    def abandon(self, timeout: float = 5.0) -> None:
+        """An interrupted write: drop what waits, let the write in progress end, and close. The
+        thread is gone before the interpreter exits; a daemon still inside a write at exit can
+        end the process with SIGABRT instead of its exit code (seen once under SIGTERM)."""
+        if self._failure is None:
+            self._failure = OSError(f"{self.path.name}: writing abandoned")
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            os.close(self._fd)
+
     def _write_jobs(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:

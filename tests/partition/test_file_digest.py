@@ -135,3 +135,29 @@ raise SystemExit(3)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=REPO)
     assert proc.returncode == 3, proc.stderr[-2000:]
+
+
+def test_abandon_drops_waiting_writes_and_ends_the_thread(tmp_path, monkeypatch):
+    """An interrupted partition abandons its writers: no thread is left writing at exit, and
+    what waited in the queue is never written; a stuck write still does not hold the caller."""
+    import threading
+
+    import torch
+
+    release, written = threading.Event(), []
+
+    def slow_write(fd, data, offset):
+        release.wait(5)
+        written.append(offset)
+
+    monkeypatch.setattr(safetensors_stream, "WRITE_QUEUE", 2)
+    writer = StreamingSafetensorsWriter(tmp_path / "w.safetensors", [("a", torch.float32, (2,)),
+                                                                   ("b", torch.float32, (3,))])
+    monkeypatch.setattr(safetensors_stream, "_pwrite_all", slow_write)  # (after the header's write)
+    writer.write("a", torch.zeros(2))  # in progress on the thread
+    writer.write("b", torch.zeros(3))  # waits behind it
+    threading.Timer(0.2, release.set).start()  # "a" ends while abandon waits for the thread
+    writer.abandon()
+    assert not writer._thread.is_alive() and len(written) == 1  # "a" finished, "b" dropped
+    with pytest.raises(OSError, match="abandoned"):
+        writer.write("a", torch.zeros(2))
