@@ -142,6 +142,7 @@ class _RequestState:
     scheduled_s: float | None = None
     finish_reason: str | None = None
     prompt_lps: list[TokenLogprob] = field(default_factory=list)
+    prompt_lps_asked: int = 0  # prompt positions whose logprobs launched steps compute
     beam: BeamSearch | None = None
     beam_seqs: list[Sequence] = field(default_factory=list)  # the running beams, in the search's order
     beam_rows: dict = field(default_factory=dict)  # seq_id -> (top ids [n], top logprobs [n]) of this step
@@ -303,11 +304,10 @@ class LLMEngine:
         launched, self._in_flight = self._in_flight or self._launch(), None
         if launched is None:
             return []
-        overlap = self._async and not self._num_beam_searches
-        if overlap:
+        if self._async and not self._num_beam_searches:
             self._in_flight = self._launch(running=launched)
         sampled = self._record(launched, self._collect(launched))
-        if not overlap:
+        if self._in_flight is None:  # in turn, or nothing could run before these tokens (and finishes) were in
             self._in_flight = self._launch()
         return self._outputs(sampled) + self._beam_outputs()
 
@@ -394,11 +394,13 @@ class LLMEngine:
     @staticmethod
     def _prompt_targets(state: _RequestState, chunk: ScheduledChunk) -> list[int] | None:
         """The next prompt token of each chunk token, while prompt logprobs are still missing."""
-        seq, done = state.seq, len(state.prompt_lps)
-        if state.request.sampling.prompt_logprobs is None or chunk.start != done:
-            return None  # not asked, or already collected (a recompute after preemption)
+        seq = state.seq
+        if state.request.sampling.prompt_logprobs is None or chunk.start != state.prompt_lps_asked:
+            return None  # not asked, or asked already (a recompute after preemption)
         end = min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1)
-        return seq.token_ids[chunk.start + 1:end + 1] or None
+        targets = seq.token_ids[chunk.start + 1:end + 1]
+        state.prompt_lps_asked = max(state.prompt_lps_asked, end)  # (the step may still run: asked, not collected)
+        return targets or None
 
     def _record(self, launched: _LaunchedStep, result: StepResult) -> list[_Sampled]:
         """What the next plan depends on: KV now cached, tokens appended, EOS and length finishes.

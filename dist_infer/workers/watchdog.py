@@ -69,13 +69,18 @@ class StepProgress:
 
     done: int = 0
     since: float | None = None  # monotonic start of the step in progress
+    in_flight: int = 0  # steps begun and not ended (rank 0 queues one ahead: async scheduling)
 
     def begin(self) -> None:
-        self.since = time.monotonic()
+        if not self.in_flight:
+            self.since = time.monotonic()
+        self.in_flight += 1
 
     def end(self) -> None:
+        """A step done; the one queued behind it (if any) starts now on the device."""
         self.done += 1
-        self.since = None
+        self.in_flight -= 1
+        self.since = time.monotonic() if self.in_flight else None
 
 
 @dataclass

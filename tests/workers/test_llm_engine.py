@@ -189,3 +189,50 @@ def test_async_scheduling_gives_the_same_tokens_as_planning_in_turn(tight_worker
     assert any(reason == "stop" for _, reason in sequential) and any(r == "length" for _, r in sequential)
     assert max(in_turn) == 1 and max(ahead) == 2  # the next step was queued behind the running one
     assert engine.scheduler.num_preemptions > 0 and engine.blocks.hit_rate > 0
+
+
+def test_a_chunked_prompt_gets_every_prompt_logprob_while_steps_are_queued_ahead(worker):
+    """The second chunk is planned before the first chunk's logprobs are back: it must still ask."""
+    prompt = list(range(5, 25))
+    request = Request(prompt, 3, SamplingParams(prompt_logprobs=1), ignore_eos=True)
+    got = {}
+    for overlap in (False, True):
+        engine = _engine(worker, max_num_batched_tokens=8, async_scheduling=overlap)
+        engine.add_request("x", request)
+        got[overlap] = [o.prompt_logprobs for o in _run(engine)["x"] if o.prompt_logprobs is not None][0]
+    assert len(got[True]) == len(prompt) - 1 and got[True] == got[False]
+
+
+def test_generate_under_kv_pressure_waits_for_the_finishes_of_the_step_in_flight(tmp_path):
+    """Both running sequences have their last token pending and the next prompt has no blocks: the
+    step queued ahead plans nothing, and the finishes collected next must still let it in."""
+    spec, w = _tiny_worker(tmp_path / "engine", max_kv_blocks=17)
+    requests = [Request(list(range(5, 45)), 20, ignore_eos=True), Request(list(range(3, 43)), 4, ignore_eos=True),
+                Request(list(range(9, 30)), 5, ignore_eos=True)]
+    outputs = [[c.output_ids for c in _engine((spec, w), async_scheduling=overlap,
+                                              enable_prefix_caching=False).generate(requests)]
+               for overlap in (False, True)]
+    assert outputs[0] == outputs[1] and [len(o) for o in outputs[1]] == [20, 4, 5]
+
+
+def test_the_ranks_forget_every_sequence_when_generate_returns(worker):
+    """The last finishes reach the ranks before generate returns; a new LLMEngine on the same
+    worker (seq ids from 0 again) must not find block tables of the last one's sequences."""
+    spec, w = worker
+    requests = [Request(p, 6, ignore_eos=True) for p in PROMPTS]
+    first = [c.output_ids for c in _engine(worker).generate(requests)]
+    assert w.block_tables == {} and w.params == {}
+    again = [c.output_ids for c in _engine(worker).generate(list(reversed(requests)))]
+    assert again == list(reversed(first)) and w.block_tables == {}
+
+
+def test_the_watchdog_sees_a_step_in_progress_while_one_is_queued_behind_it(worker):
+    """Rank 0 begins step N+1 before it ends step N: the step clock stays running until both end."""
+    engine = _engine(worker)
+    progress, seen = engine.worker.progress, []
+    engine.add_request("a", Request(PROMPTS[0], 4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+        seen.append((progress.in_flight, progress.since is not None))
+    assert (1, True) in seen  # after a step() returned, the next was still in flight, and timed
+    assert progress.in_flight == 0 and progress.since is None
