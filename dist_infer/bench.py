@@ -46,13 +46,23 @@ def random_rank_weights(model: StageModel, device: torch.device, seed: int) -> d
     for name, p in model.named_parameters():
         if name == "lm_head.weight" and model.ties_lm_head:
             continue
-        t = torch.empty(p.shape, dtype=p.dtype, device=device)
-        if name.endswith("norm.weight"):
-            t.fill_(1.0)
-        else:
-            t.normal_(0.0, 0.02, generator=gen)
-        weights[name] = t
+        weights[name] = _random_tensor(name, p, device, gen)
     return weights
+
+
+def _random_tensor(name: str, p: torch.Tensor, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """Norms 1, weights ~N(0, 0.02). A quantized layer's codes are ~N(0, 1) in its storage dtype
+    with scales of 0.02, so it computes with weights of the same spread (the dtype decides the kernel)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(p.shape, dtype=p.dtype, device=device)
+    if name.endswith("scales") or name.endswith("offsets"):
+        return torch.full(p.shape, 0.02, dtype=p.dtype, device=device)
+    if p.dtype.is_floating_point and p.element_size() >= 2:
+        return torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0.0, 0.02, generator=gen)
+    if p.dtype.is_floating_point:  # float8 codes
+        return torch.empty(p.shape, dtype=torch.bfloat16, device=device).normal_(0.0, 1.0, generator=gen).to(p.dtype)
+    info = torch.iinfo(p.dtype)  # int8 / packed int4 codes
+    return torch.randint(info.min, info.max + 1, p.shape, dtype=p.dtype, device=device, generator=gen)
 
 
 def expert_read_fraction(cfg: ModelConfig, batch: int) -> float:

@@ -4,6 +4,9 @@ one prefill step (every sequence brings that many prompt tokens). One GPU, TP=1.
 
     python3 scripts/profile_step.py --model llama-3-8b --batch 1 --context 192
     python3 scripts/profile_step.py --model llama-3-8b --batch 64 --prefill-len 128
+    python3 scripts/profile_step.py --batch 1024 --quant fp8 --kv-cache-dtype fp8
+
+Random weights; with --quant, random codes in the mode's storage dtype (the kernels are what is measured).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dist_infer.bench import preset_config, random_rank_weights
 from dist_infer.comm import LocalCommunicator, ParallelGroups
-from dist_infer.config import BuildConfig, Mapping, ModelConfig
+from dist_infer.config import BuildConfig, KVCacheConfig, Mapping, ModelConfig, QUANT_MODES
 from dist_infer.engine.build import DTYPES
 from dist_infer.engine.kv_cache import StepBatch
 from dist_infer.engine.model import StageModel
@@ -28,20 +31,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=192)
     parser.add_argument("--prefill-len", type=int, default=0, help="profile a prefill of this many tokens a sequence")
+    parser.add_argument("--quant", choices=QUANT_MODES, default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--unfused-act-quant", action="store_true",
+                        help="fp8: quantize each linear's input in a kernel of its own (as before the norms and "
+                             "silu_mul emitted FP8), the baseline of the fused path")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
 
+    if args.unfused_act_quant:
+        from dist_infer.engine import quant_gpu
+        quant_gpu.fp8_takes_quantized_input = lambda rows: False  # no producer quantizes; fp8_linear does
     device = torch.device("cuda:0")
     torch.cuda.set_device(device)
     cfg = ModelConfig.from_hf(preset_config(args.model))
     context = max(args.context, args.prefill_len)
-    build = BuildConfig(dtype="bfloat16", max_batch_size=args.batch, max_seq_len=context + 16)
+    build = BuildConfig(dtype="bfloat16", max_batch_size=args.batch, max_seq_len=context + 16,
+                        quant=args.quant)
     spec = EngineSpec(None, cfg, Mapping(), build, cfg.vocab_size, {})
     groups = ParallelGroups.build(LocalCommunicator(), Mapping(), "cuda:0")
     with torch.device("meta"):
-        shapes = StageModel(cfg, groups.mapping, groups.tp, cfg.vocab_size, DTYPES["bfloat16"])
+        shapes = StageModel(cfg, groups.mapping, groups.tp, cfg.vocab_size, DTYPES["bfloat16"], build.quant_config)
     engine = load_rank_engine(spec, groups, "cuda:0", verify=False, cuda_graphs=False,
-                              weights=random_rank_weights(shapes, device, 0))
+                              weights=random_rank_weights(shapes, device, 0),
+                              kv_cache=KVCacheConfig(dtype=args.kv_cache_dtype))
     per_seq = spec.blocks_per_seq
     new_tokens, start = ([1] * args.prefill_len, 0) if args.prefill_len else ([1], args.context - 1)
     seqs = [(new_tokens, start, list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))) for i in range(args.batch)]

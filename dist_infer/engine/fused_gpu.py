@@ -7,6 +7,9 @@ CUDA graph). Each function here is one kernel:
 - `rope_write_kv`: RoPE on q (in place) and k, then k/v into the paged cache
   (quantized to FP8 with the layer's scales for --kv-cache-dtype fp8);
 - `silu_mul`: SiLU(gate) * up on the fused gate_up projection.
+`add_rmsnorm` and `silu_mul` can hand their output to an FP8 linear already quantized
+per token (e4m3 + one float32 scale per row), which spares it a quantization kernel and
+a round trip of the activation through memory.
 """
 
 from __future__ import annotations
@@ -16,36 +19,60 @@ import triton
 import triton.language as tl
 
 
+FP8_MAX = tl.constexpr(448.0)  # e4m3's largest finite value
+
+
 @triton.jit
-def _add_rmsnorm_kernel(X, Residual, W, Out, ResidualOut, stride_x, stride_r, stride_o, stride_ro, eps, n_cols,
-                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _fp8_scale(amax):
+    """quant._scale for e4m3: |y|max maps to 448; an all-zero row gets 1 (its codes are 0 anyway)."""
+    return tl.where(amax > 0, amax / FP8_MAX, 1.0)
+
+
+@triton.jit
+def _store_fp8(QRow, cols, mask, y, scale):
+    """y (float32, already rounded to the model dtype) / scale as e4m3, rounded as torch divides."""
+    q = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX), FP8_MAX)
+    tl.store(QRow + cols, q.to(QRow.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(X, Residual, W, Out, ResidualOut, Scales, stride_x, stride_r, stride_o, stride_ro, eps,
+                        n_cols, HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         x = (x.to(tl.float32) + tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
-        x = x.to(Out.dtype.element_ty)  # the residual stream stays in the model dtype
+        x = x.to(ResidualOut.dtype.element_ty)  # the residual stream stays in the model dtype
         tl.store(ResidualOut + row * stride_ro + cols, x, mask=mask)
     x32 = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
-    normed = (x32 * rstd).to(Out.dtype.element_ty)
+    normed = (x32 * rstd).to(X.dtype.element_ty)
     w = tl.load(W + cols, mask=mask, other=0.0)
-    tl.store(Out + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+    y = (w.to(tl.float32) * normed.to(tl.float32)).to(X.dtype.element_ty)
+    if FP8_OUT:  # the next linear's FP8 input, quantized per token here instead of by a kernel of its own
+        scale = _fp8_scale(tl.max(tl.abs(y.to(tl.float32)), 0))  # masked columns hold 0
+        tl.store(Scales + row, scale)
+        _store_fp8(Out + row * stride_o, cols, mask, y.to(tl.float32), scale)
+    else:
+        tl.store(Out + row * stride_o + cols, y, mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, H] (+ residual [N, H]) -> (RMSNorm(x + residual) * weight, x + residual)."""
+def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                fp8_out: bool = False) -> tuple:
+    """x [N, H] (+ residual [N, H]) -> (RMSNorm(x + residual) * weight, x + residual). fp8_out:
+    the normed rows as (e4m3 [N, H], float32 scales [N, 1]), per token, as the FP8 GEMM takes them."""
     n, h = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty(n, h, dtype=torch.float8_e4m3fn if fp8_out else x.dtype, device=x.device)
+    scales = torch.empty(n, 1, dtype=torch.float32, device=x.device) if fp8_out else out
     residual_out = torch.empty_like(x) if residual is not None else x
     block = triton.next_power_of_2(h)
-    _add_rmsnorm_kernel[(n,)](x, residual if residual is not None else x, weight, out, residual_out,
+    _add_rmsnorm_kernel[(n,)](x, residual if residual is not None else x, weight, out, residual_out, scales,
                               x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-                              residual_out.stride(0), eps, h, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                              num_warps=4 if block <= 2048 else 8)
-    return out, residual_out
+                              residual_out.stride(0), eps, h, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8_out,
+                              BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    return ((out, scales) if fp8_out else out), residual_out
 
 
 @triton.jit
@@ -112,20 +139,71 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 
 
 @triton.jit
+def _silu_mul_chunk(GateUpRow, cols, mask, n_cols):
+    """silu(gate) * up for columns `cols` of one row, rounded to the model dtype as the reference
+    rounds (silu's output first), returned in float32."""
+    dtype = GateUpRow.dtype.element_ty
+    gate = tl.load(GateUpRow + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GateUpRow + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    return (act * up).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _silu_mul_kernel(GateUp, Out, stride_g, stride_o, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(GateUp + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(GateUp + row * stride_g + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(Out.dtype.element_ty).to(tl.float32)
-    tl.store(Out + row * stride_o + cols, (act * up).to(Out.dtype.element_ty), mask=mask)
+    y = _silu_mul_chunk(GateUp + row * stride_g, cols, mask, n_cols)
+    tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [N, 2I] -> silu(gate) * up [N, I]."""
+@triton.jit
+def _silu_mul_fp8_kernel(GateUp, Q, Scales, stride_g, stride_q, n_cols, BLOCK: tl.constexpr,
+                         ONE_BLOCK: tl.constexpr):
+    # One program per row. ONE_BLOCK: the whole row's product stays in registers between its |y|max
+    # and its store. Otherwise pass 1 finds |y|max and pass 2 recomputes y (the row's gate/up are
+    # still in L2) and stores it. No bf16 product is written either way.
+    row = tl.program_id(0).to(tl.int64)
+    gate_up = GateUp + row * stride_g
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        y = _silu_mul_chunk(gate_up, cols, mask, n_cols)
+        scale = _fp8_scale(tl.max(tl.abs(y), 0))
+        tl.store(Scales + row, scale)
+        _store_fp8(Q + row * stride_q, cols, mask, y, scale)
+    else:
+        absmax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            absmax = tl.maximum(absmax, tl.abs(_silu_mul_chunk(gate_up, cols, cols < n_cols, n_cols)))
+        scale = _fp8_scale(tl.max(absmax, 0))
+        tl.store(Scales + row, scale)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            _store_fp8(Q + row * stride_q, cols, mask, _silu_mul_chunk(gate_up, cols, mask, n_cols), scale)
+
+
+SILU_FP8_ONE_BLOCK_MAX = 16384  # widest row (intermediate size per rank) kept in registers whole
+
+
+def silu_mul(gate_up: torch.Tensor, fp8_out: bool = False):
+    """gate_up [N, 2I] -> silu(gate) * up [N, I]; fp8_out: as (e4m3 [N, I], float32 scales [N, 1]),
+    per token, as the FP8 GEMM takes them."""
     n, two_i = gate_up.shape
     inter = two_i // 2
+    if fp8_out:
+        q = torch.empty(n, inter, dtype=torch.float8_e4m3fn, device=gate_up.device)
+        scales = torch.empty(n, 1, dtype=torch.float32, device=gate_up.device)
+        width = triton.next_power_of_2(inter)
+        one_block = width <= SILU_FP8_ONE_BLOCK_MAX
+        if n:
+            _silu_mul_fp8_kernel[(n,)](gate_up, q, scales, gate_up.stride(0), q.stride(0), inter,
+                                       BLOCK=width if one_block else 4096, ONE_BLOCK=one_block,
+                                       num_warps=16 if width > 4096 else 8)
+        return q, scales
     out = torch.empty(n, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(n, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0), inter,

@@ -10,11 +10,32 @@ code call `self.kernels.<op>` and never ask which device or which quantization t
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from dist_infer.engine.kv_cache import PagedKVCache, StepBatch, paged_attention_reference
+
+@dataclass(frozen=True)
+class QuantizedActivation:
+    """An activation handed to the next linear already quantized per token: values [N, in]
+    (float8 e4m3), scales [N, 1] float32 (real = values * scales), dtype the model's (the
+    linear's output dtype). Only the FP8 linear takes one; norms and activations produce one
+    when asked with quant="fp8" and their kernel can (see GpuKernels)."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
@@ -22,9 +43,12 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.
 class ReferenceKernels:
     name = "reference"
 
-    def add_rms_norm(self, x, weight, eps: float, residual=None, reduce=None):
+    def add_rms_norm(self, x, weight, eps: float, residual=None, reduce=None, quant=None):
         """(RMSNorm(x + residual), x + residual): x, residual [N, H]; the sum is the new stream.
-        reduce: the TP group x is a partial sum over (its all-reduce comes first), or None."""
+        reduce: the TP group x is a partial sum over (its all-reduce comes first), or None.
+        quant: the input format of the linear that takes the norm's output ("fp8" or None); a
+        kernel may return a QuantizedActivation for it (the reference never does: the linear
+        quantizes, to the same values)."""
         if reduce is not None:
             x = reduce.all_reduce(x)
         if residual is not None:
@@ -40,8 +64,8 @@ class ReferenceKernels:
             x = x + residual
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps), x
 
-    def silu_mul(self, gate_up):
-        """gate_up [N, 2I] -> silu(gate) * up [N, I]."""
+    def silu_mul(self, gate_up, quant=None):
+        """gate_up [N, 2I] -> silu(gate) * up [N, I]; quant as in add_rms_norm."""
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -92,17 +116,26 @@ class GpuKernels(ReferenceKernels):
         self.moe_kernel = moe_gpu.kernel_enabled()  # read once: the choice is captured in the graphs
         self.expert_tables = moe_gpu.ExpertTableCache()
 
-    def add_rms_norm(self, x, weight, eps, residual=None, reduce=None):
+    def add_rms_norm(self, x, weight, eps, residual=None, reduce=None, quant=None):
         if reduce is not None:  # one kernel for all-reduce + add + norm where the group has one
             fused = getattr(reduce, "all_reduce_add_rms_norm", None)
             done = fused(x, residual, weight, eps) if fused is not None and residual is not None else None
             if done is not None:
                 return done
             x = reduce.all_reduce(x)
-        return self.fused.add_rmsnorm(x, weight, eps, residual)
+        fp8_out = self._fp8_out(x, quant)
+        out, residual = self.fused.add_rmsnorm(x, weight, eps, residual, fp8_out=fp8_out)
+        return (QuantizedActivation(*out, x.dtype) if fp8_out else out), residual
 
-    def silu_mul(self, gate_up):
-        return self.fused.silu_mul(gate_up)
+    def silu_mul(self, gate_up, quant=None):
+        fp8_out = self._fp8_out(gate_up, quant)
+        out = self.fused.silu_mul(gate_up, fp8_out=fp8_out)
+        return QuantizedActivation(*out, gate_up.dtype) if fp8_out else out
+
+    def _fp8_out(self, x, quant) -> bool:
+        """Whether the producer of x's consumer's input quantizes it: FP8 linears at the row
+        counts that run the FP8 GEMM (fewer rows run weight-only, on the unquantized input)."""
+        return quant == "fp8" and self.quant.fp8_takes_quantized_input(x.shape[0])
 
     def rope_tables(self, rotary, positions, dtype):
         return None if rotary is None or rotary.fusable else super().rope_tables(rotary, positions, dtype)

@@ -37,6 +37,9 @@ class LinearMethod(Protocol):
 
     mode: str | None
     per_channel_scales: bool  # one scale per output row: a row-parallel shard needs the full row's absmax
+    # The input format it can take already quantized from the kernel before it ("fp8": per token,
+    # kernels.QuantizedActivation), or None: apply() then gets x in the model dtype.
+    activation_quant: str | None
 
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         """Register the layer's weight parameters (their names are the engine file's)."""
@@ -54,6 +57,7 @@ class DenseLinear:
 
     mode = None
     per_channel_scales = False
+    activation_quant = None
 
     def create_weights(self, layer, out_features, in_features, dtype):
         layer.weight = _empty(out_features, in_features, dtype=dtype)
@@ -157,11 +161,12 @@ class RMSNorm(UsesKernels, nn.Module):
         self.weight = _empty(hidden, dtype=dtype)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                reduce: Communicator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: Communicator | None = None,
+                quant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(x + residual), x + residual); the sum is the new residual stream.
-        reduce: x is a partial sum over this TP group (all-reduced first, fused where it can be)."""
-        return self.kernels.add_rms_norm(x, self.weight, self.eps, residual, reduce)
+        reduce: x is a partial sum over this TP group (all-reduced first, fused where it can be).
+        quant: the next linear's activation_quant (the kernel may hand its output over quantized)."""
+        return self.kernels.add_rms_norm(x, self.weight, self.eps, residual, reduce, quant)
 
 
 class LayerNorm(UsesKernels, nn.Module):
@@ -171,8 +176,9 @@ class LayerNorm(UsesKernels, nn.Module):
         self.bias = _empty(hidden, dtype=dtype) if bias else None
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(LayerNorm(x + residual), x + residual)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                quant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LayerNorm(x + residual), x + residual); the output stays unquantized whatever `quant`."""
         return self.kernels.add_layer_norm(x, self.weight, self.bias, self.eps, residual)
 
 
@@ -264,6 +270,7 @@ class Attention(UsesKernels, nn.Module):
         self.split = (q, kv, kv)
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, q + 2 * kv, cfg.qkv_bias, dtype, linear)
         self.o_proj = RowParallelLinear(q, cfg.hidden_size, cfg.o_bias, dtype, tp if reduce else _NoReduce(), linear)
+        self.input_quant = linear.activation_quant  # qkv_proj's
 
     def forward(self, x, positions: StepPositions, batch: StepBatch, cache: PagedKVCache):
         n = x.shape[0]
@@ -287,9 +294,11 @@ class GatedMLP(UsesKernels, nn.Module):
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype, linear)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, tp if reduce else _NoReduce(),
                                            linear)
+        self.input_quant = linear.activation_quant  # gate_up_proj's
 
     def forward(self, x):
-        return self.down_proj(self.kernels.silu_mul(self.gate_up_proj(x)))  # gate_up: [N, 2 * inter/T]
+        act = self.kernels.silu_mul(self.gate_up_proj(x), self.down_proj.method.activation_quant)  # [N, inter/T]
+        return self.down_proj(act)
 
 
 class MLP(UsesKernels, nn.Module):
@@ -301,6 +310,7 @@ class MLP(UsesKernels, nn.Module):
         self.activation = cfg.activation
         self.up_proj = ColumnParallelLinear(cfg.hidden_size, inter, cfg.mlp_bias, dtype, linear)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, dtype, tp, linear)
+        self.input_quant = linear.activation_quant  # up_proj's
 
     def forward(self, x):
         return self.down_proj(self.kernels.activation(self.activation, self.up_proj(x)))  # [N, inter/T] inside
@@ -317,6 +327,8 @@ class SparseMoE(UsesKernels, nn.Module):
     (softmax in float32, top-k, weights renormalised); every expert is a SiLU-gated MLP split over
     TP like a dense one (gate_up column-, down row-parallel); the weighted partial sums of all
     experts are all-reduced once. Engine names: router.weight, experts.{e}.gate_up_proj, .down_proj."""
+
+    input_quant = None  # the router reads the norm's output in the model dtype
 
     def __init__(self, cfg, tp: Communicator, dtype: torch.dtype, linear: LinearMethod = DENSE):
         super().__init__()
@@ -361,11 +373,11 @@ class PreNormDecoderLayer(nn.Module):
         """x: this layer's input [N, H] (the previous layer's MLP output, a partial sum over TP
         when `input_reduce`); residual: the stream before it (None for a stage's first layer).
         Returns (mlp output, partial over TP when `output_reduce`; residual)."""
-        h, residual = self._norm(self.input_norm, x, residual, self.input_reduce)
+        h, residual = self._norm(self.input_norm, x, residual, self.input_reduce, self.self_attn.input_quant)
         h = self.self_attn(h, positions, batch, cache)
-        h, residual = self._norm(self.post_attention_norm, h, residual, self.attn_reduce)
+        h, residual = self._norm(self.post_attention_norm, h, residual, self.attn_reduce, self.mlp.input_quant)
         return self.mlp(h), residual
 
     @staticmethod
-    def _norm(norm, x, residual, reduce):
-        return norm(x, residual) if reduce is None else norm(x, residual, reduce)
+    def _norm(norm, x, residual, reduce, quant):
+        return norm(x, residual, quant=quant) if reduce is None else norm(x, residual, reduce, quant=quant)

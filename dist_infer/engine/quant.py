@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_infer.config import ModelConfig, QuantConfig, valid_tp_sizes
+from dist_infer.engine.kernels import QuantizedActivation
 from dist_infer.engine.layers import DENSE, LinearMethod
 from dist_infer.errors import LayoutError
 
@@ -178,10 +179,13 @@ def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     return F.linear(x, dequantize_int4(qweight, scales, offsets).to(x.dtype))
 
 
-def fp8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """What _scaled_mm computes: FP8 x FP8 products accumulated in float32, then scaled."""
-    xq, x_scales = quantize_fp8_per_token(x)
-    y = F.linear(dequantize_fp8(xq, x_scales), dequantize_fp8(qweight, scales))
+def fp8_linear_reference(x: torch.Tensor | QuantizedActivation, qweight: torch.Tensor,
+                         scales: torch.Tensor) -> torch.Tensor:
+    """What _scaled_mm computes: FP8 x FP8 products accumulated in float32, then scaled. x in the
+    model dtype (quantized per token here) or already quantized by the kernel before."""
+    if not isinstance(x, QuantizedActivation):
+        x = QuantizedActivation(*quantize_fp8_per_token(x), x.dtype)
+    y = F.linear(dequantize_fp8(x.values, x.scales), dequantize_fp8(qweight, scales))
     return y.to(x.dtype)
 
 
@@ -192,6 +196,7 @@ class _QuantizedLinear:
 
     kernel: str
     params: tuple[str, ...] = ("qweight", "scales")  # the kernel's arguments after x, in order
+    activation_quant: str | None = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # The device's implementation of the mode's matmul (engine/kernels.py), chosen at load.
@@ -246,6 +251,7 @@ class Fp8Linear(_QuantizedLinear):
     mode = "fp8"
     kernel = "fp8_linear"
     per_channel_scales = True
+    activation_quant = "fp8"  # the norm / activation before may quantize x per token in its own kernel
 
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         layer.qweight = _param(out_features, in_features, dtype=FP8)

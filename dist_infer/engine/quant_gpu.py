@@ -59,6 +59,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from dist_infer.engine.kernels import QuantizedActivation
 from dist_infer.engine.quant import dequantize_int4, fp8_linear_reference
 from dist_infer.engine.splitk_gpu import programs_wanted, sum_splits
 from dist_infer.errors import EngineError
@@ -335,19 +336,27 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q, scales
 
 
-def fp8_scaled_mm_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [..., in] -> [..., out]: x quantized per token, then FP8 x FP8 on the tensor cores."""
+def fp8_takes_quantized_input(rows: int) -> bool:
+    """Whether fp8_linear runs the W8A8 GEMM at this row count (and so takes its input quantized)."""
+    return rows > FP8_WEIGHT_ONLY_MAX_TOKENS
+
+
+def fp8_scaled_mm_linear(x: torch.Tensor | QuantizedActivation, qweight: torch.Tensor,
+                         scales: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (or already quantized per token) -> [..., out]: FP8 x FP8 on the tensor cores."""
     out_features, in_features = qweight.shape
     if in_features % 16 or out_features % 16:  # _scaled_mm's alignment; such layers are rare and small
         return fp8_linear_reference(x, qweight, scales)
-    xq, x_scales = fp8_quantize_per_token(_rows(x))  # [N, in] fp8, [N, 1] float32
-    y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scales, scale_b=scales[None, :], out_dtype=x.dtype)
+    if not isinstance(x, QuantizedActivation):
+        x = QuantizedActivation(*fp8_quantize_per_token(_rows(x)), x.dtype)  # [N, in] fp8, [N, 1] float32
+    y = torch._scaled_mm(x.values, qweight.t(), scale_a=x.scales, scale_b=scales[None, :], out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [..., in] -> [..., out]: W8A16 up to FP8_WEIGHT_ONLY_MAX_TOKENS rows, W8A8 _scaled_mm beyond."""
+def fp8_linear(x: torch.Tensor | QuantizedActivation, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., in] -> [..., out]: W8A16 up to FP8_WEIGHT_ONLY_MAX_TOKENS rows, W8A8 _scaled_mm beyond
+    (where the norm or activation before may have quantized x already: kernels.QuantizedActivation)."""
     _check_fp8(x.device.index or 0)
-    if _fused(_rows(x), FP8_WEIGHT_ONLY_MAX_TOKENS):
+    if not isinstance(x, QuantizedActivation) and _fused(_rows(x), FP8_WEIGHT_ONLY_MAX_TOKENS):
         return fp8_weight_only_linear(x, qweight, scales)
     return fp8_scaled_mm_linear(x, qweight, scales)

@@ -29,6 +29,7 @@ from dist_infer.comm.base import LocalCommunicator
 from dist_infer.config import BuildConfig, QuantConfig
 from dist_infer.engine import quant
 from dist_infer.engine.build import DTYPES, build, rank_weights_file
+from dist_infer.engine.kernels import QuantizedActivation, ReferenceKernels
 from dist_infer.engine.kv_cache import PagedKVCache, StepBatch
 from dist_infer.engine.model import StageModel, local_heads
 from dist_infer.engine.runtime import EngineSpec, RankEngine
@@ -221,6 +222,57 @@ def test_row_absmax_gives_the_unsharded_scales_to_a_column_shard():
         shard_q, shard_s = quantize(w[:, 32:], row_absmax=w.abs().amax(dim=1))
         assert torch.equal(shard_s, full_s)
         assert torch.equal(shard_q.view(torch.uint8), full_q[:, 32:].contiguous().view(torch.uint8))
+
+
+def test_fp8_reference_linear_takes_an_activation_quantized_before():
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    qweight, scales = quant.quantize_fp8(torch.randn(32, 64) * 0.05)
+    pre = QuantizedActivation(*quant.quantize_fp8_per_token(x), x.dtype)
+    y = quant.fp8_linear_reference(pre, qweight, scales)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, quant.fp8_linear_reference(x, qweight, scales))
+
+
+class HintedKernels(ReferenceKernels):
+    """The reference, except that norms and silu_mul quantize their output when the next linear
+    asks (as the GPU kernels do), recording every hint they get."""
+
+    def __init__(self):
+        self.hints = []
+
+    def _maybe_quantize(self, op, out, hint):
+        self.hints.append((op, hint))
+        return QuantizedActivation(*quant.quantize_fp8_per_token(out), out.dtype) if hint == "fp8" else out
+
+    def add_rms_norm(self, x, weight, eps, residual=None, reduce=None, quant=None):
+        out, residual = super().add_rms_norm(x, weight, eps, residual, reduce)
+        return self._maybe_quantize("norm", out, quant), residual
+
+    def silu_mul(self, gate_up, quant=None):
+        return self._maybe_quantize("silu_mul", super().silu_mul(gate_up), quant)
+
+
+@pytest.mark.parametrize("mode", [None, "fp8", "int8_wo"])
+def test_norms_and_activations_learn_the_next_linears_input_format(engines, mode):
+    """Every decoder layer tells its two norms and silu_mul what the next linear takes: "fp8" for
+    FP8 linears (which then get their input quantized by the kernel before, to the same logits),
+    None otherwise; the final norm (LM head's input, dense) is never asked to quantize."""
+    engine = engines.get("llama", 1, 1, **quant_options(mode))
+    batch = prefill_batch(PROMPTS)
+    expected = _run_rank(engine, 0, LocalCommunicator(), batch.input_ids, batch)
+    model = load_stage(engine, 0, LocalCommunicator())
+    kernels = HintedKernels()
+    model.use_kernels(kernels)
+    _, kv_heads = local_heads(model.cfg, 1)
+    cache = PagedKVCache(len(model.layer_ids), int(batch.block_tables.max()) + 1, 16, kv_heads, model.cfg.head_dim,
+                         model.dtype)
+    with torch.inference_mode():
+        logits = model.logits(model(batch.input_ids, batch, cache), batch)
+    assert torch.equal(logits, expected)
+    want = "fp8" if mode == "fp8" else None
+    *layer_hints, final = kernels.hints
+    layers = len(model.layer_ids)
+    assert layer_hints.count(("norm", want)) == 2 * layers and layer_hints.count(("silu_mul", want)) == layers
+    assert len(layer_hints) == 3 * layers and final == ("norm", None)
 
 
 # ---------------------------------------------------------------- sharded == unsharded
