@@ -1,6 +1,7 @@
 """The decode/prefill GEMMs of one Llama layer, bf16 against the FP8 path and its parts
 (per-token activation quantization, `_scaled_mm` rowwise), per shape and row count; then the
-kernels that feed them (norm, SiLU-mul) with and without their fused FP8 output. One GPU.
+kernels that feed them (norm, SiLU-mul) with and without their fused FP8 output; and at one
+row, cuBLAS against gemv_gpu's GEMV. One GPU.
 
     python3 scripts/bench_gemm.py --model llama-3-8b --rows 1024 8192
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from dist_infer.bench import preset_config
 from dist_infer.config import ModelConfig
 from dist_infer.engine.quant import quantize_fp8
-from dist_infer.engine import fused_gpu
+from dist_infer.engine import fused_gpu, gemv_gpu
 from dist_infer.engine.quant_gpu import fp8_linear, fp8_quantize_per_token
 
 
@@ -87,6 +88,22 @@ def bench_producers(rows: int, cfg: ModelConfig, iters: int) -> None:
         print(f"{rows:>6} {name:>24} {time_us(fn, iters):>9.1f} us")
 
 
+def bench_gemv(cfg: ModelConfig, vocab: int, iters: int) -> None:
+    """One row: cuBLAS (F.linear) against gemv_gpu, each call on the next of enough weight copies
+    that no call finds its weight in L2 (o_proj's 33.5 MB fits the H100's 50 MB), as in a step."""
+    for name, out_f, in_f in layer_shapes(cfg) + [("lm_head", vocab, cfg.hidden_size)]:
+        copies = max(2, -(-400_000_000 // (out_f * in_f * 2)))
+        ws = [torch.randn(out_f, in_f, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
+        turn = iter(range(10**9))
+        t_cublas = time_us(lambda: F.linear(x, ws[next(turn) % copies]), iters)
+        t_gemv = time_us(lambda: gemv_gpu.gemv(x, ws[next(turn) % copies]), iters)
+        gb = out_f * in_f * 2 / 1e9
+        print(f"     1 {name:>13} {f'{out_f}x{in_f}':>12} cuBLAS {t_cublas:7.1f} us ({gb / t_cublas * 1e6:5.0f} GB/s)  "
+              f"gemv {t_gemv:7.1f} us ({gb / t_gemv * 1e6:5.0f} GB/s)  {t_cublas / t_gemv:.2f}x")
+        del ws
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-3-8b")
@@ -108,6 +125,8 @@ def main() -> None:
                 totals[c] += r[c]
         print(f"{rows:>6} {'layer total':>13} {'':>12} " + " ".join(f"{totals[c]:>18.1f}" for c in cols)
               + f"  {totals['bf16'] / totals['fp8_linear']:.2f}x")
+    print("One row, bf16 (batch-1 decode), weights not in L2:")
+    bench_gemv(cfg, cfg.vocab_size, args.iters)
     print("The FP8 GEMMs' producers (hidden and intermediate sizes of the model, TP=1):")
     for rows in args.rows:
         bench_producers(rows, cfg, args.iters)

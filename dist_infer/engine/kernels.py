@@ -98,6 +98,10 @@ class ReferenceKernels:
                 out.index_add_(0, token, expert(x[token]) * weights[token, slot, None].to(x.dtype))
         return out
 
+    def dense_linear(self, x, weight, bias=None):
+        """x [N, in] @ weight [out, in]^T + bias -> [N, out]."""
+        return F.linear(x, weight, bias)
+
     def quantized_linear(self, name: str):
         """The weight-only/FP8 matmul `name` (int8_linear, int4_linear, fp8_linear): x, *params -> [N, out]."""
         from dist_infer.engine import quant
@@ -110,9 +114,9 @@ class GpuKernels(ReferenceKernels):
     moe_kernel = False  # moe_gpu's grouped kernels at decode sizes: $DIST_INFER_MOE_KERNEL, read in __init__
 
     def __init__(self):
-        from dist_infer.engine import attention_gpu, fused_gpu, moe_gpu, quant_gpu
+        from dist_infer.engine import attention_gpu, fused_gpu, gemv_gpu, moe_gpu, quant_gpu
 
-        self.fused, self.attn, self.quant, self.moe = fused_gpu, attention_gpu, quant_gpu, moe_gpu
+        self.fused, self.attn, self.quant, self.moe, self.gemv = fused_gpu, attention_gpu, quant_gpu, moe_gpu, gemv_gpu
         self.moe_kernel = moe_gpu.kernel_enabled()  # read once: the choice is captured in the graphs
         self.expert_tables = moe_gpu.ExpertTableCache()
 
@@ -172,6 +176,11 @@ class GpuKernels(ReferenceKernels):
         for e, expert in enumerate(experts):
             out += expert(x) * dense[:, e : e + 1]
         return out
+
+    def dense_linear(self, x, weight, bias=None):
+        """One row (batch-1 decode, one sequence's LM head): gemv_gpu's weight-streaming kernel;
+        more rows: cuBLAS."""
+        return self.gemv.gemv(x, weight, bias) if self.gemv.takes(x, weight) else F.linear(x, weight, bias)
 
     def quantized_linear(self, name):
         return getattr(self.quant, name)

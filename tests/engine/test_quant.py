@@ -250,6 +250,10 @@ class HintedKernels(ReferenceKernels):
     def silu_mul(self, gate_up, quant=None):
         return self._maybe_quantize("silu_mul", super().silu_mul(gate_up), quant)
 
+    def dense_linear(self, x, weight, bias=None):
+        self.hints.append(("dense_linear", None))
+        return super().dense_linear(x, weight, bias)
+
 
 @pytest.mark.parametrize("mode", [None, "fp8", "int8_wo"])
 def test_norms_and_activations_learn_the_next_linears_input_format(engines, mode):
@@ -269,10 +273,14 @@ def test_norms_and_activations_learn_the_next_linears_input_format(engines, mode
         logits = model.logits(model(batch.input_ids, batch, cache), batch)
     assert torch.equal(logits, expected)
     want = "fp8" if mode == "fp8" else None
-    *layer_hints, final = kernels.hints
+    dense = kernels.hints.count(("dense_linear", None))
+    *layer_hints, final = [h for h in kernels.hints if h[0] != "dense_linear"]
     layers = len(model.layer_ids)
     assert layer_hints.count(("norm", want)) == 2 * layers and layer_hints.count(("silu_mul", want)) == layers
     assert len(layer_hints) == 3 * layers and final == ("norm", None)
+    # Dense linears run through the kernel seam (GPU: the one-row GEMV): all 4 a layer and the
+    # LM head unquantized; only the LM head (kept dense) when quantized.
+    assert dense == (4 * layers + 1 if mode is None else 1)
 
 
 # ---------------------------------------------------------------- sharded == unsharded

@@ -1,0 +1,67 @@
+"""gemv_gpu: the one-row dense linear (batch-1 decode, one sequence's LM head) against F.linear,
+and where GpuKernels.dense_linear uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+
+
+@pytest.mark.parametrize("out_f, in_f", [(4096, 4096), (6144, 4096), (4096, 14336), (1000, 1000), (7, 3000),
+                                         (49152, 576)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_cublas(out_f, in_f, dtype, bias):
+    from dist_infer.engine.gemv_gpu import gemv
+
+    x = torch.randn(1, in_f, dtype=dtype, device="cuda")
+    w = torch.randn(out_f, in_f, dtype=dtype, device="cuda") * in_f ** -0.5
+    b = torch.randn(out_f, dtype=dtype, device="cuda") if bias else None
+    y = gemv(x, w, b)
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.shape == (1, out_f) and y.dtype == dtype
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+    assert torch.allclose(y.float(), ref, atol=3e-2, rtol=1e-2)
+
+
+def test_gemv_keeps_leading_dims_and_reads_a_strided_weight_by_its_stride():
+    from dist_infer.engine.gemv_gpu import gemv
+
+    x = torch.randn(1, 1, 512, dtype=torch.bfloat16, device="cuda")
+    wide = torch.randn(300, 1024, dtype=torch.bfloat16, device="cuda")
+    w = wide[:, 256:768]  # rows 1,024 apart
+    y = gemv(x, w)
+    assert y.shape == (1, 1, 300)
+    assert torch.allclose(y.float(), F.linear(x.float(), w.float()), atol=5e-2, rtol=1e-2)
+
+
+def test_dense_linear_runs_the_gemv_at_one_row_only():
+    """One bf16/fp16 row goes to gemv_gpu; more rows, float32 or a strided-K weight go to cuBLAS."""
+    from dist_infer.engine.gemv_gpu import GEMV_MAX_ROWS, takes
+
+    w = torch.empty(64, 128, dtype=torch.bfloat16, device="cuda")
+    assert takes(torch.empty(1, 128, dtype=torch.bfloat16, device="cuda"), w)
+    assert not takes(torch.empty(GEMV_MAX_ROWS + 1, 128, dtype=torch.bfloat16, device="cuda"), w)
+    assert not takes(torch.empty(1, 128, dtype=torch.float32, device="cuda"), w.float())
+    assert not takes(torch.empty(1, 64, dtype=torch.bfloat16, device="cuda"), w.t())
+
+
+def test_gemv_is_captured_in_a_cuda_graph():
+    from dist_infer.engine.kernels import kernels_for
+
+    kernels = kernels_for("cuda")
+    x = torch.randn(1, 2048, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(512, 2048, dtype=torch.bfloat16, device="cuda") * 0.02
+    eager = kernels.dense_linear(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.dense_linear(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, kernels.dense_linear(x, w))
+    assert not torch.equal(captured, eager)
