@@ -29,7 +29,10 @@ import triton.language as tl
 from dist_infer.engine.kv_cache import PagedKVCache, StepBatch
 
 
-@triton.jit
+# Arguments that change from step to step (sequences, the block table's width) are not specialized
+# on (Triton compiles a variant per value class: 1, a multiple of 16, other), so an eager step of a
+# new shape never stops a running engine for a compile.
+@triton.jit(do_not_specialize=["window", "stride_bt"])
 def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, scale, window,
                          stride_qn, stride_qh, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -152,7 +155,7 @@ def _find_sequence(QueryStarts, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "num_seqs", "stride_bt"])
 def _paged_varlen_kernel(Q, K, V, O, BlockTables, QueryStarts, ContextLens, KScale, VScale, scale, window,
                          num_seqs, stride_qn, stride_qh, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,

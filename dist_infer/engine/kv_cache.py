@@ -60,12 +60,14 @@ class StepBatch:
             starts.append(starts[-1] + len(tokens))
             ctx.append(end)
             tables.extend(table + [0] * (max_blocks - len(table)))
-        n, b = len(ids), len(seqs)
-        packed = torch.tensor(ids + positions + slots + [s - 1 for s in starts[1:]] + ctx + starts + tables,
-                              dtype=torch.int64)
+        lists = [ids, positions, slots, [s - 1 for s in starts[1:]], ctx, starts, tables]
+        # Each part starts 16-byte aligned (an even int64 offset): Triton specializes a kernel on its
+        # pointers' alignment, and parts at step-dependent offsets would compile new variants mid-run.
+        packed = torch.tensor([v for part in lists for v in part + [0] * (len(part) % 2)], dtype=torch.int64)
         if torch.device(device).type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
-        parts = packed.split([n, n, n, b, b, b + 1, b * max_blocks])
+        parts = [p[: len(part)] for p, part in zip(packed.split([len(x) + len(x) % 2 for x in lists]), lists)]
+        b = len(seqs)
         return cls(parts[0], parts[1], parts[2], parts[6].view(b, max_blocks), starts, ctx, parts[3], parts[4],
                    parts[5])
 

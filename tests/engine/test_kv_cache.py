@@ -40,6 +40,23 @@ def test_step_batch_slots_and_tables():
         assert t.dtype == torch.int64
 
 
+@pytest.mark.parametrize("lengths", [[1], [3, 1, 1], [5, 1, 2, 7, 1], [16, 17], [2, 2, 2, 2, 2, 2, 2]])
+def test_step_batch_tensors_start_16_byte_aligned(lengths):
+    """Every index tensor of a step starts 16-byte aligned whatever the step's token and sequence
+    counts: GPU kernels are compiled per pointer alignment, so a misaligned step would compile
+    (seconds) in the middle of a run. Values are those of the unpadded layout."""
+    seqs = [(list(range(100 * i, 100 * i + n)), 0, list(range(1 + 3 * i, 1 + 3 * i + 1 + (n - 1) // 16 + i % 3)))
+            for i, n in enumerate(lengths)]
+    b = StepBatch.build(seqs, 16)
+    tensors = (b.input_ids, b.positions, b.slot_mapping, b.block_tables, b.last_token_index,
+               b.context_lens_tensor, b.query_starts_tensor)
+    assert all(t.data_ptr() % 16 == 0 for t in tensors)
+    assert b.input_ids.tolist() == [t for ids, _, _ in seqs for t in ids]
+    assert b.context_lens_tensor.tolist() == lengths and b.query_starts_tensor.tolist() == b.query_starts
+    assert b.block_tables.shape == (len(lengths), max(len(t) for _, _, t in seqs))
+    assert b.block_tables[:, 0].tolist() == [t[0] for _, _, t in seqs]
+
+
 def test_step_batch_refuses_too_few_blocks():
     StepBatch.build([([1, 2, 3, 4], 0, [0])], 4)  # exactly one full block: fine
     with pytest.raises(ValueError, match="blocks"):
