@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())" | tee -a "$OUT/gpu.txt"
 python3 -c "import nccl.core as n; print('nccl4py', n.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 if [[ $what == tests || $what == all ]]; then
-    python3 -m pytest tests/engine/test_gpu.py tests/workers/test_beam_search_gpu.py tests/comm/test_custom_all_reduce_gpu.py -m gpu -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+    python3 -m pytest tests/engine tests/workers/test_beam_search_gpu.py tests/comm/test_custom_all_reduce_gpu.py -m gpu -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [[ $what == bench1 || $what == all ]]; then
     python3 -m dist_infer bench --model llama-3-8b --batch-size 1 8 64 --baseline hf 2>&1 | tee "$OUT/bench_tp1.log"

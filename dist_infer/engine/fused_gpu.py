@@ -86,35 +86,48 @@ def _to_cache(x, Scale, Cache, FP8: tl.constexpr):
 @triton.jit
 def _rope_write_kv_kernel(Q, K, V, Positions, InvFreq, KCache, VCache, Slots, KScale, VScale, scaling,
                           stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cs, stride_ch,
-                          NUM_Q_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, FP8: tl.constexpr):
+                          NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+                          HALF: tl.constexpr, HALF_PAD: tl.constexpr, FP8: tl.constexpr):
+    # Grid: (tokens, query-head groups + KV-head groups); a program turns HEADS_PER_PROGRAM heads
+    # of one token with one cos/sin table: [HEADS_PER_PROGRAM, HALF_PAD] tiles.
     token = tl.program_id(0)
-    head = tl.program_id(1)  # q heads first, then kv heads
+    group = tl.program_id(1)
+    q_groups = tl.cdiv(NUM_Q_HEADS, HEADS_PER_PROGRAM)
     i = tl.arange(0, HALF_PAD)
-    mask = i < HALF
     pos = tl.load(Positions + token).to(tl.float32)
-    freq = pos * tl.load(InvFreq + i, mask=mask, other=0.0)
-    cos = tl.cos(freq) * scaling
-    sin = tl.sin(freq) * scaling
-    if head < NUM_Q_HEADS:
-        base = Q + token * stride_qn + head * stride_qh
-        x1 = tl.load(base + i, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + HALF + i, mask=mask, other=0.0).to(tl.float32)
-        tl.store(base + i, (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=mask)
-        tl.store(base + HALF + i, (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=mask)
+    freq = pos * tl.load(InvFreq + i, mask=i < HALF, other=0.0)
+    cos = (tl.cos(freq) * scaling)[None, :]
+    sin = (tl.sin(freq) * scaling)[None, :]
+    if group < q_groups:
+        h = group * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
+        mask = (h < NUM_Q_HEADS)[:, None] & (i < HALF)[None, :]
+        base = Q + token * stride_qn + h[:, None] * stride_qh + i[None, :]
+        x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(base, (x1 * cos - x2 * sin).to(Q.dtype.element_ty), mask=mask)
+        tl.store(base + HALF, (x2 * cos + x1 * sin).to(Q.dtype.element_ty), mask=mask)
     else:
-        kv = head - NUM_Q_HEADS
-        slot = tl.load(Slots + token)
-        kbase = K + token * stride_kn + kv * stride_kh
-        x1 = tl.load(kbase + i, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(kbase + HALF + i, mask=mask, other=0.0).to(tl.float32)
-        cbase = slot * stride_cs + kv * stride_ch
-        tl.store(KCache + cbase + i, _to_cache(x1 * cos - x2 * sin, KScale, KCache, FP8), mask=mask)
-        tl.store(KCache + cbase + HALF + i, _to_cache(x2 * cos + x1 * sin, KScale, KCache, FP8), mask=mask)
-        vbase = V + token * stride_vn + kv * stride_vh
-        v1 = tl.load(vbase + i, mask=mask, other=0.0).to(tl.float32)
-        v2 = tl.load(vbase + HALF + i, mask=mask, other=0.0).to(tl.float32)
-        tl.store(VCache + cbase + i, _to_cache(v1, VScale, VCache, FP8), mask=mask)
-        tl.store(VCache + cbase + HALF + i, _to_cache(v2, VScale, VCache, FP8), mask=mask)
+        h = (group - q_groups) * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
+        mask = (h < NUM_KV_HEADS)[:, None] & (i < HALF)[None, :]
+        slot = tl.load(Slots + token)  # int64: slot * stride_cs passes 2^31 in large pools
+        cache = slot * stride_cs + h[:, None] * stride_ch + i[None, :]
+        kbase = K + token * stride_kn + h[:, None] * stride_kh + i[None, :]
+        x1 = tl.load(kbase, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(kbase + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(KCache + cache, _to_cache(x1 * cos - x2 * sin, KScale, KCache, FP8), mask=mask)
+        tl.store(KCache + cache + HALF, _to_cache(x2 * cos + x1 * sin, KScale, KCache, FP8), mask=mask)
+        vbase = V + token * stride_vn + h[:, None] * stride_vh + i[None, :]
+        v1 = tl.load(vbase, mask=mask, other=0.0).to(tl.float32)
+        v2 = tl.load(vbase + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(VCache + cache, _to_cache(v1, VScale, VCache, FP8), mask=mask)
+        tl.store(VCache + cache + HALF, _to_cache(v2, VScale, VCache, FP8), mask=mask)
+
+
+# Heads a program turns: 8 where there are many tokens (a prefill of 8,192 tokens, Llama-3-8B: 77 us
+# against 203 us at one head a program, 40k programs instead of 328k); 1 for a few tokens, where
+# the step wants every head in parallel (batch 1: 1.96 us against 2.44 us at 8 heads a program).
+ROPE_HEADS_PER_PROGRAM = 8
+ROPE_ONE_HEAD_MAX_TOKENS = 16
 
 
 def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -130,12 +143,16 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if fp8 and (k_scale is None or v_scale is None):
         raise ValueError("an FP8 KV cache needs its k_scale and v_scale")
-    _rope_write_kv_kernel[(n, heads + kv_heads)](
+    per_program = 1 if n <= ROPE_ONE_HEAD_MAX_TOKENS else min(ROPE_HEADS_PER_PROGRAM,
+                                                               triton.next_power_of_2(max(heads, kv_heads)))
+    groups = triton.cdiv(heads, per_program) + triton.cdiv(kv_heads, per_program)
+    _rope_write_kv_kernel[(n, groups)](
         q, k, v, positions, inv_freq, k_cache, v_cache, slot_mapping,
         k_scale if fp8 else k_cache, v_scale if fp8 else v_cache, scaling,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1),
-        NUM_Q_HEADS=heads, HALF=half, HALF_PAD=triton.next_power_of_2(half), FP8=fp8, num_warps=1)
+        NUM_Q_HEADS=heads, NUM_KV_HEADS=kv_heads, HEADS_PER_PROGRAM=per_program, HALF=half,
+        HALF_PAD=triton.next_power_of_2(half), FP8=fp8, num_warps=1 if per_program * half <= 256 else 4)
 
 
 @triton.jit

@@ -137,8 +137,8 @@ class GpuKernels(ReferenceKernels):
         return QuantizedActivation(*out, gate_up.dtype) if fp8_out else out
 
     def _fp8_out(self, x, quant) -> bool:
-        """Whether the producer of x's consumer's input quantizes it: FP8 linears at the row
-        counts that run the FP8 GEMM (fewer rows run weight-only, on the unquantized input)."""
+        """Whether an op on x's rows emits FP8: its consumer is an FP8 linear and has enough rows to
+        run the FP8 GEMM (fewer run weight-only, on the unquantized input)."""
         return quant == "fp8" and self.quant.fp8_takes_quantized_input(x.shape[0])
 
     def rope_tables(self, rotary, positions, dtype):

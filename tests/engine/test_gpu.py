@@ -166,11 +166,13 @@ def test_fused_add_rmsnorm(with_residual):
     assert _rel_err(out.cpu(), ref) < 1e-2
 
 
-def test_fused_rope_write_kv():
+@pytest.mark.parametrize("n, heads, kv, hd", [(23, 8, 2, 128), (5, 9, 3, 64), (7, 32, 8, 128), (3, 40, 8, 128),
+                                             (1, 4, 1, 32), (17, 32, 8, 128), (40, 9, 3, 64)])
+def test_fused_rope_write_kv(n, heads, kv, hd):
+    """Every head of every token turned and written, however the heads split over programs."""
     from dist_infer.engine.fused_gpu import rope_write_kv
     from dist_infer.engine.layers import Rotary
 
-    n, heads, kv, hd = 23, 8, 2, 128
     rope = Rotary((1.0 / (500000 ** (torch.arange(0, hd, 2).float() / hd))).tolist(), 1.3)
     positions = torch.randint(0, 4000, (n,))
     q, k, v = (torch.randn(n, h, hd) for h in (heads, kv, kv))
