@@ -42,21 +42,35 @@ def preset_config(name: str):
 def random_rank_weights(model: StageModel, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
     """Random weights with the model's names and shapes, made on the device (no host copy)."""
     gen = torch.Generator(device).manual_seed(seed)
+    params = dict(model.named_parameters())
     weights = {}
-    for name, p in model.named_parameters():
+    for name, p in params.items():
         if name == "lm_head.weight" and model.ties_lm_head:
             continue
-        weights[name] = _random_tensor(name, p, device, gen)
+        if name.endswith((".scales", ".offsets")):  # a quantized layer's: sized for its codes (below)
+            codes = params[name.rsplit(".", 1)[0] + ".qweight"].dtype
+            weights[name] = _code_scale(name, p, codes, device)
+        else:
+            weights[name] = _random_tensor(name, p, device, gen)
     return weights
 
 
+# Standard deviation of the random codes _random_tensor draws per storage dtype: float8 N(0, 1);
+# int8 uniform over [-128, 127]; uint8 (INT4, two codes a byte) uniform over 0..15 per nibble.
+CODE_STD = {torch.float8_e4m3fn: 1.0, torch.int8: 256 / 12 ** 0.5, torch.uint8: 16 / 12 ** 0.5}
+
+
+def _code_scale(name: str, p: torch.Tensor, codes: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Scales (and INT4 offsets, centring codes 0..15) that make a quantized layer's weights
+    ~(0, 0.02) like a dense one's, whatever the mode."""
+    scale = 0.02 / CODE_STD[codes]
+    return torch.full(p.shape, scale if name.endswith(".scales") else -7.5 * scale, dtype=p.dtype, device=device)
+
+
 def _random_tensor(name: str, p: torch.Tensor, device: torch.device, gen: torch.Generator) -> torch.Tensor:
-    """Norms 1, weights ~N(0, 0.02). A quantized layer's codes are ~N(0, 1) in its storage dtype
-    with scales of 0.02, so it computes with weights of the same spread (the dtype decides the kernel)."""
+    """Norms 1, weights ~N(0, 0.02); a quantized layer's codes random over its storage dtype."""
     if name.endswith("norm.weight"):
         return torch.ones(p.shape, dtype=p.dtype, device=device)
-    if name.endswith("scales") or name.endswith("offsets"):
-        return torch.full(p.shape, 0.02, dtype=p.dtype, device=device)
     if p.dtype.is_floating_point and p.element_size() >= 2:
         return torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0.0, 0.02, generator=gen)
     if p.dtype.is_floating_point:  # float8 codes

@@ -347,10 +347,11 @@ def fp8_scaled_mm_linear(x: torch.Tensor | QuantizedActivation, qweight: torch.T
     out_features, in_features = qweight.shape
     if in_features % 16 or out_features % 16:  # _scaled_mm's alignment; such layers are rare and small
         return fp8_linear_reference(x, qweight, scales)
+    lead = x.shape[:-1]
     if not isinstance(x, QuantizedActivation):
         x = QuantizedActivation(*fp8_quantize_per_token(_rows(x)), x.dtype)  # [N, in] fp8, [N, 1] float32
     y = torch._scaled_mm(x.values, qweight.t(), scale_a=x.scales, scale_b=scales[None, :], out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], out_features)
+    return y.reshape(*lead, out_features)
 
 
 def fp8_linear(x: torch.Tensor | QuantizedActivation, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -40,28 +40,34 @@ def test_gemv_keeps_leading_dims_and_reads_a_strided_weight_by_its_stride():
 
 
 def test_dense_linear_runs_the_gemv_at_one_row_only():
-    """One bf16/fp16 row goes to gemv_gpu; more rows, float32 or a strided-K weight go to cuBLAS."""
-    from dist_infer.engine.gemv_gpu import GEMV_MAX_ROWS, takes
+    """One bf16/fp16 row goes to gemv_gpu (bit for bit its output); two rows, float32 or a strided-K
+    weight go to cuBLAS (F.linear's output)."""
+    from dist_infer.engine.gemv_gpu import GEMV_MAX_ROWS, gemv, takes
+    from dist_infer.engine.kernels import kernels_for
 
-    w = torch.empty(64, 128, dtype=torch.bfloat16, device="cuda")
-    assert takes(torch.empty(1, 128, dtype=torch.bfloat16, device="cuda"), w)
-    assert not takes(torch.empty(GEMV_MAX_ROWS + 1, 128, dtype=torch.bfloat16, device="cuda"), w)
-    assert not takes(torch.empty(1, 128, dtype=torch.float32, device="cuda"), w.float())
-    assert not takes(torch.empty(1, 64, dtype=torch.bfloat16, device="cuda"), w.t())
+    kernels = kernels_for("cuda")
+    w = torch.randn(512, 2048, dtype=torch.bfloat16, device="cuda") * 0.02
+    one, two = (torch.randn(n, 2048, dtype=torch.bfloat16, device="cuda") for n in (1, GEMV_MAX_ROWS + 1))
+    assert not torch.equal(gemv(one, w), F.linear(one, w))  # the two paths are told apart by their bits
+    assert torch.equal(kernels.dense_linear(one, w), gemv(one, w))
+    assert torch.equal(kernels.dense_linear(two, w), F.linear(two, w))
+    assert not takes(one.float(), w.float())
+    assert not takes(torch.empty(1, 512, dtype=torch.bfloat16, device="cuda"), w.t())
 
 
 def test_gemv_is_captured_in_a_cuda_graph():
+    """Replayed with new input, the captured one-row linear gives gemv's output for that input."""
+    from dist_infer.engine.gemv_gpu import gemv
     from dist_infer.engine.kernels import kernels_for
 
     kernels = kernels_for("cuda")
     x = torch.randn(1, 2048, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(512, 2048, dtype=torch.bfloat16, device="cuda") * 0.02
-    eager = kernels.dense_linear(x, w)
+    kernels.dense_linear(x, w)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = kernels.dense_linear(x, w)
     x.copy_(torch.randn_like(x))
     graph.replay()
-    assert torch.equal(captured, kernels.dense_linear(x, w))
-    assert not torch.equal(captured, eager)
+    assert torch.equal(captured, gemv(x, w))

@@ -9,7 +9,8 @@ Tolerances: the kernels and the reference read the same FP8 bytes, and FP8 -> bf
 is exact, so on the GPU they differ by bf16 rounding of q and of the softmax weights
 (~3e-3 relative; 1e-2 stated, as tests/engine/test_gpu.py). The interpreter runs
 float32 queries (its bfloat16 tl.dot returns garbage, FP8 or not), so there they
-agree to ~1e-6.
+agree to ~1e-6; plus one decode case with bf16 queries, whose dots the kernel runs
+in fp16 (sound in the interpreter).
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check_decode(device: str, heads: int, kv_heads: int, head_dim: int, window: int | None) -> float:
+def check_decode(device: str, heads: int, kv_heads: int, head_dim: int, window: int | None,
+                 query_dtype: torch.dtype | None = None) -> float:
+    """query_dtype bfloat16 takes the kernel's fp16-dot path (an FP8 cache under a bf16 engine)."""
     from dist_infer.engine.attention_gpu import paged_decode_attention
 
     rows = [(1, 1), (17, 1), (64, 1), (130, 1)]
     cache, batch = _fp8_cache([c for c, _ in rows], kv_heads, head_dim, device), _step(rows, device)
     q = torch.randn(len(rows), heads, head_dim, generator=torch.Generator().manual_seed(1))
-    q = q.to(device, _query_dtype(device))
+    q = q.to(device, query_dtype or _query_dtype(device))
     out = paged_decode_attention(q, cache.k[1], cache.v[1], batch.block_tables, batch.context_lens_tensor, PAGE,
                                  head_dim ** -0.5, window, *_scales(cache))
     ref = paged_attention_reference(q.float(), cache, 1, batch, head_dim ** -0.5, window)
@@ -102,7 +105,7 @@ def check_rope_write(device: str) -> float:
     from dist_infer.engine.fused_gpu import rope_write_kv
     from dist_infer.engine.layers import Rotary
 
-    n, heads, kv, hd = 11, 4, 2, 64
+    n, heads, kv, hd = 21, 4, 2, 64  # past ROPE_ONE_HEAD_MAX_TOKENS: several heads a program
     rope = Rotary((1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))).tolist(), 1.0)
     gen = torch.Generator().manual_seed(3)
     positions = torch.randint(0, 500, (n,), generator=gen)
@@ -147,6 +150,9 @@ def run_all(device: str) -> None:
         for check in (check_decode, check_varlen):
             err = check(device, heads, kv_heads, head_dim, window)
             assert err < REL_TOL, f"{check.__name__}{(heads, kv_heads, head_dim, window)}: relative error {err:.2e}"
+    # bf16 queries: the decode kernel's fp16 dots (the interpreter's fp16 tl.dot is sound, unlike its bf16 one)
+    err = check_decode(device, 8, 2, 64, 40, query_dtype=torch.bfloat16)
+    assert err < REL_TOL, f"check_decode with bf16 queries (fp16 dots): relative error {err:.2e}"
     err = check_rope_write(device)
     assert err < 2e-2, f"rope_write_kv: relative error {err:.2e}"  # a rare rounding flip is one FP8 step
 
