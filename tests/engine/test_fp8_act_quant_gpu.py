@@ -97,3 +97,14 @@ def test_kernels_hand_the_fp8_linear_its_input_quantized_only_where_it_runs_the_
     quantized = rows > FP8_WEIGHT_ONLY_MAX_TOKENS
     assert isinstance(hinted, QuantizedActivation) == quantized == isinstance(act, QuantizedActivation)
     assert torch.equal(fp8_linear(hinted, qweight, wscales), fp8_linear(plain, qweight, wscales))
+
+
+@needs_fp8
+def test_fp8_linear_keeps_leading_dims():
+    from dist_infer.engine.quant import quantize_fp8
+    from dist_infer.engine.quant_gpu import fp8_linear
+
+    qweight, scales = (t.cuda() for t in quantize_fp8(torch.randn(32, 64) * 0.05))
+    for shape in [(2, 20, 64), (1, 3, 64)]:  # above and below FP8_WEIGHT_ONLY_MAX_TOKENS rows
+        x = torch.randn(*shape, dtype=torch.bfloat16, device="cuda")
+        assert fp8_linear(x, qweight, scales).shape == (*shape[:-1], 32)
