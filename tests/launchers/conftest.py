@@ -6,6 +6,7 @@ single-process run, two namespace "hosts", and a runner for
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import completions, make_tiny_model, run_bounded, run_cli, write_prompts
 
+from .daemons import SlurmCluster
 from .hosts import TwoHosts, netns_available
 
 TP, PP = 2, 2
@@ -70,6 +72,16 @@ def two_hosts():
     hosts = TwoHosts()
     yield hosts
     hosts.close()
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory, two_hosts):
+    """Real slurmctld + a slurmd on each namespace host, for one test module."""
+    require(None if shutil.which("slurmctld") and shutil.which("sbatch")
+            else "Slurm is not installed: run scripts/ci_system_deps.sh")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), two_hosts)
+    yield cluster
+    cluster.stop()
 
 
 def tokens(proc: subprocess.CompletedProcess) -> list[list[int]]:

@@ -8,7 +8,6 @@ each node), ranks 0-1 on n0 (with the front-end), 2-3 on n1. SIGTERM is what `sc
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import pytest
@@ -18,23 +17,10 @@ from serve.conftest import tiny  # noqa: F401 (the tiny engines the serve tests 
 from serve.server import free_port
 
 from . import fault_matrix as fm
-from .conftest import require, write_cluster
+from .conftest import write_cluster
 from .daemons import SlurmCluster
 
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture(autouse=True)
-def _slurm_installed():
-    require(None if shutil.which("slurmctld") and shutil.which("sbatch")
-            else "Slurm is not installed: run scripts/ci_system_deps.sh")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory, two_hosts):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-faults"), two_hosts)
-    yield cluster
-    cluster.stop()
 
 
 def serve_slurm(tmp_path, tiny, slurm, two: bool, job: str) -> fm.Cell:  # noqa: F811

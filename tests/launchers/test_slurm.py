@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,22 +17,7 @@ import pytest
 
 from conftest import NETNS_NO_DNS_ENV, REPO
 
-from .conftest import PP, RANK_WRAPPER, TP, launch, ok, rank_hosts, require, tokens, wait_healthy, write_cluster
-from .daemons import SlurmCluster
-
-
-
-@pytest.fixture(autouse=True)
-def _slurm_installed():
-    require(None if shutil.which("slurmctld") and shutil.which("sbatch")
-            else "Slurm is not installed: run scripts/ci_system_deps.sh")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory, two_hosts):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), two_hosts)
-    yield cluster
-    cluster.stop()
+from .conftest import PP, RANK_WRAPPER, TP, launch, ok, rank_hosts, tokens, wait_healthy, write_cluster
 
 
 def slurm_yaml(tmp_path, engine, slurm_opts: str, ranks_dir=None, command=None) -> str:
