@@ -79,12 +79,15 @@ def _run(args) -> int:
         engine=Path(args.engine), prompts=args.prompt, prompts_file=args.prompts_file,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-        chat_template=not args.no_chat_template, json_output=args.json, verify=not args.no_verify,
-        device=args.device, max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
-        async_scheduling=not args.no_async_scheduling,
-        num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout,
-        num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
-    ))
+        chat_template=not args.no_chat_template, json_output=args.json, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, early_stopping=args.early_stopping, **_rank_engine_options(args)))
+
+
+def _rank_engine_options(args) -> dict:
+    """workers.run.RankEngineOptions' fields from the flags `run` and `serve` share."""
+    return dict(verify=not args.no_verify, device=args.device, max_num_batched_tokens=args.max_num_batched_tokens,
+                prefix_cache=not args.no_prefix_cache, async_scheduling=not args.no_async_scheduling,
+                num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout)
 
 
 def _serve(args) -> int:
@@ -102,14 +105,10 @@ def serve_options(args):
     return ServeOptions(
         engine=Path(args.engine), host=args.host, port=args.port, served_model_name=args.served_model_name,
         max_queue=args.max_queue, api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
-        keepalive_s=args.keepalive, device=args.device, verify=not args.no_verify,
-        max_num_batched_tokens=args.max_num_batched_tokens, prefix_cache=not args.no_prefix_cache,
-        async_scheduling=not args.no_async_scheduling,
-        num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout,
-        frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None,
+        keepalive_s=args.keepalive, frontend=not args.no_frontend, ipc_dir=Path(args.ipc_dir) if args.ipc_dir else None,
         connect=args.connect, restart=args.restart, launcher_cmd=args.launcher_cmd, rank_cmd=args.rank_cmd,
         control_host=args.control_host, start_timeout=args.start_timeout, rank_args=rank_serve_args(args.raw_argv),
-        enable_admin=args.enable_admin)
+        enable_admin=args.enable_admin, **_rank_engine_options(args))
 
 
 # `serve --restart N`: flags of the supervisor and its front-end, not passed on to the ranks it starts

@@ -29,8 +29,29 @@ from dist_infer.workers.worker import RankWorker
 log = logging.getLogger(__name__)
 
 
+@dataclass(kw_only=True)
+class RankEngineOptions:
+    """How every rank loads its engine and how rank 0 steps it: what `run` and `serve` share."""
+
+    verify: bool = True
+    device: str = "cpu"
+    max_num_batched_tokens: int | None = None
+    prefix_cache: bool = True
+    async_scheduling: bool = True
+    num_kv_blocks: int | None = None
+    kv_cache: KVCacheConfig = KVCacheConfig()  # --kv-cache-dtype / -free-gpu-memory-fraction / -bytes
+    step_timeout: float | None = None  # None: watchdog.default_step_timeout(device)
+
+    def start_worker(self, engine: Path) -> tuple[EngineSpec, RankWorker]:
+        return start_worker(engine, self.verify, self.device, max_kv_blocks=self.num_kv_blocks, kv_cache=self.kv_cache,
+                            step_timeout=self.step_timeout)
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(self.max_num_batched_tokens, self.prefix_cache, async_scheduling=self.async_scheduling)
+
+
 @dataclass
-class RunOptions:
+class RunOptions(RankEngineOptions):
     engine: Path
     prompts: list[str]
     prompts_file: str | None = None
@@ -43,14 +64,6 @@ class RunOptions:
     ignore_eos: bool = False
     chat_template: bool = True
     json_output: bool = False
-    verify: bool = True
-    device: str = "cpu"
-    max_num_batched_tokens: int | None = None
-    prefix_cache: bool = True
-    async_scheduling: bool = True
-    num_kv_blocks: int | None = None
-    kv_cache: KVCacheConfig = KVCacheConfig()  # --kv-cache-dtype / -free-gpu-memory-fraction / -bytes
-    step_timeout: float | None = None  # None: watchdog.default_step_timeout(device)
     num_beams: int = 1  # > 1: beam search (greedy sampling options only)
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # True | False | "never"
@@ -92,8 +105,7 @@ def start_worker(engine_dir: Path, verify: bool = True, device: str = "cpu", cud
 
 
 def run(opts: RunOptions) -> int:
-    spec, worker = start_worker(opts.engine, opts.verify, opts.device, max_kv_blocks=opts.num_kv_blocks,
-                                kv_cache=opts.kv_cache, step_timeout=opts.step_timeout)
+    spec, worker = opts.start_worker(opts.engine)
     try:
         with naming_lost_ranks(worker.watchdog, worker.groups.world.rank):
             code = _run_rank(opts, spec, worker)
@@ -115,8 +127,7 @@ def _run_rank(opts: RunOptions, spec: EngineSpec, worker: RankWorker) -> int:
     def prepare() -> list[Request]:
         nonlocal llm
         tokenizer = load_tokenizer(opts.engine)
-        llm = _RunEngine(worker, spec, tokenizer, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache,
-                                                                      async_scheduling=opts.async_scheduling))
+        llm = _RunEngine(worker, spec, tokenizer, opts.engine_options())
         ids = tokenize(read_prompts(opts.prompts, opts.prompts_file), tokenizer, opts.chat_template)
         _warn_if_capped(ids, opts.max_new_tokens, spec.build.max_seq_len)
         return [Request(p, opts.max_new_tokens, _sampling(opts, i), tuple(opts.stop), opts.ignore_eos)

@@ -31,19 +31,18 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_infer.config import KVCacheConfig
 from dist_infer.errors import LaunchError
 from dist_infer.log import launch_rank
 from dist_infer.workers.engine_loop import ENGINE_KEY_ENV, EngineAddresses, EngineLoop, engine_key, engine_key_env
 from dist_infer.workers.watchdog import default_step_timeout, naming_lost_ranks
-from dist_infer.workers.llm_engine import EngineOptions, LLMEngine
-from dist_infer.workers.run import start_worker
+from dist_infer.workers.llm_engine import LLMEngine
+from dist_infer.workers.run import RankEngineOptions
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ServeOptions:
+class ServeOptions(RankEngineOptions):
     engine: Path
     host: str = "127.0.0.1"
     port: int = 8000
@@ -52,14 +51,6 @@ class ServeOptions:
     api_key: str | None = None
     shutdown_timeout: float = 30.0
     keepalive_s: float = 30.0
-    device: str = "cpu"
-    verify: bool = True
-    max_num_batched_tokens: int | None = None
-    prefix_cache: bool = True
-    async_scheduling: bool = True
-    num_kv_blocks: int | None = None
-    kv_cache: KVCacheConfig = KVCacheConfig()  # --kv-cache-dtype / -free-gpu-memory-fraction / -bytes
-    step_timeout: float | None = None  # None: watchdog.default_step_timeout(device)
     frontend: bool = True              # False: engine only (dist_infer.LLM connects to --ipc-dir)
     ipc_dir: Path | None = None
     frontend_args: list[str] = field(default_factory=list)
@@ -112,8 +103,7 @@ def _is_open_mpi(tool: str) -> bool:
 def serve(opts: ServeOptions) -> int:
     if opts.restart and opts.connect is None:
         return supervise(opts)
-    spec, worker = start_worker(opts.engine, opts.verify, opts.device, max_kv_blocks=opts.num_kv_blocks,
-                                kv_cache=opts.kv_cache, step_timeout=opts.step_timeout)
+    spec, worker = opts.start_worker(opts.engine)
     with naming_lost_ranks(worker.watchdog, worker.groups.world.rank):
         return _serve_rank(opts, spec, worker)
 
@@ -126,8 +116,7 @@ def _serve_rank(opts: ServeOptions, spec, worker) -> int:
         worker.serve()
         worker.close()
         return 0
-    engine = LLMEngine(worker, spec, None, EngineOptions(opts.max_num_batched_tokens, opts.prefix_cache,
-                                                             async_scheduling=opts.async_scheduling))
+    engine = LLMEngine(worker, spec, None, opts.engine_options())
     if opts.connect is not None:  # under a supervisor: its front-end bound the sockets
         loop = EngineLoop(engine, opts.connect, opts.keepalive_s, connect=True)
         log.info("engine only: connected to the front-end at %s", opts.connect.joined())
