@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,22 @@ def hf_beams(model, prompt: list[int], max_new_tokens: int, k: int, length_penal
                          num_beams=k, length_penalty=length_penalty, early_stopping=early_stopping,
                          eos_token_id=eos, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+_PORTS_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port free now and never handed out before in this test process. The kernel
+    may return the port it just freed again, and two daemons given the same port (a Ray
+    head's GCS and its agent, say) refuse to start."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_HANDED_OUT:
+            _PORTS_HANDED_OUT.add(port)
+            return port
 
 
 def mpirun_prefix(n: int) -> list[str]:

@@ -19,15 +19,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from conftest import free_port
+
 from .hosts import Host, TwoHosts
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class Daemons:

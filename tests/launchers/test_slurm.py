@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
 
-from conftest import NETNS_NO_DNS_ENV, REPO
+from conftest import NETNS_NO_DNS_ENV, REPO, free_port
 
 from .conftest import PP, RANK_WRAPPER, TP, launch, ok, rank_hosts, tokens, wait_healthy, write_cluster
 
@@ -90,9 +89,7 @@ def test_slurm_wrong_mpi_plugin_is_refused(tmp_path, engine, slurm):
 def test_slurm_serve_answers_and_scancel_drains(tmp_path, engine, slurm):
     """A real `serve` job under sbatch/srun: it answers over HTTP at the URL it prints, and
     `scancel --signal=TERM` (SIGTERM to every task) drains it to a clean exit 0."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, **slurm.env}
     cluster = slurm_yaml(tmp_path, engine, f"partition: local, nodes: 1, ntasks_per_node: {TP * PP}, "
                                            "ranks: srun, mpi: pmix")
