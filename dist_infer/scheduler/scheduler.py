@@ -8,6 +8,11 @@ Each step:
 2. if nothing was preempted, waiting sequences are admitted while the batch
    has room: first their cached prefix, then a prefill chunk within the budget.
 
+With pipeline parallelism several steps are in flight at once, one per stage
+(`pipeline_depth`): each is a micro-batch of its own sequences. A sequence whose
+sampled token is still on its way sits out until it is back, so consecutive
+steps share no sequence and up to `pipeline_depth x max_num_seqs` run at once.
+
 So a long prompt is spread over several steps and never stalls the decoding
 streams, and the tokens one step runs (hence its activation memory) are bounded
 by `max_num_batched_tokens`. A step that decodes is held to the smaller
@@ -32,9 +37,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int    # tokens in one step, prefill chunks and decodes together
     max_model_len: int             # prompt + output of one sequence
     max_decode_step_tokens: int | None = None  # tokens in a step that decodes (None: max_num_batched_tokens)
+    pipeline_depth: int = 1        # steps in flight at once (PP stages): micro-batches of disjoint sequences
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_decode_step_tokens"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_decode_step_tokens",
+                     "pipeline_depth"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -92,8 +99,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         chunks: dict[int, ScheduledChunk] = {}
         preempted: list[Sequence] = []
-        decoding = [s for s in self.running if s.num_uncomputed == 1]
-        prefilling = [s for s in self.running if s.num_uncomputed > 1]  # both keep admission order
+        ready = [s for s in self.running if self._can_run(s)]
+        decoding = [s for s in ready if s.num_uncomputed == 1]
+        prefilling = [s for s in ready if s.num_uncomputed > 1]  # both keep admission order
         budget = self._schedule_running(decoding, self.config.max_num_batched_tokens, chunks, preempted)
         budget = self._schedule_running(prefilling, self._prefill_budget(budget, chunks), chunks, preempted)
         if not preempted:
@@ -101,6 +109,12 @@ class Scheduler:
             self._unblock_waiting(budget, chunks, preempted)
         freed, self._freed = self._freed, []
         return SchedulerOutput(list(chunks.values()), preempted, freed)
+
+    def _can_run(self, seq: Sequence) -> bool:
+        """In a pipeline a sequence runs in one micro-batch at a time: its next input is the
+        token sampled by its step in flight, which only the last stage has (one stage: async
+        scheduling runs it from the device as PENDING_TOKEN)."""
+        return self.config.pipeline_depth == 1 or not seq.num_pending
 
     def _prefill_budget(self, budget: int, decodes: dict[int, ScheduledChunk]) -> int:
         """What the step's decodes leave for prompt tokens. With a decode-step cap, at least
@@ -134,8 +148,8 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, budget: int, chunks: dict[int, ScheduledChunk]) -> None:
-        active = self._num_active()
-        while self.waiting and budget > 0 and active < self.config.max_num_seqs:
+        active, most = self._num_active(), self.config.max_num_seqs * self.config.pipeline_depth
+        while self.waiting and budget > 0 and active < most and len(chunks) < self.config.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.take_cached_prefix(seq)
             n = min(seq.num_uncomputed, budget)

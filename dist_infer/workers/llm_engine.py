@@ -11,6 +11,8 @@ records them (EOS and length finishes), launches the next step, and only then
 detokenizes and checks stop strings, so the device computes while rank 0
 turns tokens into text. A request that a stop string (or an abort) finishes
 has one more token computed in the step already launched; it is dropped.
+With PP, one step per stage is in flight (micro-batches of disjoint
+sequences), so every stage has work: pipelined PP.
 """
 
 from __future__ import annotations
@@ -156,7 +158,6 @@ class _RequestState:
 class _LaunchedStep:
     plan: StepPlan
     chunks: list[ScheduledChunk]
-    result: StepResult | None  # rank 0's part as launched (tokens still on the device)
     started: float
 
 
@@ -182,7 +183,7 @@ class LLMEngine:
         try:
             decode_step = options.max_decode_step_tokens or mixed_graph_tokens(worker.engine)
             seqs = min(options.max_num_seqs or build.max_batch_size, build.max_batch_size)
-            config = SchedulerConfig(seqs, tokens, build.max_seq_len, decode_step)
+            config = SchedulerConfig(seqs, tokens, build.max_seq_len, decode_step, spec.mapping.pp)
         except ValueError as exc:
             raise RequestError(f"--max-num-batched-tokens: {exc}") from exc
         self.blocks = BlockManager(worker.engine.cache.num_blocks, build.kv_block_size, options.enable_prefix_caching)
@@ -195,8 +196,10 @@ class LLMEngine:
         self.num_steps = 0
         # (tokens in step, seconds from launch to collected tokens) of recent steps; reset by generate()
         self.step_times: deque[tuple[int, float]] = deque(maxlen=STEP_HISTORY)
-        self._in_flight: _LaunchedStep | None = None
+        self._in_flight: deque[_LaunchedStep] = deque()  # oldest first
         self._async = options.async_scheduling and spec.mapping.pp == 1  # a later stage has no sampled tokens
+        self._pipeline_depth = spec.mapping.pp  # steps in flight at once: one per stage
+        self.most_in_flight = 0  # the most steps in flight at once (reset by generate())
         self._num_beam_searches = 0
         self._last_collect = 0.0
         self.weights_id = spec.weights_id  # what the ranks run now (a weight update changes it)
@@ -287,7 +290,7 @@ class LLMEngine:
         return self._final(state, [], "")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self._in_flight is not None
+        return self.scheduler.has_work() or bool(self._in_flight)
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.blocks.usage,
@@ -296,33 +299,49 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Finish one step on every rank (launching it first if none is in flight) and start
-        the next; returns a delta for each request that got a token. With async scheduling the
-        next step is launched before this one's tokens are collected (its decode inputs are
-        those tokens, still on the device); beam searches need their tokens first."""
+        """Finish the oldest step in flight on every rank (launching steps first if none is in
+        flight) and start the next; returns a delta for each request that got a token. With
+        async scheduling the next step is launched before this one's tokens are collected (its
+        decode inputs are those tokens, still on the device); beam searches need their tokens
+        first."""
         self._resume_prefix_cache()
-        launched, self._in_flight = self._in_flight or self._launch(), None
-        if launched is None:
+        if not self._in_flight:
+            self._fill_pipeline()
+        if not self._in_flight:
             return []
+        launched = self._in_flight.popleft()
         if self._async and not self._num_beam_searches:
-            self._in_flight = self._launch(running=launched)
+            self._push(self._launch(in_flight=True))
         sampled = self._record(launched, self._collect(launched))
-        if self._in_flight is None:  # in turn, or nothing could run before these tokens (and finishes) were in
-            self._in_flight = self._launch()
+        self._fill_pipeline()  # in turn, or nothing could run before these tokens (and finishes) were in
         return self._outputs(sampled) + self._beam_outputs()
 
-    def _launch(self, running: _LaunchedStep | None = None) -> _LaunchedStep | None:
-        """Plan and queue a step (`running`: the step still in flight, whose samples are pending)."""
+    def _fill_pipeline(self) -> None:
+        """Launch steps until each stage has one (one in all without PP or with beam searches,
+        which step their beams together), or until nothing more can run before a collect."""
+        depth = 1 if self._num_beam_searches else self._pipeline_depth
+        while len(self._in_flight) < depth and self._push(self._launch(in_flight=bool(self._in_flight))):
+            pass
+
+    def _push(self, launched: _LaunchedStep | None) -> bool:
+        if launched is not None:
+            self._in_flight.append(launched)
+            self.most_in_flight = max(self.most_in_flight, len(self._in_flight))
+        return launched is not None
+
+    def _launch(self, in_flight: bool = False) -> _LaunchedStep | None:
+        """Plan and queue a step (`in_flight`: steps are still running, whose samples are pending)."""
         scheduled = self.scheduler.schedule()
         plan = StepPlan([self._chunk_work(c) for c in scheduled.chunks], [s.seq_id for s in scheduled.preempted],
                         scheduled.freed_ids, share_tokens=self._async)
         if not plan.chunks and not plan.finished and not plan.preempted:
-            if running is None:  # (with a step in flight its tokens are what the rest waits for)
+            if not in_flight:  # (with a step in flight its tokens are what the rest waits for)
                 self._check_not_stalled()
             return None
         self.scheduler.launched(scheduled)
         started = time.perf_counter()
-        return _LaunchedStep(plan, scheduled.chunks, self.worker.launch(plan), started)
+        self.worker.launch(plan)
+        return _LaunchedStep(plan, scheduled.chunks, started)
 
     def _check_not_stalled(self) -> None:
         """An empty step while sequences wait or run means nothing will ever change (a step is
@@ -335,7 +354,7 @@ class LLMEngine:
                                "free. This is a bug in dist-infer's scheduler; please report it with this line.")
 
     def _collect(self, launched: _LaunchedStep) -> StepResult:
-        result = self.worker.collect(launched.plan, launched.result)
+        result = self.worker.collect(launched.plan)
         self.num_steps += 1
         now = time.perf_counter()  # a step queued behind another starts when that one is collected
         self.step_times.append((launched.plan.num_tokens, now - max(launched.started, self._last_collect)))
@@ -348,7 +367,7 @@ class LLMEngine:
         """Every rank takes the weights of the engine in `directory` (a refit of this one), between
         two steps: call finish_in_flight() first. Running requests go on with the new weights (their
         KV so far is the old weights'); nothing cached before counts as a prefix any more."""
-        if self._in_flight is not None:
+        if self._in_flight:
             raise RuntimeError("update_weights between steps only: finish_in_flight() first")
         seconds = self.worker.update_weights(directory)
         self.weights_id = EngineSpec.read(directory).weights_id
@@ -372,9 +391,11 @@ class LLMEngine:
                 self.blocks.enable_prefix_caching = self._prefix_caching
 
     def finish_in_flight(self) -> list[RequestOutput]:
-        """Collect the step in flight, launching no other (before shutting the ranks down)."""
-        launched, self._in_flight = self._in_flight, None
-        sampled = self._record(launched, self._collect(launched)) if launched else []
+        """Collect the steps in flight, launching no other (before shutting the ranks down)."""
+        sampled = []
+        while self._in_flight:
+            launched = self._in_flight.popleft()
+            sampled += self._record(launched, self._collect(launched))
         return self._outputs(sampled) + self._beam_outputs()
 
     def keepalive(self) -> None:
@@ -600,11 +621,11 @@ class LLMEngine:
         for i, r in enumerate(requests):
             self.validate(r, f"prompt {i}")
         started = time.perf_counter()
-        self.step_times = deque(maxlen=STEP_HISTORY)
+        self.step_times, self.most_in_flight = deque(maxlen=STEP_HISTORY), 0
         states = [self._add(f"generate-{id(requests)}-{i}", r) for i, r in enumerate(requests)]
         while self.has_unfinished():
             outputs = self.step()
-            if self.scheduler.waiting and not self.scheduler.running and self._in_flight is None:
+            if self.scheduler.waiting and not self.scheduler.running and not self._in_flight:
                 raise RuntimeError(f"no request could be scheduled ({self.blocks.num_free} free KV blocks)")
             for out in outputs:
                 if out.error:
@@ -624,8 +645,8 @@ class LLMEngine:
 
     def _log_throughput(self, completions: list[Completion], elapsed: float) -> None:
         generated = sum(len(c.output_ids) for c in completions)
-        log.info("%d requests, %d tokens in %d steps, %.2f s (%.1f tok/s)", len(completions), generated,
-                 len(self.step_times), elapsed, generated / max(elapsed, 1e-9))
+        log.info("%d requests, %d tokens in %d steps (at most %d in flight), %.2f s (%.1f tok/s)", len(completions),
+                 generated, len(self.step_times), self.most_in_flight, elapsed, generated / max(elapsed, 1e-9))
 
     def shutdown(self) -> None:
         self.finish_in_flight()

@@ -6,6 +6,15 @@ neighbouring stages):
     its layers, sends hidden [N, H] to the next -> last stage computes logits
     [B, V] -> its TP rank 0 samples -> tokens [S] (and logprobs) go to rank 0.
 
+With PP the stages form a pipeline: rank 0 keeps up to `pp` steps in flight
+(micro-batches of disjoint sequences), so stage 0 runs step N+1 while stage 1
+runs step N. Every rank does its host-side messages in one order: launch step
+N+1, then deliver step N. So the last stage's token send to rank 0 never meets
+rank 0 blocked in the next plan's broadcast (it would deadlock), and on a GPU
+the last stage queues N+1 before it waits for N's tokens. A rank delivers its
+oldest step when a launch fills its pipeline, or when rank 0 says so
+(`CollectOldest`: it collects with fewer steps in flight).
+
 Plans are deltas. Every rank keeps each sequence's block table; a sequence's
 sampling parameters travel once (with its first chunk), and after that a plan
 carries only the tokens to run, the blocks added since the last step, and the
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +92,11 @@ class WeightUpdate:
     directory: Path
 
 
+@dataclass(frozen=True)
+class CollectOldest:
+    """A control message in the plan stream: every rank delivers its oldest step in flight."""
+
+
 class RankWorker:
     def __init__(self, engine: RankEngine, groups: ParallelGroups):
         self.engine = engine
@@ -94,6 +109,8 @@ class RankWorker:
         self.params: dict[int, SamplingParams] = {}  # every rank: rank 0 sizes the logprobs it receives
         self.progress = StepProgress()  # read by the step watchdog's thread
         self.watchdog = None  # a StepWatchdog when the rank has peers (workers/run.py: start_worker)
+        self.depth = self.mapping.pp  # steps a rank keeps in flight: one per pipeline stage
+        self._launched: deque[tuple[StepPlan, StepResult | None]] = deque()  # oldest first
 
     def _apply(self, plan: StepPlan) -> None:
         for seq_id in plan.finished:
@@ -120,9 +137,12 @@ class RankWorker:
         asks = [k for k in asks if k is not None]
         return max(asks) if asks else None
 
-    def execute(self, plan: StepPlan) -> StepResult | None:
-        """Run this rank's part of a step. Returns the result on rank 0 only."""
-        return self._finish(plan, self._start(plan))
+    def _follow(self, plan: StepPlan) -> None:
+        """Ranks other than 0: queue the step; once `depth` are in flight deliver the oldest
+        (rank 0 collects it next, telling no one)."""
+        self._launched.append((plan, self._start(plan)))
+        if len(self._launched) >= self.depth:
+            self._finish(*self._launched.popleft())
 
     def _start(self, plan: StepPlan) -> StepResult | None:
         self.progress.begin()
@@ -296,11 +316,13 @@ class RankWorker:
 
     def serve(self) -> None:
         """Ranks other than 0: run whatever rank 0 plans until it sends None."""
-        while (plan := self.groups.world.broadcast_object(None)) is not None:
-            if isinstance(plan, WeightUpdate):
-                self._follow_weight_update(plan)
+        while (message := self.groups.world.broadcast_object(None)) is not None:
+            if isinstance(message, WeightUpdate):
+                self._follow_weight_update(message)
+            elif isinstance(message, CollectOldest):
+                self._finish(*self._launched.popleft())
             else:
-                self.execute(plan)
+                self._follow(message)
 
     def update_weights(self, directory: Path) -> float:
         """Rank 0, between steps: every rank takes the weights of the engine in `directory`; the
@@ -328,17 +350,32 @@ class RankWorker:
 
     def step(self, plan: StepPlan) -> StepResult:
         """Rank 0: broadcast the plan and run it."""
-        return self.collect(plan, self.launch(plan))
+        self.launch(plan)
+        return self.collect(plan)
 
-    def launch(self, plan: StepPlan) -> StepResult | None:
+    def launch(self, plan: StepPlan) -> None:
         """Rank 0: broadcast the plan and queue rank 0's part; `collect` waits for the result.
-        In between rank 0's host is free (the device runs the step)."""
+        In between rank 0's host is free (the device runs the step). With PP, at most one step
+        per stage: the other ranks delivered the oldest on this launch if it filled them."""
+        if self.depth > 1 and len(self._launched) >= self.depth:
+            raise RuntimeError(f"{len(self._launched)} steps in flight in a {self.depth}-stage pipeline: collect one "
+                               "before launching another. This is a bug in dist-infer's engine loop.")
         self.groups.world.broadcast_object(plan)
-        return self._start(plan)
+        self._launched.append((plan, self._start(plan)))
 
-    def collect(self, plan: StepPlan, launched: StepResult | None) -> StepResult:
-        """Rank 0: the launched step's sampled tokens (and logprobs, logits), on the host."""
+    def collect(self, plan: StepPlan) -> StepResult:
+        """Rank 0: the oldest launched step's sampled tokens (and logprobs, logits), on the host."""
+        oldest, launched = self._launched.popleft()
+        if oldest is not plan:
+            raise RuntimeError("steps are collected in the order they were launched. This is a bug in dist-infer's "
+                               "engine loop.")
+        if len(self._launched) + 1 < self.depth:  # the last launch did not fill the pipeline
+            self.groups.world.broadcast_object(CollectOldest())
         return self._finish(plan, launched)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._launched)
 
     def stop(self) -> None:
         """Rank 0: release the other ranks from `serve`."""

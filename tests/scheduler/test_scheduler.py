@@ -11,8 +11,8 @@ from dist_infer.scheduler.scheduler import PENDING_TOKEN
 BS = 4
 
 
-def _sched(blocks=64, seqs=8, tokens=64, max_len=64, prefix=True, decode_step=None) -> Scheduler:
-    return Scheduler(SchedulerConfig(seqs, tokens, max_len, decode_step), BlockManager(blocks, BS, prefix))
+def _sched(blocks=64, seqs=8, tokens=64, max_len=64, prefix=True, decode_step=None, depth=1) -> Scheduler:
+    return Scheduler(SchedulerConfig(seqs, tokens, max_len, decode_step, depth), BlockManager(blocks, BS, prefix))
 
 
 def _add(s: Scheduler, seq_id: int, n: int, first_token: int = 0) -> Sequence:
@@ -38,6 +38,8 @@ def test_config_validated():
         SchedulerConfig(1, 4, 0)
     with pytest.raises(ValueError, match="max_decode_step_tokens"):
         SchedulerConfig(1, 4, 8, 0)
+    with pytest.raises(ValueError, match="pipeline_depth"):
+        SchedulerConfig(1, 4, 8, None, 0)
 
 
 def test_prefill_then_decode_with_block_deltas():
@@ -241,3 +243,40 @@ def test_a_block_whose_last_token_is_pending_is_not_cached_yet():
     assert len(a.block_hashes) == 1  # block 2's last token id is not known yet
     _take(s, second)
     assert len(a.block_hashes) == 2
+
+
+# ---- pipelined PP: one step per stage in flight, micro-batches of disjoint sequences ----------------
+
+def test_a_pipeline_fills_its_stages_with_disjoint_micro_batches():
+    """Two stages, 2 sequences a step: the second step takes other sequences than the first (whose
+    tokens are on the last stage), and 4 run at once; a sequence comes back once its token is in."""
+    s = _sched(seqs=2, depth=2)
+    seqs = [_add(s, i, 3) for i in range(5)]
+    first, second = _launch(s), _launch(s)
+    assert [c.seq for c in first.chunks] == seqs[:2] and [c.seq for c in second.chunks] == seqs[2:4]
+    assert s.schedule().chunks == []  # 4 running (2 x 2), every one with a token on its way
+    _take(s, first)
+    third = _launch(s)
+    assert [c.seq for c in third.chunks] == seqs[:2]  # decodes of the returned ones; seqs[4] still waits
+    assert all(c.token_ids == [7] for c in third.chunks)  # their real token: no PENDING_TOKEN in a pipeline
+    _take(s, second)
+    assert [c.seq for c in _launch(s).chunks] == seqs[2:4]
+
+
+def test_a_pipeline_runs_the_next_chunk_of_a_prompt_in_the_next_micro_batch():
+    """A prefill chunk samples nothing: its sequence's next chunk can go in the next step (the stages
+    run steps in order, so its KV is written first)."""
+    s = _sched(tokens=8, depth=2)
+    a = _add(s, 0, 12)
+    first, second = _launch(s), _launch(s)
+    assert [(c.seq, c.start, c.num_tokens, c.samples) for c in first.chunks + second.chunks] == \
+        [(a, 0, 8, False), (a, 8, 4, True)]
+    assert s.schedule().chunks == []  # its token is on its way
+
+
+def test_one_stage_keeps_running_a_sequence_with_a_pending_token():
+    """Without a pipeline (async scheduling) the same sequences run again, their input read on the device."""
+    s = _sched(seqs=2)
+    a, b, _ = (_add(s, i, 3) for i in range(3))
+    _launch(s)
+    assert [(c.seq, c.token_ids) for c in _launch(s).chunks] == [(a, [PENDING_TOKEN]), (b, [PENDING_TOKEN])]

@@ -136,19 +136,14 @@ def test_a_stop_string_found_while_the_next_step_runs_ends_the_request_exactly(t
 
 def _count_overlap(engine: LLMEngine) -> list[int]:
     """Steps launched and not yet collected, seen at each launch."""
-    w, outstanding, seen = engine.worker, [0], []
-    launch, collect = w.launch, w.collect
+    w, seen = engine.worker, []
+    launch = w.launch
 
     def launched(plan):
-        outstanding[0] += 1
-        seen.append(outstanding[0])
-        return launch(plan)
+        launch(plan)
+        seen.append(w.num_in_flight)
 
-    def collected(plan, result):
-        outstanding[0] -= 1
-        return collect(plan, result)
-
-    w.launch, w.collect = launched, collected
+    w.launch = launched
     return seen
 
 
@@ -173,7 +168,7 @@ def _completions(worker, eos: set[int] | None, **options):
     try:
         done = engine.generate(_mixed_requests())
     finally:
-        del engine.worker.launch, engine.worker.collect
+        del engine.worker.launch
     assert engine.blocks.usage == 0.0 and not engine.has_unfinished()
     return [(c.output_ids, c.finish_reason) for c in done], seen, engine
 
