@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (device tool): GPU tests, then benchmarks.
-#   bash scripts/device_gpu.sh [tests|bench1|bench2|allreduce|engine|all]
+#   bash scripts/device_gpu.sh [tests|bench1|bench2|allreduce|pipeline|engine|all]
 # Needs the nccl4py wheel carried in .whl/. Logs go to $OUT.
 set -uo pipefail
 OUT=${OUT:-out/device}; mkdir -p "$OUT"
@@ -37,6 +37,22 @@ if [[ $what == allreduce ]]; then
     python3 -m dist_infer bench --model llama-3-8b --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp1.log"
     DIST_INFER_CUSTOM_ALL_REDUCE=0 mpirun "${ARGS[@]}" -x DIST_INFER_CUSTOM_ALL_REDUCE -n 2 python3 -m dist_infer bench --model llama-3-8b --tp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp2_nccl.log"
     mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench --model llama-3-8b --tp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp2_custom.log"
+fi
+if [[ $what == pipeline ]]; then
+    # Pipelined PP (two GPUs): max-load 128/128 x 1,024 on one GPU, at PP=2, and at PP=2 from the tree in
+    # $BEFORE if set (e.g. `git archive <rev> | tar -x -C .base`: stages in turn), alternated twice in one call.
+    ARGS=(--allow-run-as-root -x PYTHONPATH -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x PYTHONUNBUFFERED)
+    LOAD=(--model llama-3-8b --num-requests 1024 --input-len 128 --output-len 128)
+    for run in 1 2; do
+        python3 -m dist_infer bench "${LOAD[@]}" --output-json "$OUT/pp1_$run.json" 2>&1 | tee "$OUT/pp1_$run.log"
+        mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench "${LOAD[@]}" --pp 2 --output-json "$OUT/pp2_$run.json" 2>&1 \
+            | tee "$OUT/pp2_$run.log"
+        if [[ -n ${BEFORE:-} ]]; then
+            B=$(cd "$BEFORE" && pwd)
+            (cd "$B" && PYTHONPATH=${PYTHONPATH/$PWD/$B} mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench \
+                "${LOAD[@]}" --pp 2 --output-json "$OUT/pp2_before_$run.json") 2>&1 | tee "$OUT/pp2_before_$run.log"
+        fi
+    done
 fi
 if [[ $what == engine ]]; then
     # A real partition -> build -> load -> run on GPU (random 1B-shape Llama saved by transformers):

@@ -198,7 +198,6 @@ class LLMEngine:
         self.step_times: deque[tuple[int, float]] = deque(maxlen=STEP_HISTORY)
         self._in_flight: deque[_LaunchedStep] = deque()  # oldest first
         self._async = options.async_scheduling and spec.mapping.pp == 1  # a later stage has no sampled tokens
-        self._pipeline_depth = spec.mapping.pp  # steps in flight at once: one per stage
         self.most_in_flight = 0  # the most steps in flight at once (reset by generate())
         self._num_beam_searches = 0
         self._last_collect = 0.0
@@ -319,7 +318,7 @@ class LLMEngine:
     def _fill_pipeline(self) -> None:
         """Launch steps until each stage has one (one in all without PP or with beam searches,
         which step their beams together), or until nothing more can run before a collect."""
-        depth = 1 if self._num_beam_searches else self._pipeline_depth
+        depth = 1 if self._num_beam_searches else self.scheduler.config.pipeline_depth
         while len(self._in_flight) < depth and self._push(self._launch(in_flight=bool(self._in_flight))):
             pass
 

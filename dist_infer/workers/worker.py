@@ -115,7 +115,6 @@ class RankWorker:
     def _apply(self, plan: StepPlan) -> None:
         for seq_id in plan.finished:
             self.block_tables.pop(seq_id, None)
-            self.params.pop(seq_id, None)
             if self.sampler is not None:
                 self.sampler.drop(seq_id)
         for seq_id in plan.preempted:
@@ -150,6 +149,10 @@ class RankWorker:
 
     def _finish(self, plan: StepPlan, launched: StepResult | None) -> StepResult | None:
         result = self._deliver(plan, launched)
+        # A sequence finished by this plan may be in the steps launched before it (a stop string or
+        # an abort ends a request between steps): rank 0 sized their outputs by its parameters.
+        for seq_id in plan.finished:
+            self.params.pop(seq_id, None)
         self.progress.end()
         return result
 

@@ -280,3 +280,4 @@ def test_one_stage_keeps_running_a_sequence_with_a_pending_token():
     a, b, _ = (_add(s, i, 3) for i in range(3))
     _launch(s)
     assert [(c.seq, c.token_ids) for c in _launch(s).chunks] == [(a, [PENDING_TOKEN]), (b, [PENDING_TOKEN])]
+

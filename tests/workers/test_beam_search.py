@@ -38,8 +38,8 @@ _REFERENCES: dict = {}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_dir):
     """A tiny Llama whose EOS is a token its beams produce early (so hypotheses end before the
-    length limit), with SmolLM2's tokenizer (so served answers are text), partitioned for TP=1
-    and TP=2 and built with 4-token KV blocks."""
+    length limit), with SmolLM2's tokenizer (so served answers are text), partitioned for TP=1,
+    TP=2 and PP=2 and built with 4-token KV blocks."""
     import shutil
 
     root = tmp_path_factory.mktemp("beams")
@@ -51,14 +51,15 @@ def tiny(tmp_path_factory, smollm2_dir):
     model.save_pretrained(root / "hf")  # the engine reads its EOS from here
     model.config.eos_token_id = model.generation_config.eos_token_id = None  # references pass theirs
     engines = {tp: _engine(root, tp) for tp in (1, 2)}
+    engines["pp2"] = _engine(root, 1, pp=2)
     return model, eos, engines
 
 
-def _engine(root: Path, tp: int) -> Path:
+def _engine(root: Path, tp: int, pp: int = 1) -> Path:
     from dist_infer.partition import partition
 
-    ckpt = partition(root / "hf", tp, 1, root / f"ckpt-tp{tp}", progress=False)
-    return build_in_process(ckpt, root / f"engine-tp{tp}", "--max-batch-size", "8", "--max-seq-len", "64",
+    ckpt = partition(root / "hf", tp, pp, root / f"ckpt-tp{tp}pp{pp}", progress=False)
+    return build_in_process(ckpt, root / f"engine-tp{tp}pp{pp}", "--max-batch-size", "8", "--max-seq-len", "64",
                             "--kv-block-size", str(BLOCK))
 
 
@@ -174,10 +175,12 @@ def test_a_scheduler_stall_fails_loudly_instead_of_spinning(tiny, monkeypatch):
         tight.generate(PRESSURE_REQUESTS)
 
 
-def test_under_mpirun_at_tp2(tiny, tmp_path):
-    """`mpirun -n 2 dist-infer run --num-beams 2` (TP=2) prints transformers' beams."""
+@pytest.mark.parametrize("layout", [2, "pp2"], ids=["tp2", "pp2"])
+def test_under_mpirun(tiny, tmp_path, layout):
+    """`mpirun -n 2 dist-infer run --num-beams 2` at TP=2, and at PP=2 (a pipeline keeps one step
+    in flight while beam searches run: their beams step together), prints transformers' beams."""
     path = write_prompts(tmp_path / "p.jsonl", PROMPTS)
-    proc = run_cli("run", "--engine", str(tiny[2][2]), "--prompts-file", str(path), "--json", "--max-new-tokens",
+    proc = run_cli("run", "--engine", str(tiny[2][layout]), "--prompts-file", str(path), "--json", "--max-new-tokens",
                    str(NEW), "--num-beams", "2", "--length-penalty", "2.0", "--early-stopping", "never", world=2,
                    timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -288,6 +288,27 @@ def test_stdin_prompts_under_mpirun_are_refused_not_hung(smollm2_engine):
     assert "Traceback" not in proc.stderr
 
 
+def test_smollm2_stop_strings_while_a_pipeline_runs_two_micro_batches(smollm2_engine, smol, tmp_path):
+    """PP=2 with 12 prompts over a batch of 8: two micro-batches in flight. A stop string found in a
+    step's text finishes its request while the request's next step is already launched (the ranks
+    forget it with a later plan, and rank 0 still receives that step's tokens for it)."""
+    refs, tok = smol
+    ids, ref, _ = refs[1]
+    full = tok.decode(ref, skip_special_tokens=True)
+    stop = next(w for w in (w.strip(".,!?\n") for w in full.split()[3:]) if len(w) >= 3 and full.count(w) == 1)
+    prompts = [refs[i % 3][0] for i in range(12)]
+    proc = run_cli("--log-level", "INFO", "run", "--engine", str(smollm2_engine(1, 2)), "--json", "--max-new-tokens",
+                   str(SMOL_NEW), "--prompts-file", str(write_prompts(tmp_path / "p.jsonl", prompts)), "--stop", stop,
+                   world=2, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(at most 2 in flight)" in proc.stderr
+    for i, c in enumerate(completions(proc)):
+        text = tok.decode(refs[i % 3][1], skip_special_tokens=True)
+        assert c["text"] == (text.split(stop)[0] if stop in text else text), f"prompt {i}"
+        assert c["finish_reason"] == ("stop" if stop in text else refs[i % 3][2])
+    assert sum(stop in tok.decode(refs[i % 3][1], skip_special_tokens=True) for i in range(12)) >= 4
+
+
 def test_smollm2_stop_string(smollm2_engine, smol):
     """A stop string taken from the reference answer cuts the text before it and ends with "stop"."""
     refs, tok = smol
