@@ -10,8 +10,9 @@ Each step:
 
 With pipeline parallelism several steps are in flight at once, one per stage
 (`pipeline_depth`): each is a micro-batch of its own sequences. A sequence whose
-sampled token is still on its way sits out until it is back, so consecutive
-steps share no sequence and up to `pipeline_depth x max_num_seqs` run at once.
+sampled token is still on its way sits out until it is back (also when it was
+preempted meanwhile), so the steps in flight sample disjoint sequences and up
+to `pipeline_depth x max_num_seqs` run at once.
 
 So a long prompt is spread over several steps and never stalls the decoding
 streams, and the tokens one step runs (hence its activation memory) are bounded
@@ -151,6 +152,8 @@ class Scheduler:
         active, most = self._num_active(), self.config.max_num_seqs * self.config.pipeline_depth
         while self.waiting and budget > 0 and active < most and len(chunks) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not self._can_run(seq):
+                return  # preempted while its step is in flight: back with its token first
             self.blocks.take_cached_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.allocate(seq, n):

@@ -6,7 +6,7 @@ every rank as one delta StepPlan; the sampled tokens come back and each
 request's detokenizer and stop checks run on them. `generate(list)` is a
 thin loop over `step()` for `dist-infer run` and `bench`.
 
-One step is always in flight: `step()` collects the launched step's tokens,
+A step is always in flight: `step()` collects the oldest launched step's tokens,
 records them (EOS and length finishes), launches the next step, and only then
 detokenizes and checks stop strings, so the device computes while rank 0
 turns tokens into text. A request that a stop string (or an abort) finishes
