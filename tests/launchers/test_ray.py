@@ -28,7 +28,7 @@ except ImportError:
 def _ray_installed():
     require(None if ray is not None else 'Ray is not installed: pip install "ray[default]"')
 
-STEPS_RE = re.compile(r"(\d+) tokens in (\d+) steps, ([\d.]+) s")
+STEPS_RE = re.compile(r"(\d+) tokens in (\d+) steps \(at most \d+ in flight\), ([\d.]+) s")
 
 
 @contextlib.contextmanager
