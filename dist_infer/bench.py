@@ -29,7 +29,7 @@ from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import LaunchError
 from dist_infer.presets import preset_hf_config
-from dist_infer.workers.llm_engine import EngineOptions, LLMEngine, Request
+from dist_infer.workers.llm_engine import EngineOptions, LLMEngine, Request, resolve_pipeline_depth
 from dist_infer.workers.run import freeze_startup_objects
 from dist_infer.workers.worker import RankWorker
 
@@ -246,7 +246,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
               dtype: str = "bfloat16", baseline: str | None = None, cuda_graphs: bool = True,
               warmup: int = 1, engine_dir: Path | None = None, kv_cache: KVCacheConfig | None = None,
               max_load: MaxLoad | None = None, report: BenchReport | None = None,
-              async_scheduling: bool = True) -> int:
+              async_scheduling: bool = True, pipeline_depth: int | None = None) -> int:
     report = report or BenchReport()
     world = world_from_launch()
     device = torch.device(collective_call(world, lambda: resolve_device("cuda", world.rank)))
@@ -256,6 +256,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         spec = collective_call(world, lambda: EngineSpec.read(engine_dir))
         collective_call(world, lambda: spec.check_world(world.size))
         collective_call(world, lambda: check_max_load(max_load, spec.build.max_batch_size))
+        collective_call(world, lambda: resolve_pipeline_depth(pipeline_depth, spec.mapping.pp))
         hf_config = engine_hf_config(engine_dir, spec.model.vocab_size) if baseline == "hf" else None
         model_cfg, dtype, preset = spec.model, spec.build.dtype, str(engine_dir)
         tp, pp = spec.mapping.tp, spec.mapping.pp
@@ -269,6 +270,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
         hf_config = preset_config(preset)
         model_cfg = ModelConfig.from_hf(hf_config)
         check_layout(model_cfg, tp, pp)
+        resolve_pipeline_depth(pipeline_depth, pp)
         max_batch = (max_load.max_batch or 512) if max_load else max(batch_sizes)
         build = BuildConfig(dtype=dtype, max_batch_size=max_batch,
                             max_seq_len=input_len + output_len + 16, kv_block_size=16)
@@ -299,11 +301,13 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     if max_load:
         row = dict(model_name=preset, world_size=world.size, tp=tp, pp=pp, precision=dtype,
                    quant=spec.build.quant or "none", kv_cache_dtype=engine_kv_dtype, kv_cache_blocks=kv_blocks,
-                   input_length=input_len, output_length=output_len, async_scheduling=async_scheduling)
-        return _bench_max_load(worker, spec, max_load, row, model_cfg.vocab_size, device, report, async_scheduling)
+                   input_length=input_len, output_length=output_len, async_scheduling=async_scheduling,
+                   pipeline_depth=pipeline_depth or pp)
+        return _bench_max_load(worker, spec, max_load, row, model_cfg.vocab_size, device, report, async_scheduling,
+                               pipeline_depth)
     # As before the step-wise engine: every prompt prefilled in one step, no prefix reuse between repeats.
     options = EngineOptions(max_num_batched_tokens=max(batch_sizes) * input_len, enable_prefix_caching=False,
-                            async_scheduling=async_scheduling)
+                            async_scheduling=async_scheduling, pipeline_depth=pipeline_depth)
     llm = LLMEngine(worker, spec, options=options)
     gen = torch.Generator().manual_seed(0)
     results = []
@@ -365,12 +369,13 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
 
 
 def _bench_max_load(worker: RankWorker, spec: EngineSpec, max_load: MaxLoad, row: dict, vocab_size: int,
-                    device: torch.device, report: BenchReport, async_scheduling: bool = True) -> int:
+                    device: torch.device, report: BenchReport, async_scheduling: bool = True,
+                    pipeline_depth: int | None = None) -> int:
     # Throughput, not inter-token latency: steps that decode may take prefill chunks up to the whole
     # token budget (eager past the largest mixed CUDA graph), as trtllm-bench's max_num_tokens does.
     tokens = max_load.max_num_batched_tokens
     options = EngineOptions(tokens, False, max_decode_step_tokens=tokens, max_num_seqs=max_load.max_batch,
-                            async_scheduling=async_scheduling)
+                            async_scheduling=async_scheduling, pipeline_depth=pipeline_depth)
     llm = LLMEngine(worker, spec, options=options)
     torch.cuda.reset_peak_memory_stats(device)
     requests = max_load_requests(max_load.num_requests, row["input_length"], row["output_length"], vocab_size)

@@ -87,7 +87,7 @@ def _rank_engine_options(args) -> dict:
     """workers.run.RankEngineOptions' fields from the flags `run` and `serve` share."""
     return dict(verify=not args.no_verify, device=args.device, max_num_batched_tokens=args.max_num_batched_tokens,
                 prefix_cache=not args.no_prefix_cache, async_scheduling=not args.no_async_scheduling,
-                num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout)
+                pipeline_depth=args.pipeline_depth, num_kv_blocks=args.num_kv_blocks, kv_cache=_kv_cache_config(args), step_timeout=args.step_timeout)
 
 
 def _serve(args) -> int:
@@ -161,7 +161,7 @@ def _bench(args) -> int:
                      dtype=args.dtype, baseline=args.baseline, cuda_graphs=not args.no_cuda_graphs,
                      engine_dir=Path(args.engine) if args.engine else None, kv_cache=_kv_cache_config(args),
                      max_load=_max_load(args), report=BenchReport(output_json),
-                     async_scheduling=not args.no_async_scheduling)
+                     async_scheduling=not args.no_async_scheduling, pipeline_depth=args.pipeline_depth)
 
 
 def _max_load(args):
@@ -364,6 +364,9 @@ def _async_scheduling_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="plan each step only after the previous one's tokens are back on the host (by default the "
                         "next step is queued while one runs; single-stage engines, beam search steps in turn)")
+    p.add_argument("--pipeline-depth", type=_int_at_least(1), default=None, metavar="N",
+                   help="pipeline-parallel engines: steps in flight at once, each a micro-batch of its own "
+                        "sequences (default: one per stage, so every stage works; 1: the stages run in turn)")
 
 
 def _kv_cache_args(p: argparse.ArgumentParser) -> None:
@@ -378,7 +381,7 @@ def _kv_cache_args(p: argparse.ArgumentParser) -> None:
                         "memory) that the KV pool may take (default 0.9); ignored on CPU")
     p.add_argument("--kv-cache-bytes", type=_byte_size, default=None, metavar="SIZE",
                    help="at most this much KV pool per rank (e.g. 4GiB); with the fraction, the smaller wins. "
-                        "The pool never exceeds max_batch_size full-length sequences")
+                        "The pool never exceeds max_batch_size full-length sequences per pipeline stage")
 
 
 def _restart_args(p: argparse.ArgumentParser) -> None:

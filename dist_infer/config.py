@@ -352,7 +352,7 @@ class KVCacheConfig:
         GPU only: a CPU rank has no comparable number and ignores it (with a warning).
     max_bytes: at most this many bytes of pool per rank (None: no byte cap); on CPU the
         only budget. With both, the smaller wins, as in TensorRT-LLM.
-    The pool never exceeds max_batch_size full-length sequences, and every rank
+    The pool never exceeds max_batch_size full-length sequences per pipeline stage, and every rank
     takes the block count of the tightest rank.
     """
 

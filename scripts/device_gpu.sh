@@ -39,14 +39,17 @@ if [[ $what == allreduce ]]; then
     mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench --model llama-3-8b --tp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp2_custom.log"
 fi
 if [[ $what == pipeline ]]; then
-    # Pipelined PP (two GPUs): max-load 128/128 x 1,024 on one GPU, at PP=2, and at PP=2 from the tree in
-    # $BEFORE if set (e.g. `git archive <rev> | tar -x -C .base`: stages in turn), alternated twice in one call.
+    # Pipelined PP (two GPUs): max-load 128/128 x 1,024 on one GPU, and at PP=2 with the stages in turn
+    # (--pipeline-depth 1), one micro-batch per stage (the default) and three micro-batches; with $BEFORE
+    # (e.g. `git archive <rev> | tar -x -C .base`) also PP=2 from that tree. Alternated twice in one call.
     ARGS=(--allow-run-as-root -x PYTHONPATH -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -x PYTHONUNBUFFERED)
     LOAD=(--model llama-3-8b --num-requests 1024 --input-len 128 --output-len 128)
     for run in 1 2; do
         python3 -m dist_infer bench "${LOAD[@]}" --output-json "$OUT/pp1_$run.json" 2>&1 | tee "$OUT/pp1_$run.log"
-        mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench "${LOAD[@]}" --pp 2 --output-json "$OUT/pp2_$run.json" 2>&1 \
-            | tee "$OUT/pp2_$run.log"
+        for depth in 1 2 3; do
+            mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench "${LOAD[@]}" --pp 2 --pipeline-depth $depth \
+                --output-json "$OUT/pp2_depth${depth}_$run.json" 2>&1 | tee "$OUT/pp2_depth${depth}_$run.log"
+        done
         if [[ -n ${BEFORE:-} ]]; then
             B=$(cd "$BEFORE" && pwd)
             (cd "$B" && PYTHONPATH=${PYTHONPATH/$PWD/$B} mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench \

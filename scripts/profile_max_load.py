@@ -21,6 +21,7 @@ from dist_infer.bench import max_load_requests, preset_config, random_rank_weigh
 from dist_infer.comm import LocalCommunicator, ParallelGroups
 from dist_infer.config import BuildConfig, Mapping, ModelConfig
 from dist_infer.engine.build import DTYPES
+from dist_infer.engine.kv_cache import StepBatch
 from dist_infer.engine.model import StageModel
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.workers.llm_engine import EngineOptions, LLMEngine
@@ -28,6 +29,7 @@ from dist_infer.workers.run import freeze_startup_objects
 from dist_infer.workers.worker import RankWorker
 
 PHASES = ("_collect", "_record", "_launch", "_outputs")  # LLMEngine methods the step loop runs in turn
+INNER = ("schedule", "build")  # host work inside _launch: the scheduler's plan, the step's index tensors
 
 
 def timed(phases: dict[str, float], name: str, fn):
@@ -139,6 +141,9 @@ def main() -> None:
     collections_by_gen = watch_gc()
     for name in PHASES:
         setattr(llm, name, timed(phases, name, getattr(llm, name)))
+    llm.scheduler.schedule = timed(phases, "schedule", llm.scheduler.schedule)
+    build = StepBatch.build
+    StepBatch.build = staticmethod(timed(phases, "build", build))
     engine.step_events = [] if gpu_events else None
     launches: list[tuple[float, int, int]] = []  # (host time at launch, tokens, sequences) of steps that run
     launch = llm.worker.launch
@@ -173,7 +178,7 @@ def main() -> None:
     print(f"  GPU busy {busy:.2f} s of {result.wall_s:.2f} s ({100 * busy / result.wall_s:.0f} %)")
     for gen, (count, seconds) in sorted(collections_by_gen.items()):
         print(f"  host gc gen {gen}: {count:5d} collections, {seconds:6.3f} s")
-    for name in PHASES:
+    for name in PHASES + INNER:
         print(f"  host {name:>9}: {phases[name]:6.2f} s, {1e3 * phases[name] / result.steps:6.2f} ms a step")
     if args.timeline and gpu_events:
         write_timeline(args.timeline, launches[-len(events):], events)

@@ -99,8 +99,9 @@ class EngineSpec:
 
     @property
     def num_kv_blocks(self) -> int:
-        """Enough for max_batch_size full-length sequences, plus the scratch block 0."""
-        return self.build.max_batch_size * self.blocks_per_seq + 1
+        """Enough for max_batch_size full-length sequences per pipeline stage (a pipeline runs one
+        micro-batch of up to max_batch_size per stage), plus the scratch block 0."""
+        return self.build.max_batch_size * self.mapping.pp * self.blocks_per_seq + 1
 
 
 def kv_budget_bytes(config: KVCacheConfig, free_bytes: int | None, reserved_bytes: int = 0) -> float | None:
@@ -116,7 +117,7 @@ def kv_budget_bytes(config: KVCacheConfig, free_bytes: int | None, reserved_byte
 
 def kv_pool_blocks(wanted: int, block_bytes: int, config: KVCacheConfig, free_bytes: int | None = None,
                    reserved_bytes: int = 0) -> int:
-    """One rank's KV pool in blocks: `wanted` (max_batch_size full-length sequences plus
+    """One rank's KV pool in blocks: `wanted` (max_batch_size full-length sequences per stage plus
     the scratch block), or what the budget holds if that is fewer. An FP8 pool's blocks
     are half the bytes of a bf16 pool's, so the same budget holds twice the blocks."""
     budget = kv_budget_bytes(config, free_bytes, reserved_bytes)
@@ -187,7 +188,7 @@ class RankEngine:
                               "--kv-cache-bytes), halve its bytes per token (--kv-cache-dtype fp8), rebuild with a "
                               "smaller --max-seq-len, or spread the model over more GPUs (larger tp or pp).")
         if num_blocks < self.spec.num_kv_blocks:
-            log.warning("KV pool holds %d blocks (%d tokens), less than max_batch_size x max_seq_len; the scheduler "
+            log.warning("KV pool holds %d blocks (%d tokens), less than max_batch_size x pp x max_seq_len; the scheduler "
                         "admits requests as blocks free up", num_blocks, num_blocks * self.spec.build.kv_block_size)
         self.cache = PagedKVCache(len(self.model.layer_ids), num_blocks, self.spec.build.kv_block_size,
                                   self.kv_heads, self.spec.model.head_dim, self.dtype, self.device,
@@ -353,7 +354,7 @@ def load_rank_engine(spec: EngineSpec, groups: ParallelGroups, device: str = "cp
     engine = collective_call(world, lambda: RankEngine(spec, groups, device, verify, weights, kv_cache))
     if kv_cache.free_gpu_memory_fraction is not None and engine.device.type != "cuda" and world.rank == 0:
         log.warning("--kv-cache-free-gpu-memory-fraction sizes a GPU's pool and is ignored on CPU; the CPU pool "
-                    "holds max_batch_size full-length sequences, or what --kv-cache-bytes allows")
+                    "holds max_batch_size x pp full-length sequences, or what --kv-cache-bytes allows")
     blocks = min(collective_call(world, engine.kv_blocks_that_fit, gather=True))
     blocks = min(blocks, max_kv_blocks or blocks)
     collective_call(world, lambda: engine.allocate(blocks, cuda_graphs))

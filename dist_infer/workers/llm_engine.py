@@ -29,7 +29,7 @@ import torch
 
 from dist_infer.engine.runtime import EngineSpec
 from dist_infer.engine.sampling import Logprobs, SamplingParams
-from dist_infer.errors import RequestError
+from dist_infer.errors import LaunchError, RequestError
 from dist_infer.scheduler import (BlockManager, IncrementalDetokenizer, ScheduledChunk, Scheduler, SchedulerConfig,
                                   Sequence, SequenceStatus)
 from dist_infer.workers.beam_search import BeamSearch, BeamSearchParams
@@ -40,6 +40,15 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 STEP_HISTORY = 100_000  # step timings kept (a server runs for weeks)
+
+
+def resolve_pipeline_depth(requested: int | None, pp: int) -> int:
+    """Steps in flight at once (--pipeline-depth): by default one per pipeline stage; 1 runs the
+    stages in turn. Checked before any rank loads (serve, bench) and again by LLMEngine (run)."""
+    if requested is not None and requested > 1 and pp == 1:
+        raise LaunchError(f"--pipeline-depth {requested} needs a pipeline-parallel engine, and this one has pp=1 (a "
+                          "single stage keeps its next step queued by async scheduling); drop the flag.")
+    return requested or pp
 
 
 def mixed_graph_tokens(engine) -> int | None:
@@ -76,6 +85,7 @@ class EngineOptions:
     # Plan and launch step N+1 while step N runs, its decode inputs read from N's tokens on the
     # device, so the host's bookkeeping hides behind the GPU (one pipeline stage; beams step in turn).
     async_scheduling: bool = True
+    pipeline_depth: int | None = None  # PP: steps in flight at once (None: one per stage; 1: stages in turn)
 
 
 @dataclass
@@ -180,10 +190,11 @@ class LLMEngine:
         build = spec.build
         self.max_seq_len = build.max_seq_len
         tokens = options.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, build.max_batch_size)
+        depth = resolve_pipeline_depth(options.pipeline_depth, spec.mapping.pp)
         try:
             decode_step = options.max_decode_step_tokens or mixed_graph_tokens(worker.engine)
             seqs = min(options.max_num_seqs or build.max_batch_size, build.max_batch_size)
-            config = SchedulerConfig(seqs, tokens, build.max_seq_len, decode_step, spec.mapping.pp)
+            config = SchedulerConfig(seqs, tokens, build.max_seq_len, decode_step, depth)
         except ValueError as exc:
             raise RequestError(f"--max-num-batched-tokens: {exc}") from exc
         self.blocks = BlockManager(worker.engine.cache.num_blocks, build.kv_block_size, options.enable_prefix_caching)
@@ -332,7 +343,8 @@ class LLMEngine:
         """Plan and queue a step (`in_flight`: steps are still running, whose samples are pending)."""
         scheduled = self.scheduler.schedule()
         plan = StepPlan([self._chunk_work(c) for c in scheduled.chunks], [s.seq_id for s in scheduled.preempted],
-                        scheduled.freed_ids, share_tokens=self._async)
+                        scheduled.freed_ids, share_tokens=self._async,
+                        pipeline_depth=self.scheduler.config.pipeline_depth)
         if not plan.chunks and not plan.finished and not plan.preempted:
             if not in_flight:  # (with a step in flight its tokens are what the rest waits for)
                 self._check_not_stalled()

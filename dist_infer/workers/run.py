@@ -38,6 +38,7 @@ class RankEngineOptions:
     max_num_batched_tokens: int | None = None
     prefix_cache: bool = True
     async_scheduling: bool = True
+    pipeline_depth: int | None = None
     num_kv_blocks: int | None = None
     kv_cache: KVCacheConfig = KVCacheConfig()  # --kv-cache-dtype / -free-gpu-memory-fraction / -bytes
     step_timeout: float | None = None  # None: watchdog.default_step_timeout(device)
@@ -47,7 +48,8 @@ class RankEngineOptions:
                             step_timeout=self.step_timeout)
 
     def engine_options(self) -> EngineOptions:
-        return EngineOptions(self.max_num_batched_tokens, self.prefix_cache, async_scheduling=self.async_scheduling)
+        return EngineOptions(self.max_num_batched_tokens, self.prefix_cache, async_scheduling=self.async_scheduling,
+                             pipeline_depth=self.pipeline_depth)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dist_infer.errors import LaunchError
 from dist_infer.log import launch_rank
 from dist_infer.workers.engine_loop import ENGINE_KEY_ENV, EngineAddresses, EngineLoop, engine_key, engine_key_env
 from dist_infer.workers.watchdog import default_step_timeout, naming_lost_ranks
-from dist_infer.workers.llm_engine import LLMEngine
+from dist_infer.workers.llm_engine import LLMEngine, resolve_pipeline_depth
 from dist_infer.workers.run import RankEngineOptions
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ def check_serve_options(opts: ServeOptions, launcher: str | None = None) -> None
     if opts.num_kv_blocks is not None and opts.num_kv_blocks < spec.blocks_per_seq + 1:
         raise LaunchError(f"--num-kv-blocks {opts.num_kv_blocks} cannot hold one {spec.build.max_seq_len}-token "
                           f"sequence; use at least {spec.blocks_per_seq + 1}.")
+    resolve_pipeline_depth(opts.pipeline_depth, spec.mapping.pp)
     tokens = opts.max_num_batched_tokens
     if tokens is not None and tokens < spec.build.max_batch_size:
         raise LaunchError(f"--max-num-batched-tokens {tokens} is below the engine's max batch size "

@@ -69,6 +69,8 @@ class StepPlan:
     # Keep this step's sampled tokens on the device (every TP rank gets a copy): the next plan,
     # made before they reach the host, runs them as its PENDING_TOKEN inputs (one stage only).
     share_tokens: bool = False
+    # Steps rank 0 keeps in flight: a rank delivers its oldest once it holds this many (PP: one per stage).
+    pipeline_depth: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -109,7 +111,7 @@ class RankWorker:
         self.params: dict[int, SamplingParams] = {}  # every rank: rank 0 sizes the logprobs it receives
         self.progress = StepProgress()  # read by the step watchdog's thread
         self.watchdog = None  # a StepWatchdog when the rank has peers (workers/run.py: start_worker)
-        self.depth = self.mapping.pp  # steps a rank keeps in flight: one per pipeline stage
+        self.depth = 1  # rank 0: the pipeline depth of the plans it launches
         self._launched: deque[tuple[StepPlan, StepResult | None]] = deque()  # oldest first
 
     def _apply(self, plan: StepPlan) -> None:
@@ -137,10 +139,10 @@ class RankWorker:
         return max(asks) if asks else None
 
     def _follow(self, plan: StepPlan) -> None:
-        """Ranks other than 0: queue the step; once `depth` are in flight deliver the oldest
-        (rank 0 collects it next, telling no one)."""
+        """Ranks other than 0: queue the step; once the plan's depth are in flight deliver the
+        oldest (rank 0 collects it next, telling no one)."""
         self._launched.append((plan, self._start(plan)))
-        if len(self._launched) >= self.depth:
+        if len(self._launched) >= plan.pipeline_depth:
             self._finish(*self._launched.popleft())
 
     def _start(self, plan: StepPlan) -> StepResult | None:
@@ -360,9 +362,10 @@ class RankWorker:
         """Rank 0: broadcast the plan and queue rank 0's part; `collect` waits for the result.
         In between rank 0's host is free (the device runs the step). With PP, at most one step
         per stage: the other ranks delivered the oldest on this launch if it filled them."""
-        if self.depth > 1 and len(self._launched) >= self.depth:
-            raise RuntimeError(f"{len(self._launched)} steps in flight in a {self.depth}-stage pipeline: collect one "
-                               "before launching another. This is a bug in dist-infer's engine loop.")
+        if plan.pipeline_depth > 1 and len(self._launched) >= plan.pipeline_depth:
+            raise RuntimeError(f"{len(self._launched)} steps in flight in a pipeline of {plan.pipeline_depth}: collect "
+                               "one before launching another. This is a bug in dist-infer's engine loop.")
+        self.depth = plan.pipeline_depth
         self.groups.world.broadcast_object(plan)
         self._launched.append((plan, self._start(plan)))
 

@@ -80,6 +80,16 @@ def _pool_blocks(spec: EngineSpec, config: KVCacheConfig) -> int:
 BF16_BLOCK = 2 * 4 * 4 * 2 * 16 * 2  # K and V, layers, tokens, KV heads, head dim, bytes
 
 
+def test_a_pipeline_wants_a_batch_of_full_sequences_per_stage(bf16_engine):
+    """At PP=2 two micro-batches of max_batch_size run at once: the engine wants room for both."""
+    from dataclasses import replace
+
+    from dist_infer.config import Mapping
+
+    assert bf16_engine.num_kv_blocks == 4 * 16 + 1
+    assert replace(bf16_engine, mapping=Mapping(1, 2)).num_kv_blocks == 2 * 4 * 16 + 1
+
+
 def test_loaded_fp8_pool_has_twice_the_blocks_of_bf16_in_the_same_bytes(bf16_engine):
     assert _pool_blocks(bf16_engine, KVCacheConfig()) == 65  # no budget on CPU: what the engine can use
     budget = 20 * BF16_BLOCK

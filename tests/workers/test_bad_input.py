@@ -192,6 +192,15 @@ def test_stop_without_tokenizer(engine1, tmp_path):
     assert "contains a literal backslash" in proc.stderr and "$'\\n'" in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_pipeline_depth_on_a_one_stage_engine(engine1, tmp_path, command):
+    prompts = write_prompts(tmp_path / "p.jsonl", [[1, 2, 3]])
+    args = ["--prompts-file", str(prompts)] if command == "run" else ["--port", "1"]
+    proc = run_cli(command, "--engine", str(engine1), "--pipeline-depth", "2", *args, timeout=TIMEOUT)
+    assert_clean_failure(proc, "--pipeline-depth 2 needs a pipeline-parallel engine", "pp=1", "drop the flag")
+    assert proc.returncode == 2
+
+
 def test_missing_and_malformed_prompt_files(engine1, tmp_path):
     proc = run_cli("run", "--engine", str(engine1), "--prompts-file", str(tmp_path / "nope.jsonl"), timeout=TIMEOUT)
     assert_clean_failure(proc, "nope.jsonl does not exist")
@@ -223,8 +232,9 @@ def assert_refused(proc, *words):
     (["--stop", ""], ["argument --stop", "empty stop string"]),
     (["--prompt", "hi", "--prompt", "  "], ["prompt 1 (--prompt number 2) is empty"]),
     (["--step-timeout", "0"], ["argument --step-timeout", "must be a positive number of seconds"]),
+    (["--pipeline-depth", "0"], ["argument --pipeline-depth", "must be >= 1"]),
 ], ids=["negative-temperature", "nan-temperature", "top-p-2", "top-p-0", "negative-top-k", "max-new-tokens-0",
-        "kv-blocks-0", "device-tpu", "empty-stop", "empty-prompt", "step-timeout-0"])
+        "kv-blocks-0", "device-tpu", "empty-stop", "empty-prompt", "step-timeout-0", "pipeline-depth-0"])
 def test_bad_run_arguments_refused_at_parse_time(tmp_path, args, words):
     proc = run_cli("run", "--engine", str(tmp_path / "never-read"), *args, timeout=30)
     assert_refused(proc, *words)

@@ -189,21 +189,23 @@ def test_seeded_sampling_reproducible_across_runs_and_layouts(engines, tiny, tmp
     assert all(0 <= t < VOCAB for seq in a + d for t in seq)
 
 
-def test_in_flight_batching_more_prompts_than_max_batch(engines, tiny, tmp_path):
+@pytest.mark.parametrize("depth,in_flight", [(None, 2), ("1", 1), ("3", 3)], ids=["default", "in-turn", "depth-3"])
+def test_in_flight_batching_more_prompts_than_max_batch(engines, tiny, tmp_path, depth, in_flight):
     """--max-batch-size 2 with 5 prompts: sequences finish at different steps
     (max_new_tokens or the max_seq_len limit), waiting prompts are admitted into
     a running batch and reuse freed KV blocks; each still gets exactly its
     single-prompt reference tokens. With PP=2 the stages run two micro-batches
-    of 2 sequences at once (pipelined PP)."""
+    of 2 sequences at once (pipelined PP); --pipeline-depth 1 runs them in turn,
+    3 keeps a third micro-batch queued."""
     engine = engines.get(tiny["mistral"][0], 2, 2, "--max-batch-size", "2", "--max-seq-len", "32",
                          "--kv-block-size", "4")
     prompts = _prompts([3, 9, 25, 17, 12], seed=99)
     proc = run_cli("--log-level", "INFO", "run", "--engine", str(engine), "--prompts-file",
                    str(write_prompts(tmp_path / "p.jsonl", prompts)),
-                   "--json", "--max-new-tokens", "20", "--ignore-eos", world=4, timeout=TIMEOUT)
+                   "--json", "--max-new-tokens", "20", "--ignore-eos", *(["--pipeline-depth", depth] if depth else []),
+                   world=4, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # pipelined PP: both stages had a micro-batch (2 sequences each, 4 running)
-    assert "(at most 2 in flight)" in proc.stderr, proc.stderr[-3000:]
+    assert f"(at most {in_flight} in flight)" in proc.stderr, proc.stderr[-3000:]
     outs = completions(proc)
     assert len(outs) == 5
     for i, (c, p) in enumerate(zip(outs, prompts)):
