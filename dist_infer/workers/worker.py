@@ -360,8 +360,8 @@ class RankWorker:
 
     def launch(self, plan: StepPlan) -> None:
         """Rank 0: broadcast the plan and queue rank 0's part; `collect` waits for the result.
-        In between rank 0's host is free (the device runs the step). With PP, at most one step
-        per stage: the other ranks delivered the oldest on this launch if it filled them."""
+        In between rank 0's host is free (the device runs the step). With PP, at most the plan's
+        pipeline_depth steps: the other ranks delivered the oldest on this launch if it filled them."""
         if plan.pipeline_depth > 1 and len(self._launched) >= plan.pipeline_depth:
             raise RuntimeError(f"{len(self._launched)} steps in flight in a pipeline of {plan.pipeline_depth}: collect "
                                "one before launching another. This is a bug in dist-infer's engine loop.")
