@@ -8,6 +8,7 @@ tokens are concatenated into one [N] batch.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -56,20 +57,33 @@ class StepBatch:
                 raise ValueError(f"sequence {i}: {end} tokens but only {len(table)} blocks of {block_size}")
             ids.extend(tokens)
             positions.extend(range(start, end))
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            if end - start == 1:  # a decode (most rows of a large step): no generator
+                slots.append(table[start // block_size] * block_size + start % block_size)
+            else:
+                slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
             starts.append(starts[-1] + len(tokens))
             ctx.append(end)
             tables.extend(table + [0] * (max_blocks - len(table)))
         lists = [ids, positions, slots, [s - 1 for s in starts[1:]], ctx, starts, tables]
-        # Each part starts 16-byte aligned (an even int64 offset): Triton specializes a kernel on its
-        # pointers' alignment, and parts at step-dependent offsets would compile new variants mid-run.
-        packed = torch.tensor([v for part in lists for v in part + [0] * (len(part) % 2)], dtype=torch.int64)
+        packed = torch.frombuffer(_pack_aligned(lists), dtype=torch.int64)
         if torch.device(device).type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
         parts = [p[: len(part)] for p, part in zip(packed.split([len(x) + len(x) % 2 for x in lists]), lists)]
         b = len(seqs)
         return cls(parts[0], parts[1], parts[2], parts[6].view(b, max_blocks), starts, ctx, parts[3], parts[4],
                    parts[5])
+
+
+def _pack_aligned(parts: list[list[int]]) -> array:
+    """The parts back to back as int64, each starting 16-byte aligned (an even offset): Triton
+    specializes a kernel on its pointers' alignment, and parts at step-dependent offsets would
+    compile new variants mid-run. (array's C loop: half the host time of a list of every value.)"""
+    packed = array("q")
+    for part in parts:
+        packed.extend(part)
+        if len(part) % 2:
+            packed.append(0)
+    return packed
 
 
 # Storage for --kv-cache-dtype (config.KV_CACHE_DTYPES); "auto" keeps the engine's dtype.
