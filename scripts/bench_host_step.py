@@ -1,0 +1,64 @@
+"""Host time of one step's bookkeeping at max-load sizes, no model (issue #12: with PP the host's
+planning is on the pipeline's critical path). Times StepBatch.build (the step's index tensors) for
+1,024 one-token rows and for 64 prompts of 128 tokens, and one scheduler cycle (schedule, launched,
+computed) of 1,024 decodes. Compare trees by running it with each on PYTHONPATH, alternated:
+
+    for t in .base .; do PYTHONPATH=$t python scripts/bench_host_step.py; done
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from dist_infer.engine.kv_cache import StepBatch
+from dist_infer.scheduler import BlockManager, Scheduler, SchedulerConfig, Sequence
+
+BLOCK = 16
+
+
+def per_call_ms(fn, repeats: int = 100, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats * 1e3
+
+
+def decode_rows(n: int) -> list[tuple[list[int], int, list[int]]]:
+    rng = random.Random(0)
+    return [([rng.randrange(1000)], 128 + i % 100, list(range(i * BLOCK, (i + 1) * BLOCK))) for i in range(n)]
+
+
+def prompt_rows(n: int, length: int) -> list[tuple[list[int], int, list[int]]]:
+    return [(list(range(length)), 0, list(range(i * BLOCK, (i + 1) * BLOCK))) for i in range(n)]
+
+
+def decode_cycle(n: int):
+    """A scheduler holding n decoding sequences; each call plans, launches and records one step."""
+    s = Scheduler(SchedulerConfig(n, 8 * n, 4096, 8 * n), BlockManager(n * 64, BLOCK, False))
+    for i in range(n):
+        s.add(Sequence.from_prompt(i, list(range(128))))
+
+    def cycle():
+        out = s.schedule()
+        s.launched(out)
+        for c in out.chunks:
+            s.computed(c)
+            if c.samples:
+                c.seq.token_ids.append(5)
+                c.seq.num_pending -= 1
+    cycle()  # the prefill
+    return cycle
+
+
+def main() -> None:
+    decode, prompts = decode_rows(1024), prompt_rows(64, 128)
+    print(f"StepBatch.build, 1,024 decode rows: {per_call_ms(lambda: StepBatch.build(decode, BLOCK)):.2f} ms")
+    print(f"StepBatch.build, 64 x 128 prompt tokens: {per_call_ms(lambda: StepBatch.build(prompts, BLOCK)):.2f} ms")
+    print(f"scheduler cycle, 1,024 decodes: {per_call_ms(decode_cycle(1024), repeats=50):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
