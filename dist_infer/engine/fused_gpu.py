@@ -76,7 +76,7 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
 
 
 @triton.jit
-def _to_cache(x, Scale, Cache, FP8: tl.constexpr):
+def to_cache_dtype(x, Scale, Cache, FP8: tl.constexpr):
     """A float32 value as the cache stores it: FP8 holds x / scale, clamped to e4m3's +-448."""
     if FP8:
         x = tl.clamp(x / tl.load(Scale), -448.0, 448.0)
@@ -114,13 +114,13 @@ def _rope_write_kv_kernel(Q, K, V, Positions, InvFreq, KCache, VCache, Slots, KS
         kbase = K + token * stride_kn + h[:, None] * stride_kh + i[None, :]
         x1 = tl.load(kbase, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(kbase + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(KCache + cache, _to_cache(x1 * cos - x2 * sin, KScale, KCache, FP8), mask=mask)
-        tl.store(KCache + cache + HALF, _to_cache(x2 * cos + x1 * sin, KScale, KCache, FP8), mask=mask)
+        tl.store(KCache + cache, to_cache_dtype(x1 * cos - x2 * sin, KScale, KCache, FP8), mask=mask)
+        tl.store(KCache + cache + HALF, to_cache_dtype(x2 * cos + x1 * sin, KScale, KCache, FP8), mask=mask)
         vbase = V + token * stride_vn + h[:, None] * stride_vh + i[None, :]
         v1 = tl.load(vbase, mask=mask, other=0.0).to(tl.float32)
         v2 = tl.load(vbase + HALF, mask=mask, other=0.0).to(tl.float32)
-        tl.store(VCache + cache, _to_cache(v1, VScale, VCache, FP8), mask=mask)
-        tl.store(VCache + cache + HALF, _to_cache(v2, VScale, VCache, FP8), mask=mask)
+        tl.store(VCache + cache, to_cache_dtype(v1, VScale, VCache, FP8), mask=mask)
+        tl.store(VCache + cache + HALF, to_cache_dtype(v2, VScale, VCache, FP8), mask=mask)
 
 
 # Heads a program turns: 8 where there are many tokens (a prefill of 8,192 tokens, Llama-3-8B: 77 us

@@ -87,6 +87,13 @@ class ReferenceKernels:
     def attention(self, q, cache: PagedKVCache, layer: int, batch: StepBatch, scale: float, window):
         return paged_attention_reference(q, cache, layer, batch, scale, window)
 
+    def rope_attention(self, q, k, v, rotary, tables, batch: StepBatch, cache: PagedKVCache, layer: int,
+                       scale: float, window):
+        """rope_write_kv then attention: q [N, heads, hd], k/v [N, kv, hd] -> [N, heads, hd]. One op
+        so a kernel may do both (GpuKernels: small decode steps)."""
+        q = self.rope_write_kv(q, k, v, rotary, tables, batch, cache, layer)
+        return self.attention(q, cache, layer, batch, scale, window)
+
     def moe_experts(self, x, weights, chosen, experts):
         """Sparse MoE dispatch: x [N, H]; chosen [N, k] expert ids with their weights [N, k] (float32);
         experts: modules [n, H] -> [n, H]. Each expert runs on its tokens only (data-dependent
@@ -155,6 +162,20 @@ class GpuKernels(ReferenceKernels):
 
     def attention(self, q, cache, layer, batch, scale, window):
         return self.attn.gpu_attention(q, cache, layer, batch, scale, window)
+
+    def rope_attention(self, q, k, v, rotary, tables, batch, cache, layer, scale, window):
+        """A decode step of few sequences (decode_splits > 1) with the fused RoPE: one kernel turns,
+        writes and attends over ranges of each context, a second merges them. Otherwise the two ops."""
+        splits = 1
+        if batch.is_decode and rotary is not None and rotary.fusable and self.attn.rope_fusable(q.shape[-1]):
+            splits = self.attn.decode_splits(batch.num_seqs, k.shape[1], q.device)
+        if splits == 1:
+            return super().rope_attention(q, k, v, rotary, tables, batch, cache, layer, scale, window)
+        scales = self.attn.layer_scales(cache, layer)
+        return self.attn.rope_decode_split_attention(
+            q, k, v, batch.positions, rotary.inv_freq, rotary.scaling, cache.k[layer], cache.v[layer],
+            batch.slot_mapping, batch.block_tables, batch.context_lens_tensor, cache.block_size, scale, splits,
+            window, *scales)
 
     def moe_experts(self, x, weights, chosen, experts):
         """Graph-safe MoE (static shapes, no host sync). Decode-size steps (N * k <= 2E, dense

@@ -278,8 +278,8 @@ class Attention(UsesKernels, nn.Module):
         q = q.view(n, self.heads, self.head_dim)
         k = k.view(n, self.kv_heads, self.head_dim)
         v = v.view(n, self.kv_heads, self.head_dim)
-        q = self.kernels.rope_write_kv(q, k, v, positions.rotary, positions.tables, batch, cache, self.layer_slot)
-        o = self.kernels.attention(q, cache, self.layer_slot, batch, self.scale, self.sliding_window)  # [N, heads, hd]
+        o = self.kernels.rope_attention(q, k, v, positions.rotary, positions.tables, batch, cache, self.layer_slot,
+                                        self.scale, self.sliding_window)  # [N, heads, hd]
         return self.o_proj(o.reshape(n, -1))
 
 

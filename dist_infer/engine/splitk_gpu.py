@@ -37,7 +37,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int:
+    """The SMs of a CUDA device; an H100's count under the interpreter (CPU tensors)."""
+    return _sm_count(device.index or 0) if device.type == "cuda" else 132
+
+
 def programs_wanted(x: torch.Tensor) -> int:
     """Programs that fill the GPU x lives on, TARGET_PROGRAMS per SM."""
-    sms = _sm_count(x.device.index or 0) if x.is_cuda else 132  # the interpreter: an H100's count
-    return TARGET_PROGRAMS * sms
+    return TARGET_PROGRAMS * sm_count(x.device)
