@@ -156,7 +156,7 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 
 
 @triton.jit
-def _silu_mul_chunk(GateUpRow, cols, mask, n_cols):
+def silu_mul_chunk(GateUpRow, cols, mask, n_cols):
     """silu(gate) * up for columns `cols` of one row, rounded to the model dtype as the reference
     rounds (silu's output first), returned in float32."""
     dtype = GateUpRow.dtype.element_ty
@@ -171,7 +171,7 @@ def _silu_mul_kernel(GateUp, Out, stride_g, stride_o, n_cols, BLOCK: tl.constexp
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    y = _silu_mul_chunk(GateUp + row * stride_g, cols, mask, n_cols)
+    y = silu_mul_chunk(GateUp + row * stride_g, cols, mask, n_cols)
     tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
 
 
@@ -186,7 +186,7 @@ def _silu_mul_fp8_kernel(GateUp, Q, Scales, stride_g, stride_q, n_cols, BLOCK: t
     if ONE_BLOCK:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        y = _silu_mul_chunk(gate_up, cols, mask, n_cols)
+        y = silu_mul_chunk(gate_up, cols, mask, n_cols)
         scale = _fp8_scale(tl.max(tl.abs(y), 0))
         tl.store(Scales + row, scale)
         _store_fp8(Q + row * stride_q, cols, mask, y, scale)
@@ -194,13 +194,13 @@ def _silu_mul_fp8_kernel(GateUp, Q, Scales, stride_g, stride_q, n_cols, BLOCK: t
         absmax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            absmax = tl.maximum(absmax, tl.abs(_silu_mul_chunk(gate_up, cols, cols < n_cols, n_cols)))
+            absmax = tl.maximum(absmax, tl.abs(silu_mul_chunk(gate_up, cols, cols < n_cols, n_cols)))
         scale = _fp8_scale(tl.max(absmax, 0))
         tl.store(Scales + row, scale)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            _store_fp8(Q + row * stride_q, cols, mask, _silu_mul_chunk(gate_up, cols, mask, n_cols), scale)
+            _store_fp8(Q + row * stride_q, cols, mask, silu_mul_chunk(gate_up, cols, mask, n_cols), scale)
 
 
 SILU_FP8_ONE_BLOCK_MAX = 16384  # widest row (intermediate size per rank) kept in registers whole

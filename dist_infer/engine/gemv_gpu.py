@@ -5,6 +5,10 @@ At one row a linear layer is a pure weight read. cuBLAS reads Llama-3-8B's weigh
 kernel streams W in [BLOCK_N, BLOCK_K] tiles, eight output rows per program and 1,024
 inputs per tile, with no split-K (no partial sums, no second kernel). Where cuBLAS was
 faster (two or more rows) GpuKernels keeps cuBLAS.
+
+Gated (`gated=True`, a Llama MLP's down_proj): the input is the gate_up projection [2K] and each
+tile's inputs are silu(gate) * up, rounded as fused_gpu.silu_mul rounds them, so the SiLU·mul
+kernel and its output's round trip are gone and the result is bit for bit the unfused one.
 """
 
 from __future__ import annotations
@@ -13,22 +17,27 @@ import torch
 import triton
 import triton.language as tl
 
+from dist_infer.engine.fused_gpu import silu_mul_chunk
+
 GEMV_MAX_ROWS = 1          # rows up to which dense linears run here (H100: 2 and 4 rows are faster in cuBLAS)
 BLOCK_N, BLOCK_K = 8, 1024  # output rows per program, inputs per tile (scripts/bench_gemm.py --gemv)
 NUM_WARPS, NUM_STAGES = 4, 2
 
 
 @triton.jit
-def _gemv_kernel(X, W, Bias, Out, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    # X [K]; W [N, K] (row stride stride_w); Out [N] = W @ X (+ Bias), float32 accumulation
+def _gemv_kernel(X, W, Bias, Out, N, K, stride_w, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # X [K] (GATED: [2K], gate | up); W [N, K] (row stride stride_w); Out [N] = W @ X (+ Bias), float32 accumulation
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        x = tl.load(X + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        if GATED:
+            x = silu_mul_chunk(X, offs_k, k_mask, K)
+        else:
+            x = tl.load(X + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :],
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
@@ -38,20 +47,23 @@ def _gemv_kernel(X, W, Bias, Out, N, K, stride_w, HAS_BIAS: tl.constexpr, BLOCK_
     tl.store(Out + offs_n, y.to(Out.dtype.element_ty), mask=n_mask)
 
 
-def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether gemv() runs this linear: few enough rows, a half-precision weight in x's dtype."""
+def takes(x: torch.Tensor, weight: torch.Tensor, gated: bool = False) -> bool:
+    """Whether gemv() runs this linear: few enough rows, a half-precision weight in x's dtype
+    (gated: x holds gate | up, twice the weight's inputs)."""
     rows = x.numel() // x.shape[-1]
     return (0 < rows <= GEMV_MAX_ROWS and weight.dtype == x.dtype and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.stride(1) == 1)
+            and weight.stride(1) == 1 and x.shape[-1] == weight.shape[1] * (2 if gated else 1))
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] with one row; weight [N, K] -> [..., N] in x's dtype (F.linear's values up to
-    the order of the float32 sums)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
+         ) -> torch.Tensor:
+    """x [..., K] with one row (gated: [..., 2K], silu(gate) * up taken as the input); weight
+    [N, K] -> [..., N] in x's dtype (F.linear's values up to the order of the float32 sums)."""
     n, k = weight.shape
-    row = x.reshape(k).contiguous()
+    row = x.reshape(x.shape[-1]).contiguous()
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, BLOCK_N),)](row, weight, bias if bias is not None else out, out, n, k,
-                                             weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N,
-                                             BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                                             weight.stride(0), HAS_BIAS=bias is not None, GATED=gated,
+                                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+                                             num_stages=NUM_STAGES)
     return out.reshape(*x.shape[:-1], n)

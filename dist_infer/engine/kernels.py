@@ -37,6 +37,15 @@ class QuantizedActivation:
         return self.values.device
 
 
+@dataclass(frozen=True)
+class GatedActivation:
+    """silu(gate) * up not computed yet: gate_up [N, 2I]. GpuKernels hands it to a dense linear
+    whose kernel computes the product as it reads its inputs (silu_mul_linear); dense_linear
+    of either kernel set takes it."""
+
+    gate_up: torch.Tensor
+
+
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
@@ -68,6 +77,11 @@ class ReferenceKernels:
         """gate_up [N, 2I] -> silu(gate) * up [N, I]; quant as in add_rms_norm."""
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def silu_mul_linear(self, gate_up, linear):
+        """linear(silu(gate) * up): gate_up [N, 2I]; linear a layer taking [N, I]. One op so a kernel
+        may fold the product into the linear's input reads (GpuKernels: one row, dense weight)."""
+        return linear(self.silu_mul(gate_up, linear.method.activation_quant))
 
     def activation(self, name: str, x):
         return ACTIVATIONS[name](x)
@@ -106,7 +120,9 @@ class ReferenceKernels:
         return out
 
     def dense_linear(self, x, weight, bias=None):
-        """x [N, in] @ weight [out, in]^T + bias -> [N, out]."""
+        """x [N, in] @ weight [out, in]^T + bias -> [N, out]; x may be a GatedActivation."""
+        if isinstance(x, GatedActivation):
+            x = self.silu_mul(x.gate_up)
         return F.linear(x, weight, bias)
 
     def quantized_linear(self, name: str):
@@ -142,6 +158,11 @@ class GpuKernels(ReferenceKernels):
         fp8_out = self._fp8_out(gate_up, quant)
         out = self.fused.silu_mul(gate_up, fp8_out=fp8_out)
         return QuantizedActivation(*out, gate_up.dtype) if fp8_out else out
+
+    def silu_mul_linear(self, gate_up, linear):
+        if linear.method.mode is None and self.gemv.takes(gate_up, linear.weight, gated=True):
+            return linear(GatedActivation(gate_up))  # dense_linear below: the gated GEMV
+        return super().silu_mul_linear(gate_up, linear)
 
     def _fp8_out(self, x, quant) -> bool:
         """Whether an op on x's rows emits FP8: its consumer is an FP8 linear and has enough rows to
@@ -200,7 +221,9 @@ class GpuKernels(ReferenceKernels):
 
     def dense_linear(self, x, weight, bias=None):
         """One row (batch-1 decode, one sequence's LM head): gemv_gpu's weight-streaming kernel;
-        more rows: cuBLAS."""
+        more rows: cuBLAS. A GatedActivation (from silu_mul_linear, one row) runs the gated GEMV."""
+        if isinstance(x, GatedActivation):
+            return self.gemv.gemv(x.gate_up, weight, bias, gated=True)
         return self.gemv.gemv(x, weight, bias) if self.gemv.takes(x, weight) else F.linear(x, weight, bias)
 
     def quantized_linear(self, name):

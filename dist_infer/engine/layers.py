@@ -297,8 +297,7 @@ class GatedMLP(UsesKernels, nn.Module):
         self.input_quant = linear.activation_quant  # gate_up_proj's
 
     def forward(self, x):
-        act = self.kernels.silu_mul(self.gate_up_proj(x), self.down_proj.method.activation_quant)  # [N, inter/T]
-        return self.down_proj(act)
+        return self.kernels.silu_mul_linear(self.gate_up_proj(x), self.down_proj)  # gate_up: [N, 2*inter/T]
 
 
 class MLP(UsesKernels, nn.Module):
