@@ -17,10 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def check_gated(device: str, dtype: torch.dtype, out_f: int, in_f: int) -> None:
-    """gemv(gate_up, w, gated=True) equals the GEMV of fused_gpu.silu_mul's output bit for bit (the
-    same rounded inputs, summed in the same order), and is close to the float64 product."""
+    """gemv(gate_up, w, gated=True) equals the GEMV of fused_gpu.silu_mul's output under the same
+    launch config bit for bit (the same rounded inputs, summed in the same order), and is close to
+    the float64 product."""
     from dist_infer.engine.fused_gpu import silu_mul
-    from dist_infer.engine.gemv_gpu import gemv
+    from dist_infer.engine.gemv_gpu import GATED_LAUNCH, gemv
     from dist_infer.engine.kernels import REFERENCE
 
     gen = torch.Generator().manual_seed(0)
@@ -28,7 +29,7 @@ def check_gated(device: str, dtype: torch.dtype, out_f: int, in_f: int) -> None:
     w = (torch.randn(out_f, in_f, generator=gen) * in_f ** -0.5).to(device, dtype)
     act = REFERENCE.silu_mul(gate_up.double())
     got = gemv(gate_up, w, gated=True)
-    assert torch.equal(got, gemv(silu_mul(gate_up), w))
+    assert torch.equal(got, gemv(silu_mul(gate_up), w, launch=GATED_LAUNCH))  # same sum order
     ref = F.linear(act, w.double())
     assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
 
@@ -63,8 +64,10 @@ def test_gated_gemv_on_gpu(out_f, in_f, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_silu_mul_linear_runs_the_gated_gemv_at_one_row():
     """GpuKernels.silu_mul_linear on a dense RowParallelLinear: one row runs the gated GEMV (no SiLU·mul
-    kernel) and equals silu_mul + the layer bit for bit; two rows run silu_mul and cuBLAS."""
+    kernel) and equals silu_mul + the GEMV at the gated launch config bit for bit; two rows run
+    silu_mul and cuBLAS (the layer's own output)."""
     from dist_infer.comm import LocalCommunicator
+    from dist_infer.engine.gemv_gpu import GATED_LAUNCH, gemv
     from dist_infer.engine.kernels import kernels_for
     from dist_infer.engine.layers import RowParallelLinear
 
@@ -77,7 +80,9 @@ def test_silu_mul_linear_runs_the_gated_gemv_at_one_row():
         names = _kernels_run_by(lambda: kernels.silu_mul_linear(gate_up, down))
         assert any("_gemv_kernel" in n for n in names) == gated
         assert any("_silu_mul_kernel" in n for n in names) != gated
-        assert torch.equal(kernels.silu_mul_linear(gate_up, down), down(kernels.silu_mul(gate_up)))
+        unfused = gemv(kernels.silu_mul(gate_up), down.weight, launch=GATED_LAUNCH) if gated else \
+            down(kernels.silu_mul(gate_up))
+        assert torch.equal(kernels.silu_mul_linear(gate_up, down), unfused)
 
 
 @pytest.mark.parametrize("out_f, in_f", [(4096, 4096), (6144, 4096), (4096, 14336), (1000, 1000), (7, 3000),
