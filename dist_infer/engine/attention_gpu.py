@@ -256,7 +256,8 @@ def rope_decode_split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """A decode step's RoPE, KV write and attention in two launches: q [B, heads, hd] (not turned
     yet), k/v [B, kv_heads, hd] the new tokens (k not turned yet), positions/slot_mapping [B];
     context_lens count the new token. Each (sequence, KV head)'s context is cut into `splits`
-    ranges (decode_splits). Returns [B, heads, hd], as rope_write_kv + paged_decode_attention."""
+    ranges (decode_splits). context_lens >= 1 (the new token at context_lens - 1, inside any window).
+    Returns [B, heads, hd], as rope_write_kv + paged_decode_attention."""
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads

@@ -82,8 +82,10 @@ def check_split(device: str, contexts, heads, kv_heads, head_dim, window, splits
 
     dtype = query_dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     cache = _cache(contexts, kv_heads, head_dim, dtype, device, fp8)
-    ref_cache = _copy(cache)
     batch, rotary = _decode_step(contexts, device), _rotary(head_dim).to(device)
+    for pools in (cache.k, cache.v):  # a new token read before its write would make the output NaN
+        _poison(pools, batch.slot_mapping)
+    ref_cache = _copy(cache)
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(len(contexts), h, head_dim, generator=gen).to(device, dtype)
                for h in (heads, kv_heads, kv_heads))
@@ -94,11 +96,27 @@ def check_split(device: str, contexts, heads, kv_heads, head_dim, window, splits
     tables = rotary.cos_sin(batch.positions, dtype)
     turned = REFERENCE.rope_write_kv(q.clone(), k, v, rotary, tables, batch, ref_cache, 1)
     kv_err = _written_error(cache, ref_cache, batch.slot_mapping)
+    _assert_written_nowhere_else(cache, ref_cache, batch.slot_mapping)
     # The attention is checked over the K/V the kernel wrote (the write is checked above).
     for pools, ref_pools in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):
         ref_pools[1, batch.slot_mapping] = pools[1, batch.slot_mapping]
     ref = REFERENCE.attention(turned, ref_cache, 1, batch, scale, window)
     return _rel_err(out, ref), kv_err
+
+
+def _poison(pools: torch.Tensor, slots: torch.Tensor) -> None:
+    """NaN into layer 1's `slots`, written as bytes (index_put has no float8 kernel everywhere)."""
+    nan = torch.full((1,), float("nan")).to(pools.dtype).view(torch.uint8).to(pools.device)
+    raw = pools.view(torch.uint8)
+    raw[1, slots] = nan.repeat(raw.shape[-1] // nan.numel())
+
+
+def _assert_written_nowhere_else(cache: PagedKVCache, ref_cache: PagedKVCache, slots: torch.Tensor) -> None:
+    """Both layers' pools are bit-equal to the reference's outside the new tokens' slots."""
+    elsewhere = torch.ones(cache.k.shape[1], dtype=torch.bool, device=slots.device)
+    elsewhere[slots] = False
+    for got, ref in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):
+        assert torch.equal(got[:, elsewhere].view(torch.uint8), ref[:, elsewhere].view(torch.uint8))
 
 
 def _written_error(cache: PagedKVCache, ref_cache: PagedKVCache, slots: torch.Tensor) -> float:
