@@ -122,6 +122,16 @@ def run_bounded(cmd: list[str], timeout: float, env: dict | None = None) -> subp
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def run_under_triton_interpreter(code: str, timeout: float = 600) -> None:
+    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (Triton kernels on CPU tensors; the
+    flag must be set before triton compiles anything, hence the subprocess), with the repository and
+    tests/ importable (`from engine import test_x`); it must print "ok" last."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-4000:]
+
+
 LOADED_LINE = re.compile(r"\[rank (\d+)\].*loaded engine rank \d+ .* pid (\d+) in")
 
 

@@ -4,16 +4,11 @@ GpuKernels uses them. The gated arithmetic also runs under Triton's interpreter 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import run_under_triton_interpreter
 
 
 def check_gated(device: str, dtype: torch.dtype, out_f: int, in_f: int) -> None:
@@ -36,11 +31,8 @@ def check_gated(device: str, dtype: torch.dtype, out_f: int, in_f: int) -> None:
 
 def test_gated_gemv_under_triton_interpreter():
     pytest.importorskip("triton")
-    code = f"import sys, torch; sys.path.insert(0, {str(REPO / 'tests')!r}); " \
-           "from engine import test_gemv_gpu as t; t.check_gated('cpu', torch.float32, 37, 1500); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+    run_under_triton_interpreter("import torch; from engine import test_gemv_gpu as t; "
+                                 "t.check_gated('cpu', torch.float32, 37, 1500); print('ok')", timeout=300)
 
 
 def test_reference_dense_linear_takes_a_gated_activation():

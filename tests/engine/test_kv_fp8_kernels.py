@@ -15,21 +15,16 @@ in fp16 (sound in the interpreter).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import run_under_triton_interpreter
 from dist_infer.engine.kv_cache import PagedKVCache, StepBatch, paged_attention_reference
 
 FP8 = torch.float8_e4m3fn
 PAGE = 16
 K_SCALE, V_SCALE = 0.05, 0.02  # not 1.0: the kernels must apply the layer's scales
 REL_TOL = 1e-2
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _fp8_cache(lengths: list[int], kv_heads: int, head_dim: int, device: str, seed: int = 0) -> PagedKVCache:
@@ -159,11 +154,7 @@ def run_all(device: str) -> None:
 
 def test_fp8_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
-    code = f"import sys; sys.path.insert(0, {str(REPO / 'tests' / 'engine')!r}); import test_kv_fp8_kernels as t; " \
-           "t.run_all('cpu'); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+    run_under_triton_interpreter("from engine import test_kv_fp8_kernels as t; t.run_all('cpu'); print('ok')", timeout=300)
 
 
 # ---------------------------------------------------------------------- on the GPU

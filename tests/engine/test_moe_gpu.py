@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_under_triton_interpreter
 from dist_infer.engine.kernels import REFERENCE
 from dist_infer.engine.layers import GatedMLP
 from dist_infer.errors import EngineError
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -144,7 +139,7 @@ def test_bench_counts_the_expert_bytes_a_decode_step_needs():
 
 INTERPRETED = r"""
 import torch
-from test_moe_gpu import make_experts, reference, rel_err, routing
+from engine.test_moe_gpu import make_experts, reference, rel_err, routing
 from dist_infer.engine import moe_gpu as moe
 
 tables = moe.ExpertTableCache()
@@ -169,11 +164,7 @@ def test_kernels_under_triton_interpreter_match_reference():
     experts no token chose hold NaN, which the kernels must never read. In a subprocess:
     TRITON_INTERPRET must be set before triton is imported."""
     pytest.importorskip("triton")
-    path = os.pathsep.join(filter(None, [str(HERE), str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, timeout=120,
-                          cwd=REPO, env=env)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_under_triton_interpreter(INTERPRETED, timeout=120)
 
 
 # ---------------------------------------------------------------- GPU

@@ -15,14 +15,10 @@ is left to the GPU test.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import run_under_triton_interpreter
+
 
 CHECK = r"""
 import json, tempfile
@@ -85,6 +81,4 @@ print("ok")
 
 def test_quant_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_under_triton_interpreter(CHECK)

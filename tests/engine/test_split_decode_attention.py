@@ -10,14 +10,10 @@ bf16 tl.dot is unsound) plus one bf16-query FP8 case, whose dots run in fp16.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import run_under_triton_interpreter
 from dist_infer.engine.kernels import REFERENCE
 from dist_infer.engine.kv_cache import PagedKVCache, StepBatch
 
@@ -25,7 +21,6 @@ from .test_kv_fp8_kernels import _rounds_to_power_of_two
 
 PAGE = 16
 FP8 = torch.float8_e4m3fn
-REPO = Path(__file__).resolve().parents[2]
 # (contexts after the step, heads, kv heads, head dim, window, splits, FP8 cache)
 CASES = [
     ([192], 8, 2, 128, None, 16, False),          # batch 1, more ranges than blocks of keys
@@ -153,11 +148,7 @@ def test_decode_splits_fill_the_sms_at_small_batches_only():
 
 def test_split_decode_kernels_under_triton_interpreter():
     pytest.importorskip("triton")
-    code = f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); " \
-           "from engine import test_split_decode_attention as t; t.run_all('cpu'); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+    run_under_triton_interpreter("from engine import test_split_decode_attention as t; t.run_all('cpu'); print('ok')")
 
 
 # ---------------------------------------------------------------------- on the GPU
