@@ -31,6 +31,26 @@ from dist_infer.engine.kv_cache import PagedKVCache, StepBatch
 from dist_infer.engine.splitk_gpu import sm_count
 
 
+@triton.jit
+def _attend_keys(q, K, V, TableRow, pos, valid, head_offset, d, dmask, m_i, l_i, acc, qk_scale, stride_ks,
+                 PAGE: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step of the decode kernels over keys at positions `pos` [BLOCK_N] of a
+    sequence (block table row TableRow; `valid` masks them): q [GROUP_PAD, D] against the paged K/V
+    of one KV head (head_offset into a slot's row), folded into (m_i, l_i, acc)."""
+    page = tl.load(TableRow + pos // PAGE, mask=valid, other=0)
+    kv_off = (page.to(tl.int64) * PAGE + pos % PAGE)[:, None] * stride_ks + head_offset + d[None, :]
+    k = tl.load(K + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0).to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 # Arguments that change from step to step (sequences, the block table's width) are not specialized
 # on (Triton compiles a variant per value class: 1, a multiple of 16, other), so an eager step of a
 # new shape never stops a running engine for a compile.
@@ -65,19 +85,8 @@ def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, s
         valid = pos < ctx
         if HAS_WINDOW:
             valid = valid & (pos >= ctx - window)
-        page = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=valid, other=0)
-        slot = page.to(tl.int64) * PAGE + pos % PAGE
-        kv_off = slot[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=valid[:, None] & dmask[None, :], other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_keys(q, K, V, BlockTables + seq * stride_bt, pos, valid, kv_head * stride_kh, d,
+                                     dmask, m_i, l_i, acc, qk_scale, stride_ks, PAGE, PRECISION)
     out = acc * v_scale / l_i[:, None]
     tl.store(O + seq * stride_on + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
              mask=(g < GROUP)[:, None] & dmask[None, :])
@@ -204,18 +213,8 @@ def _rope_decode_split_kernel(Q, Knew, Vnew, K, V, MidAcc, MidM, MidL, BlockTabl
     for start in range(s_lo, s_hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < s_hi
-        page = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=valid, other=0)
-        kv_off = (page.to(tl.int64) * PAGE + pos % PAGE)[:, None] * stride_ks + kv_head * stride_kvh + d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_keys(q, K, V, BlockTables + seq * stride_bt, pos, valid, kv_head * stride_kvh, d,
+                                     d < HEAD_DIM, m_i, l_i, acc, qk_scale, stride_ks, PAGE, PRECISION)
     # Partials of an empty range stay (-inf, 0, 0): weight 0 in the merge.
     part = (seq * tl.num_programs(1) * GROUP + heads) * SPLITS + split  # [GROUP_PAD]
     tl.store(MidM + part, m_i, mask=g < GROUP)
