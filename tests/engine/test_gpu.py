@@ -231,6 +231,27 @@ def test_gpu_float32_matches_transformers(tiny_gpu_engines):
     assert any((engine / "rank0" / "triton-cache").rglob("*.cubin"))
 
 
+def test_split_decode_path_matches_transformers(tmp_path):
+    """Llama with 32-wide heads (tiny-llama's 16 are below the fused kernel's minimum): its
+    decode steps of 1-3 sequences take the split-context kernel with RoPE and the KV write
+    inside (kernels.rope_attention), graph-captured, and give transformers' greedy tokens."""
+    from dist_infer.engine.attention_gpu import decode_splits, rope_fusable
+
+    model = make_tiny_model(tmp_path / "hf", "llama", seed=5, hidden_size=256, intermediate_size=512)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert rope_fusable(head_dim) and decode_splits(3, model.config.num_key_value_heads, torch.device("cuda")) > 1
+    assert run_cli("partition", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"),
+                   "--quiet").returncode == 0
+    proc = run_cli("build", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e"),
+                   "--dtype", "float32", "--max-batch-size", "4")
+    assert proc.returncode == 0, proc.stderr
+    prompts = [[5, 17, 33, 2, 99, 100, 7], list(range(40, 75)), [8]]
+    for batch in (prompts, prompts[:1]):  # 3 sequences a step, then 1
+        got = [c["output_ids"] for c in completions(_gpu_run(tmp_path / "e", write_prompts(tmp_path / "p.jsonl", batch),
+                                                             1, new_tokens=48))]
+        assert got == [hf_greedy(model, p, 48) for p in batch]
+
+
 # bf16 greedy decoding can only legitimately differ between layouts where the
 # reference's top-2 logits are closer than bf16 noise: TP sums partial products
 # in another order. Logit tolerance: 0.1 absolute (this model's logits have a
