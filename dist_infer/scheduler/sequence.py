@@ -44,6 +44,11 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def num_output_tokens(self) -> int:
+        """len(output_ids) without the copy (asked for every sequence at every step)."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
     def num_scheduled_tokens(self) -> int:
         """Its tokens on the host and those pending on the device."""
         return len(self.token_ids) + self.num_pending

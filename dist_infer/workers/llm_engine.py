@@ -587,7 +587,7 @@ class LLMEngine:
         queue_s = state.scheduled_s if s.first else None
         prompt_lps = state.prompt_lps if s.first and sampling.prompt_logprobs is not None else None
         return RequestOutput(state.request_id, [s.token], text, reason is not None, reason, seq.num_prompt_tokens,
-                             len(seq.output_ids), seq.num_cached_tokens, logprobs, queue_s=queue_s,
+                             seq.num_output_tokens, seq.num_cached_tokens, logprobs, queue_s=queue_s,
                              prompt_logprobs=prompt_lps)
 
     def _stop_at_string(self, state: _RequestState) -> None:
@@ -607,7 +607,7 @@ class LLMEngine:
         req, seq = state.request, state.seq
         if not req.ignore_eos and seq.token_ids[-1] in self.eos_ids:
             return "stop"
-        if len(seq.output_ids) >= req.max_new_tokens or seq.num_tokens >= self.max_seq_len:
+        if seq.num_output_tokens >= req.max_new_tokens or seq.num_tokens >= self.max_seq_len:
             return "length"
         return None
 
