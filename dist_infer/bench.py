@@ -30,7 +30,7 @@ from dist_infer.engine.sampling import SamplingParams
 from dist_infer.errors import LaunchError
 from dist_infer.presets import preset_hf_config
 from dist_infer.workers.llm_engine import EngineOptions, LLMEngine, Request, resolve_pipeline_depth
-from dist_infer.workers.run import freeze_startup_objects
+from dist_infer.workers.run import prepare_gc_for_steps
 from dist_infer.workers.worker import RankWorker
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ def run_bench(preset: str, tp: int, pp: int, batch_sizes: list[int], input_len: 
     torch.cuda.synchronize(device)
     build_time = collective_call(world, lambda: time.perf_counter() - started, gather=True)
     worker = RankWorker(engine, groups)
-    freeze_startup_objects()
+    prepare_gc_for_steps()
     if world.rank != 0:
         worker.serve()
         worker.close()

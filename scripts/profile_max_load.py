@@ -25,7 +25,7 @@ from dist_infer.engine.kv_cache import StepBatch
 from dist_infer.engine.model import StageModel
 from dist_infer.engine.runtime import EngineSpec, load_rank_engine
 from dist_infer.workers.llm_engine import EngineOptions, LLMEngine
-from dist_infer.workers.run import freeze_startup_objects
+from dist_infer.workers.run import prepare_gc_for_steps
 from dist_infer.workers.worker import RankWorker
 
 PHASES = ("_collect", "_record", "_launch", "_outputs")  # LLMEngine methods the step loop runs in turn
@@ -133,7 +133,7 @@ def main() -> None:
     llm = LLMEngine(RankWorker(engine, groups), spec,
                     options=EngineOptions(tokens, False, max_decode_step_tokens=tokens, max_num_seqs=args.max_batch_size,
                                          async_scheduling=not args.sync_scheduling))
-    freeze_startup_objects()
+    prepare_gc_for_steps()
     requests = max_load_requests(args.num_requests, args.input_len, args.output_len, cfg.vocab_size)
     run_max_load(llm, requests[: args.max_batch_size])  # warm-up of every shape the run takes
 
