@@ -37,6 +37,9 @@ if [[ $what == allreduce ]]; then
     python3 -m dist_infer bench --model llama-3-8b --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp1.log"
     DIST_INFER_CUSTOM_ALL_REDUCE=0 mpirun "${ARGS[@]}" -x DIST_INFER_CUSTOM_ALL_REDUCE -n 2 python3 -m dist_infer bench --model llama-3-8b --tp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp2_nccl.log"
     mpirun "${ARGS[@]}" -n 2 python3 -m dist_infer bench --model llama-3-8b --tp 2 --batch-size 1 64 2>&1 | tee "$OUT/bench_ar_tp2_custom.log"
+    # Where the batch-1 step goes at TP=1 and TP=2 (per-kernel, eager): what does not halve with TP.
+    python3 scripts/profile_step.py --batch 1 2>&1 | tee "$OUT/profile_tp1_b1.log"
+    mpirun "${ARGS[@]}" -n 2 python3 scripts/profile_step.py --tp 2 --batch 1 2>&1 | tee "$OUT/profile_tp2_b1.log"
 fi
 if [[ $what == pipeline ]]; then
     # Pipelined PP (two GPUs): max-load 128/128 x 1,024 on one GPU, and at PP=2 with the stages in turn
