@@ -1,7 +1,7 @@
 """Host time of one step's bookkeeping at max-load sizes, no model (issue #12: with PP the host's
 planning is on the pipeline's critical path). Times StepBatch.build (the step's index tensors) for
-1,024 one-token rows and for 64 prompts of 128 tokens, and one scheduler cycle (schedule, launched,
-computed) of 1,024 decodes. Compare trees by running it with each on PYTHONPATH, alternated:
+1,024 one-token rows and for 64 prompts of 128 tokens, one scheduler cycle (schedule, launched,
+computed) of 1,024 decodes, and a KV block allocation from pools of GPU sizes. Compare trees by running it with each on PYTHONPATH, alternated:
 
     for t in .base .; do PYTHONPATH=$t python scripts/bench_host_step.py; done
 """
@@ -53,11 +53,28 @@ def decode_cycle(n: int):
     return cycle
 
 
+def allocation_us(num_blocks: int, n: int = 1024) -> float:
+    """Microseconds per KV block taken, n sequences growing to 24 blocks while half of them are
+    freed between rounds (the free queue churns as at max load)."""
+    blocks = BlockManager(num_blocks, BLOCK, False)
+    seqs = [Sequence.from_prompt(i, list(range(128))) for i in range(n)]
+    started, taken = time.perf_counter(), 0
+    for _ in range(3):
+        for s in seqs:
+            while len(s.block_ids) < 24 and blocks.allocate(s, BLOCK * (len(s.block_ids) + 1) - s.num_computed):
+                taken += 1
+        for s in seqs[: n // 2]:
+            blocks.free_sequence(s)
+    return (time.perf_counter() - started) / taken * 1e6
+
+
 def main() -> None:
     decode, prompts = decode_rows(1024), prompt_rows(64, 128)
     print(f"StepBatch.build, 1,024 decode rows: {per_call_ms(lambda: StepBatch.build(decode, BLOCK)):.2f} ms")
     print(f"StepBatch.build, 64 x 128 prompt tokens: {per_call_ms(lambda: StepBatch.build(prompts, BLOCK)):.2f} ms")
     print(f"scheduler cycle, 1,024 decodes: {per_call_ms(decode_cycle(1024), repeats=50):.2f} ms")
+    for pool in (4096, 30000, 60000):
+        print(f"KV block allocation, pool of {pool:,} blocks: {allocation_us(pool):.2f} us a block")
 
 
 if __name__ == "__main__":
