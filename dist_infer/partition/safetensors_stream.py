@@ -68,7 +68,7 @@ class StreamingSafetensorsWriter:
         os.ftruncate(self._fd, self._data_start + offset)
         self._slots = threading.Semaphore(WRITE_QUEUE)  # one per tensor handed over and not yet written
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (bytes, offset), then None to stop
-        self._failure: OSError | None = None
+        self._failure: Exception | None = None
         self._thread = threading.Thread(target=self._write_jobs, daemon=True, name="safetensors-write")
         self._thread.start()
 
@@ -106,8 +106,8 @@ class StreamingSafetensorsWriter:
             try:
                 if self._failure is None:  # after a failed write the rest are dropped
                     _pwrite_all(self._fd, *job)
-            except OSError as exc:  # disk full, I/O error: `write` or `close` raises it
-                self._failure = exc
+            except Exception as exc:  # disk full, I/O error (or a bug): `write` or `close` raises it, and
+                self._failure = exc   # the thread goes on releasing slots, so no caller waits forever
             finally:
                 job = None  # drop the tensor's bytes before waiting for the next
                 self._slots.release()
