@@ -4,6 +4,9 @@
 # from_pretrained + first token beside it as the baseline. Run from the repo root on the lent GPU:
 #   bash scripts/launch_time.sh            # PRESET=llama-3-8b TP=1 (needs ~50 GB of disk)
 # Files in $OUT: launch_time.log (every command's time, peak RSS, the ranks' logs), summary.txt.
+# PYCACHE=DIR: keep Python's bytecode there, for an image that sets PYTHONDONTWRITEBYTECODE=1 and ships no
+# .pyc files (the lent GPU machines: each process then compiles torch's and transformers' sources, ~3 s).
+# The first commands (saving the checkpoint, the baseline) warm it for ours.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/launch_time}; mkdir -p "$OUT"
@@ -11,7 +14,9 @@ PRESET=${PRESET:-llama-3-8b}; TP=${TP:-1}
 W=${W:-/tmp/launch-time}; rm -rf "$W"; mkdir -p "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-MPI=(mpirun --allow-run-as-root -x PYTHONPATH -x PYTHONUNBUFFERED -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -n "$TP")
+PYC=()
+if [[ -n ${PYCACHE:-} ]]; then export PYTHONPYCACHEPREFIX=$PYCACHE; unset PYTHONDONTWRITEBYTECODE; PYC=(-x PYTHONPYCACHEPREFIX); fi
+MPI=(mpirun --allow-run-as-root "${PYC[@]}" -x PYTHONPATH -x PYTHONUNBUFFERED -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_DISABLE_NVLS -n "$TP")
 LOG=$OUT/launch_time.log; : > "$LOG"
 timed() {  # timed NAME CMD...: wall seconds and peak RSS (largest process, from rusage) into the log
     python3 - "$@" >> "$LOG" 2>&1 <<'PY'
