@@ -168,12 +168,12 @@ def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], direct
                 _write_source_tensor(source, by_source[name], writers)
                 slow_down_for_tests()
                 bar.update(torch.Size(source.tensors[name].shape).numel())
-    except BaseException:  # (SIGTERM, Ctrl-C, a read error): no writer thread outlives the partition
+        for writer in writers.values():
+            writer.close()  # one that fails (disk full) raises, and the others are abandoned below
+    except BaseException:  # (SIGTERM, Ctrl-C, a read or write error): no writer thread outlives the partition
         for writer in writers.values():
             writer.abandon()
         raise
-    for writer in writers.values():
-        writer.close()
 
 
 def _write_source_tensor(source: SourceCheckpoint, shards: list[Shard], writers: dict) -> None:

@@ -85,21 +85,29 @@ class StreamingSafetensorsWriter:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join()
-        os.close(self._fd)
+        self._close_fd()
         self._raise_failure()
         if self._pending:
             raise ValueError(f"{self.path.name}: tensors never written: {sorted(self._pending)[:5]}")
 
     def abandon(self, timeout: float = 5.0) -> None:
-        """An interrupted write: drop what waits, let the write in progress end, and close. The
+        """An interrupted write: drop what waits, let the write in progress end, and close (a no-op
+        once closed, so every writer of a failed partition can be abandoned). The
         thread is gone before the interpreter exits; a daemon still inside a write at exit can
         end the process with SIGABRT instead of its exit code (seen once under SIGTERM)."""
+        if self._fd is None:  # closed (or abandoned) already
+            return
         if self._failure is None:
             self._failure = OSError(f"{self.path.name}: writing abandoned")
         self._jobs.put(None)
         self._thread.join(timeout)
         if not self._thread.is_alive():
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
 
     def _write_jobs(self) -> None:
         while (job := self._jobs.get()) is not None:

@@ -415,6 +415,36 @@ def test_failure_mid_way_leaves_nothing(where, tmp_path, tiny_dirs, monkeypatch)
     assert_no_leftovers(parent, set())
 
 
+def test_a_failed_close_abandons_every_other_writer(tmp_path, tiny_dirs, monkeypatch):
+    """When one rank file fails at close (the disk filled on its last write), the other ranks' writer
+    threads end and their files are closed too: none outlives the failed partition."""
+    original_close = StreamingSafetensorsWriter.close
+
+    def close_failing_rank0(self):
+        if self.path.name == "rank0.safetensors":
+            original_close(self)
+            raise OSError("No space left on device")
+        original_close(self)
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "close", close_failing_rank0)
+    writers = []
+    original_init = StreamingSafetensorsWriter.__init__
+
+    def remember(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        writers.append(self)
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "__init__", remember)
+    with pytest.raises(OSError, match="No space left"):
+        partition(tiny_dirs["llama"], 2, 2, tmp_path / "out", progress=False)
+    assert len(writers) == 4
+    assert [w.path.name for w in writers if w._thread.is_alive()] == [], "writer threads still running"
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert [f for f in open_files if f.startswith(str(tmp_path))] == [], "rank files still open"
+    assert not (tmp_path / "out").exists()
+
+
 def test_failure_with_force_keeps_the_old_checkpoint(tmp_path, tiny_dirs, monkeypatch):
     out = tmp_path / "out"
     partition(tiny_dirs["llama"], 1, 1, out, progress=False)
