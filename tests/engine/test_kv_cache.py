@@ -40,6 +40,22 @@ def test_step_batch_slots_and_tables():
         assert t.dtype == torch.int64
 
 
+def test_decode_step_batch_matches_the_same_rows_in_a_mixed_step():
+    """A step of one-token rows (built by the decode path) holds exactly what those rows hold when a
+    prompt chunk shares their step (the general path): slots, positions, tables, sampled rows."""
+    bs = 4
+    decodes = [([7], 5, [3, 8]), ([9], 0, [5]), ([4], 11, [1, 2, 6]), ([2], 3, [0])]
+    alone = StepBatch.build(decodes, bs)
+    mixed = StepBatch.build([([1, 2, 3], 0, [9])] + decodes, bs)
+    assert alone.is_decode and not mixed.is_decode
+    assert alone.slot_mapping.tolist() == mixed.slot_mapping.tolist()[3:] == [33, 20, 27, 3]
+    assert alone.positions.tolist() == mixed.positions.tolist()[3:] == [5, 0, 11, 3]
+    assert alone.input_ids.tolist() == [7, 9, 4, 2]
+    assert alone.last_token_index.tolist() == [0, 1, 2, 3] and alone.query_starts == [0, 1, 2, 3, 4]
+    assert alone.context_lens == [6, 1, 12, 4] == alone.context_lens_tensor.tolist()
+    assert alone.block_tables.tolist() == mixed.block_tables.tolist()[1:] == [[3, 8, 0], [5, 0, 0], [1, 2, 6], [0, 0, 0]]
+
+
 @pytest.mark.parametrize("lengths", [[1], [3, 1, 1], [5, 1, 2, 7, 1], [16, 17], [2, 2, 2, 2, 2, 2, 2]])
 def test_step_batch_tensors_start_16_byte_aligned(lengths):
     """Every index tensor of a step starts 16-byte aligned whatever the step's token and sequence
