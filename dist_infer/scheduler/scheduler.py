@@ -109,13 +109,15 @@ class Scheduler:
         freed, self._freed = self._freed, []
         return SchedulerOutput(list(chunks.values()), preempted, freed)
 
-    def _ready_by_kind(self) -> tuple[list[Sequence], list[Sequence]]:
-        """Running sequences that can run now: (decoding, prefilling), each in admission order.
-        One pass, each sequence's count asked once: at 1,024 sequences this runs every step."""
+    def _ready_by_kind(self) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
+        """Running sequences that can run now, with their uncomputed tokens: (decoding, prefilling),
+        each in admission order. One pass, each sequence's count asked once: at 1,024 sequences this
+        runs every step. (The counts hold through the step's planning: a sequence preempted meanwhile
+        is skipped.)"""
         decoding, prefilling = [], []
         for seq in self.running:
             if self._can_run(seq) and (n := seq.num_uncomputed):
-                (decoding if n == 1 else prefilling).append(seq)
+                (decoding if n == 1 else prefilling).append((seq, n))
         return decoding, prefilling
 
     def _can_run(self, seq: Sequence) -> bool:
@@ -132,14 +134,14 @@ class Scheduler:
             return budget
         return min(budget, max(cap - len(decodes), self.blocks.block_size))
 
-    def _schedule_running(self, seqs: list[Sequence], budget: int, chunks: dict[int, ScheduledChunk],
+    def _schedule_running(self, ready: list[tuple[Sequence, int]], budget: int, chunks: dict[int, ScheduledChunk],
                           preempted: list[Sequence]) -> int:
-        for seq in seqs:
+        for seq, uncomputed in ready:
             if budget == 0 or len(chunks) >= self.config.max_num_seqs:
                 break  # (forked beams can make the running batch larger than a step)
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_uncomputed, budget)
+            n = min(uncomputed, budget)
             while not self.blocks.allocate(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -156,6 +158,8 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, budget: int, chunks: dict[int, ScheduledChunk]) -> None:
+        if not self.waiting:
+            return  # (most steps at load: no pass over every running sequence to count them)
         active, most = self._num_active(), self.config.max_num_seqs * self.config.pipeline_depth
         while self.waiting and budget > 0 and active < most and len(chunks) < self.config.max_num_seqs:
             seq = self.waiting[0]
