@@ -73,6 +73,13 @@ class _StepGraphs:
                          self.block_tables[:b], starts, [1] * b, self.last_token_index[:b], self.context_lens[:b],
                          self.query_starts[: b + 1], varlen=self.varlen)
 
+    def warm_up(self) -> None:
+        """One eager step of each bucket's shape, largest first, outside any graph: the kernels
+        the graphs will hold are compiled (RankEngine runs this while its weights arrive)."""
+        for bucket in reversed(self.buckets):
+            n, _ = self.shape(bucket)
+            self.step_fn(self.x[:n], self._static_batch(bucket))
+
     def capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -18,9 +18,11 @@ from dist_infer.comm.base import collective_call
 from dist_infer.comm.groups import ParallelGroups
 from dist_infer.config import BuildConfig, KVCacheConfig, Mapping, ModelConfig
 from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
+from dist_infer.engine.kernel_compile import compile_step_kernels
 from dist_infer.engine.kernels import kernels_for
 from dist_infer.engine.kv_cache import KV_STORAGE_DTYPES, PagedKVCache, StepBatch
 from dist_infer.engine.model import StageModel, local_heads
+from dist_infer.engine.weight_loader import WeightLoad, allocate_parameters
 from dist_infer.errors import CheckpointError, EngineError, LaunchError
 from dist_infer.partition.checkpoint import verify_file
 
@@ -144,11 +146,14 @@ class RankEngine:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             self._check_fp8_kv_support()
-        weights = self._load_weights(verify) if weights is None else weights
         self.model = StageModel(spec.model, self.mapping, groups.tp, spec.vocab_size_padded, self.dtype,
                                 spec.build.quant_config)
-        self._assign(weights)
-        self.model.to(self.device)
+        self._weights: WeightLoad | None = None  # a read under way (start_loading ... wait_for_weights)
+        if weights is None:
+            self._weights = self._weight_load(verify)
+        else:  # given (random engines, tests)
+            self._assign(weights)
+        self.model.to(self.device)  # buffers (the rotary tables); parameters are there already
         del weights
         _, self.kv_heads = local_heads(spec.model, self.mapping.tp)
         self.cache: PagedKVCache | None = None
@@ -179,8 +184,33 @@ class RankEngine:
         reserved = 2 * 1024**3 + 4 * self.spec.build.max_batch_size * self.spec.model.vocab_size * 4
         return kv_pool_blocks(self.spec.num_kv_blocks, self.kv_block_bytes, self.kv_cache_config, free, reserved)
 
+    def start_loading(self) -> None:
+        """Start reading the weights into the model (a no-op when they were given)."""
+        if self._weights is not None:
+            self._weights.start()
+
     def allocate(self, num_blocks: int, cuda_graphs: bool = True) -> None:
-        """Allocate the KV pool (the same size on every rank) and capture the decode graphs."""
+        """Allocate the KV pool (the same size on every rank), compile the step's kernels while the
+        weights arrive, then capture the CUDA graphs."""
+        try:
+            self._allocate_pool(num_blocks)
+            if self.device.type == "cuda" and cuda_graphs:
+                self.graphs = self._step_graphs()
+                self._warm_up()
+        except BaseException:
+            self.close()
+            raise
+        self.wait_for_weights()
+        with torch.inference_mode():
+            for graphs in self.graphs:
+                graphs.capture()
+
+    def wait_for_weights(self) -> None:
+        if self._weights is not None:
+            self._weights.wait()
+            self._weights = None
+
+    def _allocate_pool(self, num_blocks: int) -> None:
         if num_blocks < self.spec.blocks_per_seq + 1:
             raise EngineError(f"the KV pool's memory budget holds {num_blocks} KV blocks of "
                               f"{self.spec.build.kv_block_size} tokens, fewer than one {self.spec.build.max_seq_len}-"
@@ -195,8 +225,6 @@ class RankEngine:
                                   storage_dtype=self.kv_storage_dtype)
         log.debug("KV pool: %d blocks of %d tokens, %s, %.1f MiB", num_blocks, self.spec.build.kv_block_size,
                   self.kv_storage_dtype, num_blocks * self.kv_block_bytes / 2**20)
-        if self.device.type == "cuda" and cuda_graphs:
-            self._capture_graphs()
 
     def _use_kernel_cache(self) -> None:
         """Keep this rank's compiled Triton kernels inside the engine directory, so
@@ -213,7 +241,7 @@ class RankEngine:
             return
         os.environ["TRITON_CACHE_DIR"] = os.environ["DIST_INFER_TRITON_CACHE"] = str(cache)
 
-    def _capture_graphs(self) -> None:
+    def _step_graphs(self) -> list:
         from dist_infer.engine.cuda_graphs import MIXED_TOKEN_BUCKETS, DecodeGraphs, MixedGraphs, default_buckets
 
         hidden = None if self.mapping.is_first_stage else self.spec.model.hidden_size
@@ -221,13 +249,36 @@ class RankEngine:
         decode = DecodeGraphs(self._eager_step, default_buckets(max_batch), blocks, hidden, self.dtype, self.device)
         mixed = MixedGraphs(self._eager_step, list(MIXED_TOKEN_BUCKETS), max_batch, blocks, hidden,
                             self.mapping.is_last_stage, self.dtype, self.device, pool=decode.pool)
-        self.graphs = [decode, mixed]
-        with torch.inference_mode():
-            for graphs in self.graphs:
-                graphs.capture()
+        return [decode, mixed]
 
-    def _load_weights(self, verify: bool) -> dict[str, torch.Tensor]:
-        return read_rank_weights(self.spec, self.mapping.rank, self.device, verify)
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """The Triton kernels of every graph's shape compiled on threads (or loaded from the
+        engine's cache), then one eager step of each shape: cuBLAS and NCCL set up. The weights
+        may still be arriving, so the outputs are garbage; they are dropped, and the padding
+        slots they wrote are rewritten by the capture's own warm-up steps."""
+        started = time.perf_counter()
+        compiled = compile_step_kernels(self._warm_up_steps, self.device)
+        self._warm_up_steps()
+        torch.cuda.synchronize(self.device)
+        log.info("rank %d: step kernels ready in %.2f s (%d Triton kernels compiled or loaded on threads)",
+                 self.mapping.rank, time.perf_counter() - started, compiled)
+
+    def _warm_up_steps(self) -> None:
+        for graphs in self.graphs:
+            graphs.warm_up()
+
+    def _weight_load(self, verify: bool) -> WeightLoad:
+        """The rank file's reader, its names checked against the model; parameters allocated on
+        the device, uninitialized until start_loading's thread fills them."""
+        name = rank_weights_file(self.mapping.rank)
+        path = self.spec.directory / name
+        fix = f"Rebuild the engine: `dist-infer build --checkpoint CKPT --out {self.spec.directory} --force`."
+        what = f"engine rank {self.mapping.rank}"
+        if not path.is_file() or name not in self.spec.files:
+            raise EngineError(f"{what}: {path} is missing. {fix}")
+        params = allocate_parameters(self.model, self.device)
+        return WeightLoad(path, params, self.spec.files[name] if verify else None, what, fix)
 
     def _assign(self, weights: dict[str, torch.Tensor]) -> None:
         expected = {n for n, _ in self.model.named_parameters()}
@@ -302,7 +353,11 @@ class RankEngine:
         return [s.elapsed_time(e) for s, e, decode in self.step_events or [] if decode]
 
     def close(self) -> None:
-        """Release CUDA graphs first: NCCL communicators they captured are destroyed after."""
+        """Stop a weight read still under way; release CUDA graphs first: NCCL communicators
+        they captured are destroyed after."""
+        if self._weights is not None:
+            self._weights.cancel()
+            self._weights = None
         for graphs in self.graphs:
             graphs.close()
         self.graphs = []
@@ -355,7 +410,12 @@ def load_rank_engine(spec: EngineSpec, groups: ParallelGroups, device: str = "cp
     if kv_cache.free_gpu_memory_fraction is not None and engine.device.type != "cuda" and world.rank == 0:
         log.warning("--kv-cache-free-gpu-memory-fraction sizes a GPU's pool and is ignored on CPU; the CPU pool "
                     "holds max_batch_size x pp full-length sequences, or what --kv-cache-bytes allows")
-    blocks = min(collective_call(world, engine.kv_blocks_that_fit, gather=True))
-    blocks = min(blocks, max_kv_blocks or blocks)
-    collective_call(world, lambda: engine.allocate(blocks, cuda_graphs))
+    try:
+        engine.start_loading()  # the parameters' memory is taken, so the pool can be sized meanwhile
+        blocks = min(collective_call(world, engine.kv_blocks_that_fit, gather=True))
+        blocks = min(blocks, max_kv_blocks or blocks)
+        collective_call(world, lambda: engine.allocate(blocks, cuda_graphs))
+    except BaseException:
+        engine.close()  # no reader thread left writing into a model nobody will use
+        raise
     return engine
