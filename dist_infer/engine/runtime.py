@@ -18,7 +18,6 @@ from dist_infer.comm.base import collective_call
 from dist_infer.comm.groups import ParallelGroups
 from dist_infer.config import BuildConfig, KVCacheConfig, Mapping, ModelConfig
 from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
-from dist_infer.engine.kernel_compile import compile_step_kernels
 from dist_infer.engine.kernels import kernels_for
 from dist_infer.engine.kv_cache import KV_STORAGE_DTYPES, PagedKVCache, StepBatch
 from dist_infer.engine.model import StageModel, local_heads
@@ -253,20 +252,15 @@ class RankEngine:
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """The Triton kernels of every graph's shape compiled on threads (or loaded from the
-        engine's cache), then one eager step of each shape: cuBLAS and NCCL set up. The weights
-        may still be arriving, so the outputs are garbage; they are dropped, and the padding
-        slots they wrote are rewritten by the capture's own warm-up steps."""
+        """One eager step of every graph's shape: Triton compiles its kernels (or loads them from
+        the engine's cache), cuBLAS and NCCL set up. The weights may still be arriving, so the
+        outputs are garbage; they are dropped, and the padding slots they wrote are rewritten by
+        the capture's own warm-up steps."""
         started = time.perf_counter()
-        compiled = compile_step_kernels(self._warm_up_steps, self.device)
-        self._warm_up_steps()
-        torch.cuda.synchronize(self.device)
-        log.info("rank %d: step kernels ready in %.2f s (%d Triton kernels compiled or loaded on threads)",
-                 self.mapping.rank, time.perf_counter() - started, compiled)
-
-    def _warm_up_steps(self) -> None:
         for graphs in self.graphs:
             graphs.warm_up()
+        torch.cuda.synchronize(self.device)
+        log.info("rank %d: step kernels ready in %.2f s", self.mapping.rank, time.perf_counter() - started)
 
     def _weight_load(self, verify: bool) -> WeightLoad:
         """The rank file's reader, its names checked against the model; parameters allocated on

@@ -4,9 +4,10 @@ while the rank goes on with its start-up.
 The model's parameters are allocated (uninitialized) on the device first, so the
 KV pool can be sized and the step's kernels compiled (eager warm-up steps, whose
 outputs are thrown away) before the weights have arrived; the graphs are captured
-once they have. A first launch of the 8B shape on an H100 compiles ~6 s of Triton
+once they have. A first launch of the 8B shape on an H100 host compiles ~9 s of Triton
 kernels and reads ~4 s of weights: in turn they took their sum, side by side the
-longer of the two. The sha256 pieces are checked by threads beside the read.
+longer of the two (load 12.2-17.0 s -> 10.5-12.9 s, docs/PERFORMANCE.md). The sha256
+pieces are checked by threads beside the read.
 """
 
 from __future__ import annotations
