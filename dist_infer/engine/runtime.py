@@ -190,15 +190,12 @@ class RankEngine:
 
     def allocate(self, num_blocks: int, cuda_graphs: bool = True) -> None:
         """Allocate the KV pool (the same size on every rank), compile the step's kernels while the
-        weights arrive, then capture the CUDA graphs."""
-        try:
-            self._allocate_pool(num_blocks)
-            if self.device.type == "cuda" and cuda_graphs:
-                self.graphs = self._step_graphs()
-                self._warm_up()
-        except BaseException:
-            self.close()
-            raise
+        weights arrive, then capture the CUDA graphs. (load_rank_engine closes the engine if this
+        raises: the read stops.)"""
+        self._allocate_pool(num_blocks)
+        if self.device.type == "cuda" and cuda_graphs:
+            self.graphs = self._step_graphs()
+            self._warm_up()
         self.wait_for_weights()
         with torch.inference_mode():
             for graphs in self.graphs:
