@@ -57,14 +57,16 @@ def _rewrite_rank_file(engine: Path, tmp_path: Path, change) -> Path:
     return copy
 
 
-def test_every_parameter_holds_the_files_bytes(engine_dir):
-    engine = _load(engine_dir, verify=True)
+def test_a_tied_head_is_the_loaded_embedding(smollm2_engine):
+    """SmolLM2 ties its head to the embedding: the file holds the table once, and after the
+    threaded read both names are one parameter holding those bytes; no reader thread is left."""
+    engine_path = smollm2_engine(1, 1)
+    engine = _load(engine_path, verify=True)
     try:
-        stored = load_file(engine_dir / rank_weights_file(0))
-        params = dict(engine.model.named_parameters())
-        assert set(stored) == set(params)
-        for name, tensor in stored.items():
-            assert torch.equal(params[name].detach(), tensor), name
+        stored = load_file(engine_path / rank_weights_file(0))
+        assert "lm_head.weight" not in stored and engine.model.ties_lm_head
+        assert engine.model.lm_head.weight is engine.model.embed.weight
+        assert torch.equal(engine.model.lm_head.weight.detach(), stored["embed.weight"])
         assert not _reader_threads()
     finally:
         engine.close()
