@@ -189,22 +189,23 @@ class RankEngine:
             self._weights.start()
 
     def allocate(self, num_blocks: int, cuda_graphs: bool = True) -> None:
-        """Allocate the KV pool (the same size on every rank), compile the step's kernels while the
-        weights arrive, then capture the CUDA graphs. (load_rank_engine closes the engine if this
-        raises: the read stops.)"""
+        """Allocate the KV pool (the same size on every rank); on CUDA with graphs, compile the
+        step's kernels (eager warm-up steps) while the weights arrive."""
         self._allocate_pool(num_blocks)
         if self.device.type == "cuda" and cuda_graphs:
             self.graphs = self._step_graphs()
             self._warm_up()
-        self.wait_for_weights()
-        with torch.inference_mode():
-            for graphs in self.graphs:
-                graphs.capture()
 
     def wait_for_weights(self) -> None:
         if self._weights is not None:
             self._weights.wait()
             self._weights = None
+
+    def capture_graphs(self) -> None:
+        """Capture the graphs allocate prepared (none on CPU or without graphs); the weights are in."""
+        with torch.inference_mode():
+            for graphs in self.graphs:
+                graphs.capture()
 
     def _allocate_pool(self, num_blocks: int) -> None:
         if num_blocks < self.spec.blocks_per_seq + 1:
@@ -257,6 +258,7 @@ class RankEngine:
         for graphs in self.graphs:
             graphs.warm_up()
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the capture's own steps run on another stream: they cannot reuse these blocks
         log.info("rank %d: step kernels ready in %.2f s", self.mapping.rank, time.perf_counter() - started)
 
     def _weight_load(self, verify: bool) -> WeightLoad:
@@ -406,6 +408,10 @@ def load_rank_engine(spec: EngineSpec, groups: ParallelGroups, device: str = "cp
         blocks = min(collective_call(world, engine.kv_blocks_that_fit, gather=True))
         blocks = min(blocks, max_kv_blocks or blocks)
         collective_call(world, lambda: engine.allocate(blocks, cuda_graphs))
+        # Every rank's weights in and verified before any rank captures: a capture's steps run TP
+        # collectives, which a rank that found its file damaged would never join.
+        collective_call(world, engine.wait_for_weights)
+        collective_call(world, engine.capture_graphs)
     except BaseException:
         engine.close()  # no reader thread left writing into a model nobody will use
         raise

@@ -99,6 +99,8 @@ class WeightLoad:
     def wait(self) -> None:
         """Block until the weights are in place; a damaged file is the engine's error (the
         manifest's verdict first: it names the bytes that differ)."""
+        if self._read is None:
+            self.start()
         waited = time.perf_counter()
         try:
             self._read.result()
@@ -107,8 +109,11 @@ class WeightLoad:
             if isinstance(exc, EngineError):
                 raise
             raise EngineError(f"{self.what}: cannot read {self.path}: {exc}. {self.fix}") from exc
+        except BaseException:  # SIGTERM or ^C while waiting: stop reading, not only waiting
+            self._stop.set()
+            raise
         finally:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self._raise_if_corrupt()
         done = time.perf_counter()
         log.info("%s: weights read in %.2f s (%.2f GB/s)%s, %.2f s of it waited for", self.what, done - self.started,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from conftest import flip_middle_bytes, mpirun_prefix, run_bounded
 from dist_infer.comm import LocalCommunicator, ParallelGroups
 from dist_infer.config import BuildConfig
 from dist_infer.engine.build import rank_weights_file
@@ -112,3 +114,33 @@ def test_a_failed_start_up_stops_the_weight_read(engine_dir):
     with pytest.raises(EngineError, match="fewer than one 128-token sequence"):
         _load(engine_dir, max_kv_blocks=2)
     assert not _reader_threads()
+
+
+LOAD_WITH_A_COLLECTIVE_CAPTURE = r"""
+import json, sys, torch
+from dist_infer.comm import ParallelGroups, world_from_launch
+from dist_infer.engine import runtime
+from dist_infer.errors import EngineError
+world = world_from_launch()
+runtime.RankEngine.capture_graphs = lambda self: world.all_reduce(torch.ones(1))  # a GPU capture's TP collectives
+spec = runtime.EngineSpec.read(sys.argv[1])
+try:
+    runtime.load_rank_engine(spec, ParallelGroups.build(world, spec.mapping), "cpu").close()
+    print(json.dumps({"rank": world.rank, "error": None}))
+except EngineError as exc:
+    print(json.dumps({"rank": world.rank, "error": str(exc)}))
+"""
+
+
+def test_no_rank_captures_before_every_ranks_weights_are_verified(smollm2_dir, tmp_path):
+    """tp=2, rank 1's file corrupt: rank 1 finds it only once its read ends, after the warm-up. If rank 0
+    went on into the capture (TP collectives; simulated here by an all-reduce) the job would hang; both
+    ranks must raise rank 1's error instead."""
+    engine = build_random_engine("tiny-llama", tmp_path / "e", 2, 1, BUILD, tokenizer_dir=smollm2_dir, seed=4)
+    flip_middle_bytes(engine / rank_weights_file(1))
+    proc = run_bounded([*mpirun_prefix(2), sys.executable, "-c", LOAD_WITH_A_COLLECTIVE_CAPTURE, str(engine)],
+                       timeout=60)
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and len(reports) == 2, proc.stderr[-3000:]
+    for report in reports:
+        assert "rank 1" in report["error"] and "corrupt" in report["error"], report
