@@ -113,7 +113,7 @@ class WeightLoad:
             self._stop.set()
             raise
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True)  # the verification too: its verdict is read next
         self._raise_if_corrupt()
         done = time.perf_counter()
         log.info("%s: weights read in %.2f s (%.2f GB/s)%s, %.2f s of it waited for", self.what, done - self.started,
