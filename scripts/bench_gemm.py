@@ -1,5 +1,6 @@
 """The decode/prefill GEMMs of one Llama layer, bf16 against the FP8 path and its parts
-(per-token activation quantization, `_scaled_mm` rowwise), per shape and row count; then the
+(per-token activation quantization, `_scaled_mm` rowwise; for comparison rowwise with fast
+accumulation and per-tensor scales with and without it), per shape and row count; then the
 kernels that feed them (norm, SiLU-mul) with and without their fused FP8 output; and at one
 row, cuBLAS against gemv_gpu's GEMV. One GPU.
 
@@ -60,11 +61,18 @@ def bench_shape(rows: int, out_f: int, in_f: int, iters: int) -> dict[str, float
     qw, scales = quantize_fp8(w)
     qw, scales = qw.cuda(), scales.cuda()
     xq, x_scales = fp8_quantize_per_token(x)
+    one = torch.ones((), device="cuda")  # per-tensor scales: cuBLASLt's FP8 path instead of the rowwise kernel
+
+    def scaled_mm(scale_a, scale_b, fast_accum=False):
+        return lambda: torch._scaled_mm(xq, qw.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16,
+                                        use_fast_accum=fast_accum)
     return {
         "bf16": time_us(lambda: F.linear(x, w), iters),
         "fp8_quant_x": time_us(lambda: fp8_quantize_per_token(x), iters),
-        "fp8_scaled_mm": time_us(lambda: torch._scaled_mm(xq, qw.t(), scale_a=x_scales, scale_b=scales[None, :],
-                                                          out_dtype=torch.bfloat16), iters),
+        "fp8_scaled_mm": time_us(scaled_mm(x_scales, scales[None, :]), iters),
+        "rowwise_fast_acc": time_us(scaled_mm(x_scales, scales[None, :], True), iters),
+        "per_tensor": time_us(scaled_mm(one, one), iters),
+        "per_tensor_fast": time_us(scaled_mm(one, one, True), iters),
         "fp8_linear": time_us(lambda: fp8_linear(x, qw, scales), iters),
     }
 
@@ -112,7 +120,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = ModelConfig.from_hf(preset_config(args.model))
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; us per call (TFLOP/s)")
-    cols = ["bf16", "fp8_quant_x", "fp8_scaled_mm", "fp8_linear"]
+    cols = ["bf16", "fp8_quant_x", "fp8_scaled_mm", "fp8_linear", "rowwise_fast_acc", "per_tensor", "per_tensor_fast"]
     print(f"{'rows':>6} {'layer':>13} {'out x in':>12} " + " ".join(f"{c:>18}" for c in cols) + "  fp8/bf16")
     for rows in args.rows:
         totals = dict.fromkeys(cols, 0.0)

@@ -19,7 +19,7 @@ import torch
 
 from dist_infer.bench import max_load_requests, preset_config, random_rank_weights, run_max_load
 from dist_infer.comm import LocalCommunicator, ParallelGroups
-from dist_infer.config import BuildConfig, Mapping, ModelConfig
+from dist_infer.config import BuildConfig, KVCacheConfig, Mapping, ModelConfig, QUANT_MODES
 from dist_infer.engine.build import DTYPES
 from dist_infer.engine.kv_cache import StepBatch
 from dist_infer.engine.model import StageModel
@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="the engine's (default: input + output + 16)")
     p.add_argument("--device", default="cuda:0", help="cpu: a smoke run of the script, host phases only")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quant", choices=QUANT_MODES, default=None, help="random codes in the mode's storage dtype")
+    p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--sync-scheduling", action="store_true", help="plan each step after the last one's tokens are back")
     p.add_argument("--trace-steps", default="", help="A:B: torch.profiler (host and device) over steps A..B-1, "
                    "the host's CUDA calls by Python stack")
@@ -123,12 +125,13 @@ def main() -> None:
         torch.cuda.set_device(device)
     cfg = ModelConfig.from_hf(preset_config(args.model))
     build = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
-                        max_seq_len=args.max_seq_len or args.input_len + args.output_len + 16)
+                        max_seq_len=args.max_seq_len or args.input_len + args.output_len + 16, quant=args.quant)
     spec = EngineSpec(None, cfg, Mapping(), build, cfg.vocab_size, {})
     groups = ParallelGroups.build(LocalCommunicator(), Mapping(), str(device))
     with torch.device("meta"):
-        shapes = StageModel(cfg, groups.mapping, groups.tp, cfg.vocab_size, DTYPES[args.dtype])
-    engine = load_rank_engine(spec, groups, str(device), verify=False, weights=random_rank_weights(shapes, device, 0))
+        shapes = StageModel(cfg, groups.mapping, groups.tp, cfg.vocab_size, DTYPES[args.dtype], build.quant_config)
+    engine = load_rank_engine(spec, groups, str(device), verify=False, weights=random_rank_weights(shapes, device, 0),
+                              kv_cache=KVCacheConfig(dtype=args.kv_cache_dtype))
     tokens = args.max_num_batched_tokens
     llm = LLMEngine(RankWorker(engine, groups), spec,
                     options=EngineOptions(tokens, False, max_decode_step_tokens=tokens, max_num_seqs=args.max_batch_size,
@@ -170,7 +173,8 @@ def main() -> None:
         gpu["decode" if decode else "with prefill"].append(start.elapsed_time(end) / 1e3)
     out = result.output_tokens
     mode = "sync" if args.sync_scheduling else "async"
-    print(f"{args.model} {args.input_len}/{args.output_len} x {args.num_requests}, batch {args.max_batch_size}, {mode}: "
+    print(f"{args.model} {args.quant or args.dtype} kv={args.kv_cache_dtype} {args.input_len}/{args.output_len} "
+          f"x {args.num_requests}, batch {args.max_batch_size}, {mode}: "
           f"{out / result.wall_s:.0f} tok/s, wall {result.wall_s:.2f} s, {result.steps} steps")
     for kind, times in gpu.items():
         print(f"  GPU {kind:>12}: {len(times):4d} steps, {sum(times):6.2f} s, {1e3 * sum(times) / len(times):7.2f} ms each")

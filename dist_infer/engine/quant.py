@@ -28,7 +28,8 @@ would cost more than it is worth. That is the one place where a TP engine's
 numbers differ from TP=1 (by FP8 rounding of activations, not by weights).
 
 Kernels: on CPU the reference below (dequantize, then an ordinary matmul in the
-activation dtype; FP8 in float32 as `_scaled_mm` accumulates). On CUDA the same
+activation dtype; FP8 in float32, which the GPU's fast-accumulating `_scaled_mm` matches to within a tenth of
+FP8's own rounding error). On CUDA the same
 calls go to engine/quant_gpu.py, through the kernel seam (engine/kernels.py). Model code only ever sees a `LinearMethod`.
 """
 
@@ -181,7 +182,7 @@ def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
 
 def fp8_linear_reference(x: torch.Tensor | QuantizedActivation, qweight: torch.Tensor,
                          scales: torch.Tensor) -> torch.Tensor:
-    """What _scaled_mm computes: FP8 x FP8 products accumulated in float32, then scaled. x in the
+    """What _scaled_mm computes: FP8 x FP8 products summed (here in float32), then scaled. x in the
     model dtype (quantized per token here) or already quantized by the kernel before."""
     if not isinstance(x, QuantizedActivation):
         x = QuantizedActivation(*quantize_fp8_per_token(x), x.dtype)

@@ -32,7 +32,8 @@ weights go through the INT8 kernel (an FP8 load instead of an int8 one; e4m3
 converts exactly to bf16/fp16) with bf16/fp16 activations: W8A16, which reads
 the same weight bytes as W8A8 without the activation-quantization kernels.
 Past that, torch._scaled_mm on the FP8 tensor cores (per-token x per-channel
-scales, float32 accumulation), on GPUs with FP8 (compute capability 8.9+).
+scales), on GPUs with FP8 (compute capability 8.9+), with fast accumulation
+(FP8_FAST_ACCUM, as vLLM's and TensorRT-LLM's Hopper FP8 GEMMs run).
 
 CUDA graphs: every op is a fixed sequence of kernel launches for a given
 shape, chosen from the table by shapes alone, with no host synchronisation;
@@ -66,6 +67,10 @@ from dist_infer.errors import EngineError
 
 FUSED_MAX_TOKENS = 64             # rows up to which the fused kernels run; beyond, dequantize + cuBLAS
 FP8_WEIGHT_ONLY_MAX_TOKENS = 16   # rows up to which fp8 runs weight-only (W8A16); beyond, _scaled_mm
+# Hopper's FP8 MMA accumulates in fewer bits than float32; without fast accumulation the GEMM adds its partial
+# sums into float32 registers every few k-steps, which cost 12 % of the Llama-3-8B layer's GEMM time on an H100
+# (scripts/bench_gemm.py). The error it adds is measured in tests/engine/test_quant_gpu.py and docs/PERFORMANCE.md.
+FP8_FAST_ACCUM = True
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # row counts the table is tuned at; a call takes the next one up
 
 
@@ -350,7 +355,8 @@ def fp8_scaled_mm_linear(x: torch.Tensor | QuantizedActivation, qweight: torch.T
     lead = x.shape[:-1]
     if not isinstance(x, QuantizedActivation):
         x = QuantizedActivation(*fp8_quantize_per_token(_rows(x)), x.dtype)  # [N, in] fp8, [N, 1] float32
-    y = torch._scaled_mm(x.values, qweight.t(), scale_a=x.scales, scale_b=scales[None, :], out_dtype=x.dtype)
+    y = torch._scaled_mm(x.values, qweight.t(), scale_a=x.scales, scale_b=scales[None, :], out_dtype=x.dtype,
+                         use_fast_accum=FP8_FAST_ACCUM)
     return y.reshape(*lead, out_features)
 
 
