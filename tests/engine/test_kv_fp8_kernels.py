@@ -63,8 +63,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_decode(device: str, heads: int, kv_heads: int, head_dim: int, window: int | None,
-                 query_dtype: torch.dtype | None = None) -> float:
-    """query_dtype bfloat16 takes the kernel's fp16-dot path (an FP8 cache under a bf16 engine)."""
+                 query_dtype: torch.dtype | None = None, launch: tuple[int, int, int] | None = None) -> float:
+    """query_dtype bfloat16 takes the kernel's fp16-dot path (an FP8 cache under a bf16 engine). launch:
+    (BLOCK_N, warps, stages); a tile of whole pages reads the block table per page, a smaller one per key."""
     from dist_infer.engine.attention_gpu import paged_decode_attention
 
     rows = [(1, 1), (17, 1), (64, 1), (130, 1)]
@@ -72,7 +73,7 @@ def check_decode(device: str, heads: int, kv_heads: int, head_dim: int, window: 
     q = torch.randn(len(rows), heads, head_dim, generator=torch.Generator().manual_seed(1))
     q = q.to(device, query_dtype or _query_dtype(device))
     out = paged_decode_attention(q, cache.k[1], cache.v[1], batch.block_tables, batch.context_lens_tensor, PAGE,
-                                 head_dim ** -0.5, window, *_scales(cache))
+                                 head_dim ** -0.5, window, *_scales(cache), launch=launch)
     ref = paged_attention_reference(q.float(), cache, 1, batch, head_dim ** -0.5, window)
     return _rel_err(out, ref)
 
@@ -138,6 +139,7 @@ def _rounds_to_power_of_two(stored: torch.Tensor) -> torch.Tensor:
 
 
 CASES = [(8, 2, 64, None), (9, 3, 64, 40), (8, 1, 128, None)]  # (heads, kv heads, head dim, window)
+DECODE_TILES = [(8, 4, 2), (16, 4, 2), (32, 4, 3)]  # keys a tile: half a page (per-key table reads), one, two
 
 
 def run_all(device: str) -> None:
@@ -148,6 +150,10 @@ def run_all(device: str) -> None:
     # bf16 queries: the decode kernel's fp16 dots (the interpreter's fp16 tl.dot is sound, unlike its bf16 one)
     err = check_decode(device, 8, 2, 64, 40, query_dtype=torch.bfloat16)
     assert err < REL_TOL, f"check_decode with bf16 queries (fp16 dots): relative error {err:.2e}"
+    for launch in DECODE_TILES:
+        for window in (None, 40):
+            err = check_decode(device, 8, 2, 64, window, launch=launch)
+            assert err < REL_TOL, f"check_decode with launch {launch}, window {window}: relative error {err:.2e}"
     err = check_rope_write(device)
     assert err < 2e-2, f"rope_write_kv: relative error {err:.2e}"  # a rare rounding flip is one FP8 step
 
