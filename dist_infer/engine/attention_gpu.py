@@ -75,11 +75,12 @@ def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, s
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, KV_SCALED: tl.constexpr, PRECISION: tl.constexpr,
-                         DOT_F16: tl.constexpr, WHOLE_PAGES: tl.constexpr):
-    # Grid: (KV head, sequence). A sequence's KV heads are neighbours in launch order, so the programs
-    # that read the parts of the same cache slots run together (2-4 % faster than sequence-major).
-    kv_head = tl.program_id(0)
-    seq = tl.program_id(1)
+                         DOT_F16: tl.constexpr, WHOLE_PAGES: tl.constexpr, KV_HEADS: tl.constexpr):
+    # One program per (sequence, KV head), KV-head-major: a sequence's KV heads are neighbours in launch
+    # order, so the programs that read the parts of the same cache slots run together (2-4 % faster than
+    # sequence-major). A 1-D grid, so the batch is not bounded by a grid dimension's 65,535.
+    kv_head = tl.program_id(0) % KV_HEADS
+    seq = tl.program_id(0) // KV_HEADS
     ctx = tl.load(ContextLens + seq).to(tl.int32)
     qk_scale, v_scale = _kv_scales(KScale, VScale, scale, KV_SCALED)
     g = tl.arange(0, GROUP_PAD)
@@ -134,7 +135,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = heads // kv_heads
     out = torch.empty_like(q)
     block_n, warps, stages = launch or decode_launch(k_cache.element_size())
-    _paged_decode_kernel[(kv_heads, batch)](
+    _paged_decode_kernel[(kv_heads * batch,)](
         q, k_cache, v_cache, out, block_tables, context_lens, *_scale_args(k_cache, k_scale, v_scale), scale,
         sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
@@ -144,7 +145,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None, KV_SCALED=k_scale is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 engines are references: no TF32
         DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
-        WHOLE_PAGES=block_n % page == 0, num_warps=warps, num_stages=stages)  # tiles start at multiples of block_n
+        WHOLE_PAGES=block_n % page == 0,  # tiles start at multiples of block_n
+        KV_HEADS=kv_heads, num_warps=warps, num_stages=stages)
     return out
 
 

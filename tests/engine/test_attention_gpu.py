@@ -48,3 +48,19 @@ def test_attention_kernels_compile_once_for_every_step_shape(context):
             assert _variants(kernel) == count, f"{kernel.fn.__name__} compiled again for a step of {lengths}"
     torch.cuda.synchronize()
     assert len(after_first) == 2  # both kernels ran
+
+
+def test_decode_kernel_takes_more_sequences_than_a_grid_dimension_holds():
+    """70,000 sequences (CUDA's second and third grid dimensions stop at 65,535) of one cached key each:
+    the softmax of one score is 1, so each query head's output is its KV head's value, exactly."""
+    from dist_infer.engine import attention_gpu as attn
+
+    batch = 70_000
+    k = torch.randn(batch * PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(batch, device="cuda", dtype=torch.int32)[:, None]  # [batch, 1]: one page each
+    lens = torch.ones(batch, device="cuda", dtype=torch.int32)
+    out = attn.paged_decode_attention(q, k, v, tables, lens, PAGE, 0.125)
+    expected = v[tables[:, 0].long() * PAGE].repeat_interleave(HEADS // KV_HEADS, dim=1)  # [batch, heads, hd]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
