@@ -149,11 +149,6 @@ def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = Fals
 
 
 def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], directory: Path, world: int, progress: bool):
-    writers = {}
-    for rank in range(world):
-        specs = [(s.name, dtype_from_code(source.tensors[s.source].dtype),
-                  shard_shape(s, source.tensors[s.source].shape)) for s in plan[rank]]
-        writers[rank] = StreamingSafetensorsWriter(directory / rank_file(rank), specs, {"format": "pt"})
     # Visit source tensors in file order so reads are sequential; each shard is
     # read, written and dropped before the next.
     by_source: dict[str, list[Shard]] = defaultdict(list)
@@ -162,7 +157,12 @@ def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], direct
             by_source[shard.source].append(shard)
     order = sorted(by_source, key=lambda n: (str(source.tensors[n].file), n))
     total = sum(torch.Size(source.tensors[n].shape).numel() for n in order)
+    writers = {}
     try:
+        for rank in range(world):  # (a full disk fails here, when a file's blocks are allocated)
+            specs = [(s.name, dtype_from_code(source.tensors[s.source].dtype),
+                      shard_shape(s, source.tensors[s.source].shape)) for s in plan[rank]]
+            writers[rank] = StreamingSafetensorsWriter(directory / rank_file(rank), specs, {"format": "pt"})
         with tqdm(total=total, unit="param", unit_scale=True, desc="partition", disable=not progress) as bar:
             for name in order:
                 _write_source_tensor(source, by_source[name], writers)

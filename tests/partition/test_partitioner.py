@@ -445,6 +445,37 @@ def test_a_failed_close_abandons_every_other_writer(tmp_path, tiny_dirs, monkeyp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_disk_full_when_a_rank_file_is_allocated_abandons_the_writers_made_before(tmp_path, tiny_dirs,
+                                                                                      monkeypatch):
+    """Rank files are allocated whole when their writers are made, so a full disk shows up there, for a
+    later rank after earlier ranks' writers started: those end and close their files, and nothing is left."""
+    import errno
+
+    writers, allocations = [], []
+    original_init, original_allocate = StreamingSafetensorsWriter.__init__, os.posix_fallocate
+
+    def remember(self, *args, **kwargs):
+        writers.append(self)
+        original_init(self, *args, **kwargs)
+
+    def third_file_finds_no_space(fd, offset, length):
+        allocations.append(fd)
+        if len(allocations) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original_allocate(fd, offset, length)
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "__init__", remember)
+    monkeypatch.setattr(os, "posix_fallocate", third_file_finds_no_space)
+    with pytest.raises(OSError, match="No space left"):
+        partition(tiny_dirs["llama"], 2, 2, tmp_path / "out", progress=False)
+    assert len(writers) == 3
+    assert [w.path.name for w in writers[:2] if w._thread.is_alive()] == [], "writer threads still running"
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert [f for f in open_files if f.startswith(str(tmp_path))] == [], "rank files still open"
+    assert_no_leftovers(tmp_path, set())
+
+
 def test_failure_with_force_keeps_the_old_checkpoint(tmp_path, tiny_dirs, monkeypatch):
     out = tmp_path / "out"
     partition(tiny_dirs["llama"], 1, 1, out, progress=False)

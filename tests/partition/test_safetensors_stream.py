@@ -17,12 +17,12 @@ def test_a_failed_write_is_raised_not_waited_on(tmp_path, monkeypatch, error):
     `close`; the thread keeps freeing queue slots, so the caller never blocks on a dead writer."""
     calls = []
 
-    def pwrite_failing_second(fd, data, offset):
+    def copy_failing_second(fd, data, offset):
         calls.append(offset)
         if len(calls) == 2:
             raise error
 
-    monkeypatch.setattr(safetensors_stream, "_pwrite_all", pwrite_failing_second)
+    monkeypatch.setattr(safetensors_stream, "_copy_into_file", copy_failing_second)
     specs = [(f"t{i}", torch.float32, (4,)) for i in range(6)]
     outcome = []
 
@@ -40,3 +40,36 @@ def test_a_failed_write_is_raised_not_waited_on(tmp_path, monkeypatch, error):
     thread.join(30)
     assert not thread.is_alive(), "the writer's caller hung after a failed write"
     assert outcome == [error]
+
+
+def test_tensors_larger_than_the_copy_window_at_unaligned_offsets(tmp_path, monkeypatch):
+    """The bytes go in through mappings of COPY_WINDOW bytes that start on a page: a small window makes
+    tensors span several, at offsets that are not page-aligned (after an odd-sized header and tensor)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(safetensors_stream, "COPY_WINDOW", 5000)
+    tensors = {"odd": torch.arange(3, dtype=torch.int8), "big": torch.randn(7, 3001),
+               "bf16": torch.randn(4099).to(torch.bfloat16), "empty": torch.zeros(0)}
+    writer = StreamingSafetensorsWriter(tmp_path / "w.safetensors", [(n, t.dtype, tuple(t.shape))
+                                                                     for n, t in tensors.items()])
+    for name in ["bf16", "empty", "big", "odd"]:  # not in file order
+        writer.write(name, tensors[name])
+    writer.close()
+    loaded = load_file(tmp_path / "w.safetensors")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+def test_a_disk_without_room_for_the_file_fails_when_the_writer_is_made(tmp_path, monkeypatch):
+    """The file's blocks are allocated up front, so a full disk is an OSError before any tensor is copied
+    (a copy into a mapping of a file that cannot grow would be a SIGBUS instead), and no descriptor leaks."""
+    import errno
+    import os
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    opened = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="No space left"):
+        StreamingSafetensorsWriter(tmp_path / "w.safetensors", [("a", torch.float32, (1024,))])
+    assert set(os.listdir("/proc/self/fd")) == opened
