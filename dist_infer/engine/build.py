@@ -39,7 +39,7 @@ from dist_infer.errors import EngineError, LaunchError, LayoutError
 from dist_infer.models import family_of
 from dist_infer.interrupts import interruption, remove_dead_temp_dirs, sigterm_raises, slow_down_for_tests, temp_dir
 from dist_infer.partition.checkpoint import PartitionedCheckpoint
-from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, file_entry
+from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def build_rank(ckpt: PartitionedCheckpoint, rank: int, directory: Path, build_co
             writer.write(name, tensor)
         writer.close()
     log.info("built rank %d: %d tensors, %.1f MB", rank, len(specs), path.stat().st_size / 1e6)
-    return {rank_weights_file(rank): file_entry(path)}
+    return {rank_weights_file(rank): writer.entry()}
 
 
 def build(checkpoint_dir: Path, out: Path, build_config: BuildConfig, world: Communicator, force: bool = False) -> Path:

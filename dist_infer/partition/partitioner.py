@@ -28,7 +28,7 @@ from dist_infer.partition.checkpoint import FORMAT, format_version, rank_file
 from dist_infer.models import family_of, is_supported
 from dist_infer.models.base import NORMALIZE_ROWS, TRANSPOSE
 from dist_infer.partition.rules import REPLICATED, Shard, padded_vocab, plan_tensor
-from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, dtype_from_code, file_entry
+from dist_infer.partition.safetensors_stream import StreamingSafetensorsWriter, dtype_from_code
 from dist_infer.partition.sources import SourceCheckpoint, open_source
 
 log = logging.getLogger(__name__)
@@ -134,8 +134,8 @@ def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = Fals
     # SIGTERM (scancel, kill) raises like Ctrl-C, so the temp directory is removed either way.
     with sigterm_raises():
         try:
-            _write_shards(source, plan, tmp, tp * pp, progress)
-            _write_metadata(source, config, plan, tmp, tp, pp)
+            files = _write_shards(source, plan, tmp, tp * pp, progress)
+            _write_metadata(source, config, plan, files, tmp, tp, pp)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
@@ -148,7 +148,9 @@ def partition(model: str | Path, tp: int, pp: int, out: Path, force: bool = Fals
     return out
 
 
-def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], directory: Path, world: int, progress: bool):
+def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], directory: Path, world: int,
+                  progress: bool) -> dict[str, dict]:
+    """Every rank file; returns their manifest entries."""
     # Visit source tensors in file order so reads are sequential; each shard is
     # read, written and dropped before the next.
     by_source: dict[str, list[Shard]] = defaultdict(list)
@@ -170,6 +172,7 @@ def _write_shards(source: SourceCheckpoint, plan: dict[int, list[Shard]], direct
                 bar.update(torch.Size(source.tensors[name].shape).numel())
         for writer in writers.values():
             writer.close()  # one that fails (disk full) raises, and the others are abandoned below
+        return {writer.path.name: writer.entry() for writer in writers.values()}  # hashed while written
     except BaseException:  # (SIGTERM, Ctrl-C, a read or write error): no writer thread outlives the partition
         for writer in writers.values():
             writer.abandon()
@@ -186,12 +189,9 @@ def _write_source_tensor(source: SourceCheckpoint, shards: list[Shard], writers:
         writers[shard.rank].write(shard.name, cached)
 
 
-def _write_metadata(source: SourceCheckpoint, config: ModelConfig, plan: dict[int, list[Shard]],
+def _write_metadata(source: SourceCheckpoint, config: ModelConfig, plan: dict[int, list[Shard]], files: dict,
                     directory: Path, tp: int, pp: int) -> None:
-    files = {}
-    for rank in range(tp * pp):
-        path = directory / rank_file(rank)
-        files[path.name] = file_entry(path)
+    """files: each rank file's manifest entry (size, piece hashes)."""
     manifest = {"files": files,
                 "shards": {str(r): [dataclasses.asdict(s) for s in plan[r]] for r in range(tp * pp)}}
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -15,7 +15,9 @@ it is created (posix_fallocate), so a full disk is an OSError there, not a SIGBU
 page fault later.
 
 Files are hashed per 256 MiB piece (`file_entry`), so hashing and verifying run
-on several cores: a whole-file sha256 is one core's work, ~14 s for an 8B file.
+on several cores: a whole-file sha256 is one core's work, ~14 s for an 8B file. The
+writer hashes each piece as soon as all its bytes are in (`PieceHashes`), beside the
+writes that follow, so its `entry()` needs no pass over the file afterwards.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import queue
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -80,6 +82,8 @@ class StreamingSafetensorsWriter:
         except BaseException:
             self._close_fd()
             raise
+        self._hashes = PieceHashes(self.path, self._data_start + offset, PIECE_BYTES)
+        self._hashes.written(0, self._data_start)
         self._slots = threading.Semaphore(WRITE_QUEUE)  # one per tensor handed over and not yet written
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (bytes, offset), then None to stop
         self._failure: Exception | None = None
@@ -100,15 +104,24 @@ class StreamingSafetensorsWriter:
         self._jobs.put(None)
         self._thread.join()
         self._close_fd()
-        self._raise_failure()
-        if self._pending:
-            raise ValueError(f"{self.path.name}: tensors never written: {sorted(self._pending)[:5]}")
+        try:
+            self._raise_failure()
+            if self._pending:
+                raise ValueError(f"{self.path.name}: tensors never written: {sorted(self._pending)[:5]}")
+        except BaseException:
+            self._hashes.cancel()
+            raise
+
+    def entry(self) -> dict:
+        """After `close`: the file's manifest entry (`file_entry`'s), from the pieces hashed while writing."""
+        return self._hashes.entry()
 
     def abandon(self, timeout: float = 5.0) -> None:
         """An interrupted write: drop what waits, let the write in progress end, and close (a no-op
         once closed, so every writer of a failed partition can be abandoned). The
         thread is gone before the interpreter exits; a daemon still inside a write at exit can
         end the process with SIGABRT instead of its exit code (seen once under SIGTERM)."""
+        self._hashes.cancel()  # (also after a `close` that succeeded: a partition failing at another file)
         if self._fd is None:  # closed (or abandoned) already
             return
         if self._failure is None:
@@ -128,6 +141,7 @@ class StreamingSafetensorsWriter:
             try:
                 if self._failure is None:  # after a failed write the rest are dropped
                     _copy_into_file(self._fd, *job)
+                    self._hashes.written(job[1], len(job[0]))
             except Exception as exc:  # disk full, I/O error (or a bug): `write` or `close` raises it, and
                 self._failure = exc   # the thread goes on releasing slots, so no caller waits forever
             finally:
@@ -220,6 +234,51 @@ def piece_sha256(path: Path, start: int, length: int, block: int = 4 << 20) -> s
             digest.update(data)
             length -= len(data)
     return digest.hexdigest()
+
+
+class PieceHashes:
+    """The sha256 of each piece of a file written in any order: a piece is hashed on a pool thread (read
+    back from the page cache) as soon as its last byte is written, beside the writes still to come.
+    `written` is called from one thread (the writer's)."""
+
+    def __init__(self, path: Path, size: int, piece_bytes: int = PIECE_BYTES):
+        self.path, self.size, self.piece_bytes = path, size, piece_bytes
+        starts = range(0, max(size, 1), piece_bytes)
+        self._missing = [min(piece_bytes, size - start) for start in starts]  # bytes not yet written, per piece
+        self._pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="piece-sha256")
+        self._digests: dict[int, Future] = {}
+        for piece, missing in enumerate(self._missing):
+            if missing == 0:  # an empty file's one piece
+                self._hash(piece)
+
+    def written(self, start: int, length: int) -> None:
+        """Bytes [start, start + length) are in the file."""
+        while length > 0:
+            piece = start // self.piece_bytes
+            n = min(length, (piece + 1) * self.piece_bytes - start)
+            self._missing[piece] -= n
+            if self._missing[piece] == 0:
+                self._hash(piece)
+            start, length = start + n, length - n
+
+    def _hash(self, piece: int) -> None:
+        self._digests[piece] = self._pool.submit(piece_sha256, self.path, piece * self.piece_bytes, self.piece_bytes)
+
+    def entry(self) -> dict:
+        """{"size", "piece_bytes", "piece_sha256"}, as `file_entry` gives, once every byte is written."""
+        unwritten = [i for i, missing in enumerate(self._missing) if missing]
+        if unwritten:
+            raise ValueError(f"{self.path.name}: piece {unwritten[0]} is not written whole")
+        try:
+            pieces = [self._digests[i].result() for i in range(len(self._missing))]
+        finally:
+            self._pool.shutdown()
+        return {"size": self.size, "piece_bytes": self.piece_bytes, "piece_sha256": pieces}
+
+    def cancel(self) -> None:
+        """Drop the hashes not started (a failed or abandoned write) and wait for the running ones (file
+        reads, a piece each), so no thread still has the file open afterwards."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def file_entry(path: Path, piece_bytes: int = PIECE_BYTES) -> dict:

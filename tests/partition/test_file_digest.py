@@ -161,3 +161,21 @@ def test_abandon_drops_waiting_writes_and_ends_the_thread(tmp_path, monkeypatch)
     assert not writer._thread.is_alive() and len(written) == 1  # "a" finished, "b" dropped
     with pytest.raises(OSError, match="abandoned"):
         writer.write("a", torch.zeros(2))
+
+
+def test_the_writers_entry_is_file_entry_of_what_it_wrote(tmp_path, monkeypatch):
+    """Pieces are hashed as they complete, in whatever order the tensors come: several pieces per tensor,
+    several tensors per piece, the header in the first piece, a short last piece; and an empty file."""
+    import torch
+
+    monkeypatch.setattr(safetensors_stream, "PIECE_BYTES", 1000)
+    tensors = {f"t{i}": torch.randn(37 * i + 1) for i in range(12)}
+    path = tmp_path / "w.safetensors"
+    writer = StreamingSafetensorsWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()])
+    for name in sorted(tensors, key=lambda n: -tensors[n].numel()):
+        writer.write(name, tensors[name])
+    writer.close()
+    assert writer.entry() == file_entry(path, 1000) and len(writer.entry()["piece_sha256"]) > 5
+    empty = StreamingSafetensorsWriter(tmp_path / "e.safetensors", [])
+    empty.close()
+    assert empty.entry() == file_entry(tmp_path / "e.safetensors", 1000)

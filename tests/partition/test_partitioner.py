@@ -402,7 +402,9 @@ def test_failure_mid_way_leaves_nothing(where, tmp_path, tiny_dirs, monkeypatch)
         monkeypatch.setattr(SourceCheckpoint, "read", fail_after(SourceCheckpoint.read, 7, OSError("I/O error")))
         expected = OSError
     elif where == "metadata":
-        monkeypatch.setattr(partitioner, "file_entry", fail_after(partitioner.file_entry, 2, RuntimeError("boom")))
+        # the third rank file's hashes fail, after every file is closed: the writers are abandoned then
+        monkeypatch.setattr(StreamingSafetensorsWriter, "entry",
+                            fail_after(StreamingSafetensorsWriter.entry, 2, RuntimeError("boom")))
         expected = RuntimeError
     else:
         monkeypatch.setattr(StreamingSafetensorsWriter, "write",
