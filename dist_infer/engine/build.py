@@ -190,9 +190,13 @@ def build_rank(ckpt: PartitionedCheckpoint, rank: int, directory: Path, build_co
         peers = _row_absmax_peers(model, set(own.keys()))
         source = RankSource(own, [files.enter_context(ckpt.open_rank(r, verify=False)) for r in peers])
         writer = StreamingSafetensorsWriter(path, specs, metadata={"format": "pt"})
-        for name, tensor in engine_tensors(model, source, dtype):
-            writer.write(name, tensor)
-        writer.close()
+        try:
+            for name, tensor in engine_tensors(model, source, dtype):
+                writer.write(name, tensor)
+            writer.close()
+        except BaseException:  # a bad shard, a full disk, Ctrl-C: the writer's threads end with the build
+            writer.abandon()
+            raise
     log.info("built rank %d: %d tensors, %.1f MB", rank, len(specs), path.stat().st_size / 1e6)
     return {rank_weights_file(rank): writer.entry()}
 

@@ -245,3 +245,28 @@ def test_load_refuses_newer_format_version(engine_copy, tmp_path):
 def test_load_refuses_checkpoint_dir_with_hint(ckpt, tmp_path):
     proc = _run_engine(ckpt, 1, tmp_path)
     assert_clean_failure(proc, "not a dist_infer engine", "dist-infer build")
+
+
+def test_a_build_failing_mid_file_leaves_no_writer_or_hash_thread(ckpt, tmp_path, monkeypatch):
+    """A rank file that fails part-way (a bad tensor, a full disk, Ctrl-C) abandons its writer: its writer
+    and piece-hash threads end with the build instead of waiting on a queue for ever."""
+    import threading
+
+    from dist_infer.config import BuildConfig
+    from dist_infer.engine import build as build_module
+    from dist_infer.partition.checkpoint import PartitionedCheckpoint
+
+    real = build_module.engine_tensors
+
+    def first_tensor_then_failure(*args):
+        yield next(iter(real(*args)))
+        raise OSError("No space left on device")
+
+    def writer_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith(("safetensors-write", "piece-sha256"))}
+
+    monkeypatch.setattr(build_module, "engine_tensors", first_tensor_then_failure)
+    before = writer_threads()
+    with pytest.raises(OSError, match="No space left"):
+        build_module.build_rank(PartitionedCheckpoint(ckpt), 0, tmp_path / "rank0", BuildConfig())
+    assert [t.name for t in writer_threads() - before] == []
