@@ -7,12 +7,14 @@ knows every shard's shape before reading any data, it writes the header first
 and each tensor's bytes at its offset as the tensor streams by, on a thread beside
 the caller (which reads the next tensor meanwhile).
 
-The bytes go in through a shared mapping of the file, one 64 MiB window at a time, copied by
-torch on its intra-op threads. A `pwrite` holds the file's inode lock, so one file took
-one core's copy into the page cache however many threads wrote it (~1.1 GB/s on the
-lent H100 host); page faults take no such lock. The file's blocks are allocated when
-it is created (posix_fallocate), so a full disk is an OSError there, not a SIGBUS in a
-page fault later.
+On ext4, XFS, tmpfs and overlay, the bytes go in through a shared mapping of the file,
+one 64 MiB window at a time, copied by torch on its intra-op threads. A `pwrite` holds
+the file's inode lock, so one file took one core's copy into the page cache however
+many threads wrote it (~1.1 GB/s on the lent H100 host); page faults take no such lock.
+The file's blocks are allocated when it is created (posix_fallocate, which reserves
+them on those file systems), so a full disk is an OSError there, not a SIGBUS in a page
+fault later. Elsewhere (NFS, ZFS, btrfs, FUSE: no reservation, or no shared writable
+mappings) the writer uses pwrite, which reports a full disk as it happens.
 
 Files are hashed per 256 MiB piece (`file_entry`), so hashing and verifying run
 on several cores: a whole-file sha256 is one core's work, ~14 s for an 8B file. The
@@ -32,6 +34,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import torch
 
 DTYPE_CODES = {
@@ -73,24 +76,32 @@ class StreamingSafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # the format wants the data 8-byte aligned
         self._data_start = 8 + len(raw)
         self._pending = set(self._layout)
+        self._mapped = filesystem_type(self.path.parent) in MAPPED_WRITE_FILESYSTEMS
+        self._failure: Exception | None = None
+        self._hashes: PieceHashes | None = None
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # RDWR: a shared mapping needs it
         try:
             _pwrite_all(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
             os.ftruncate(self._fd, self._data_start + offset)
-            if offset:
+            if offset and self._mapped:
                 os.posix_fallocate(self._fd, self._data_start, offset)  # ENOSPC here, before any tensor
+            self._hashes = PieceHashes(self.path, self._data_start + offset, PIECE_BYTES)
+            self._hashes.written(0, self._data_start)
+            self._slots = threading.Semaphore(WRITE_QUEUE)  # one per tensor handed over and not yet written
+            self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (bytes, offset), then None to stop
+            self._thread = threading.Thread(target=self._write_jobs, daemon=True, name="safetensors-write")
+            self._thread.start()
         except BaseException:
+            if self._hashes is not None:
+                self._hashes.cancel()
             self._close_fd()
             raise
-        self._hashes = PieceHashes(self.path, self._data_start + offset, PIECE_BYTES)
-        self._hashes.written(0, self._data_start)
-        self._slots = threading.Semaphore(WRITE_QUEUE)  # one per tensor handed over and not yet written
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (bytes, offset), then None to stop
-        self._failure: Exception | None = None
-        self._thread = threading.Thread(target=self._write_jobs, daemon=True, name="safetensors-write")
-        self._thread.start()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise_failure()  # a failed or abandoned writer says so first
+        if name not in self._pending:
+            raise ValueError(f"{self.path.name}: {name!r} is " + ("written already" if name in self._layout
+                                                                   else "not a declared tensor"))
         dtype, shape, offset = self._layout[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
@@ -121,29 +132,30 @@ class StreamingSafetensorsWriter:
         once closed, so every writer of a failed partition can be abandoned). The
         thread is gone before the interpreter exits; a daemon still inside a write at exit can
         end the process with SIGABRT instead of its exit code (seen once under SIGTERM)."""
+        if self._failure is None and self._fd is not None:
+            self._failure = OSError(f"{self.path.name}: writing abandoned")  # first: the thread drops what follows
         self._hashes.cancel()  # (also after a `close` that succeeded: a partition failing at another file)
         if self._fd is None:  # closed (or abandoned) already
             return
-        if self._failure is None:
-            self._failure = OSError(f"{self.path.name}: writing abandoned")
         self._jobs.put(None)
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self._close_fd()
 
     def _close_fd(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        fd, self._fd = self._fd, None  # forgotten first: a close that raises has still released the number
+        if fd is not None:
+            os.close(fd)
 
     def _write_jobs(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:
                 if self._failure is None:  # after a failed write the rest are dropped
-                    _copy_into_file(self._fd, *job)
+                    _write_into_file(self._fd, *job, self._mapped)
                     self._hashes.written(job[1], len(job[0]))
             except Exception as exc:  # disk full, I/O error (or a bug): `write` or `close` raises it, and
-                self._failure = exc   # the thread goes on releasing slots, so no caller waits forever
+                if self._failure is None:  # the thread goes on releasing slots, so no caller waits forever
+                    self._failure = exc
             finally:
                 job = None  # drop the tensor's bytes before waiting for the next
                 self._slots.release()
@@ -156,6 +168,19 @@ class StreamingSafetensorsWriter:
 # Bytes of the file mapped at a time: each writer's resident set grows by at most this (mapped pages count
 # as resident). 64 MiB copied 1.3-3.5 GB/s on the 2-core CI VM against 1.1-1.9 for 256 MiB, alternated.
 COPY_WINDOW = 64 << 20
+MAPPED_WRITE_FILESYSTEMS = {"ext4", "xfs", "tmpfs", "overlay"}  # posix_fallocate reserves blocks there
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding `path` (the deepest mount above it), '' if unknown."""
+    target = os.path.realpath(path)
+    mounts = [p for p in psutil.disk_partitions(all=True)
+              if target == p.mountpoint or target.startswith(p.mountpoint.rstrip("/") + "/")]
+    return max(mounts, key=lambda p: len(p.mountpoint)).fstype if mounts else ""
+
+
+def _write_into_file(fd: int, data, offset: int, mapped: bool) -> None:
+    (_copy_into_file if mapped else _pwrite_all)(fd, data, offset)
 
 
 def _copy_into_file(fd: int, data, offset: int) -> None:
@@ -268,13 +293,15 @@ class PieceHashes:
 
     def entry(self) -> dict:
         """{"size", "piece_bytes", "piece_sha256"}, as `file_entry` gives, once every byte is written."""
-        unwritten = [i for i, missing in enumerate(self._missing) if missing]
-        if unwritten:
-            raise ValueError(f"{self.path.name}: piece {unwritten[0]} is not written whole")
         try:
+            unwritten = [i for i, missing in enumerate(self._missing) if missing]
+            if unwritten:
+                raise ValueError(f"{self.path.name}: piece {unwritten[0]} is not written whole")
             pieces = [self._digests[i].result() for i in range(len(self._missing))]
-        finally:
-            self._pool.shutdown()
+        except BaseException:  # (Ctrl-C while waiting, too): the queued hashes are dropped
+            self.cancel()
+            raise
+        self._pool.shutdown()
         return {"size": self.size, "piece_bytes": self.piece_bytes, "piece_sha256": pieces}
 
     def cancel(self) -> None:

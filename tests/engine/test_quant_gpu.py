@@ -152,4 +152,4 @@ def test_gpu_fp8_fast_accumulation_adds_an_error_well_below_fp8s_own(in_features
     codes_in_float32 = (xq.float() * x_scales) @ (qweight.float() * scales[:, None]).t()
     y = quant_gpu.fp8_linear(x, qweight, scales)
     fp8_rounding = _rel_err(codes_in_float32, x.float() @ w.t())
-    assert _rel_err(y, codes_in_float32) < min(5e-3, fp8_rounding / 5)
+    assert _rel_err(y, codes_in_float32) < fp8_rounding / 5  # (it grows with k; not measured past 14,336)

@@ -109,7 +109,7 @@ def test_a_failed_write_on_the_writer_thread_raises_in_the_caller(tmp_path, monk
 
     writer = StreamingSafetensorsWriter(tmp_path / "w.safetensors", [("a", torch.float32, (2,)),
                                                                    ("b", torch.float32, (3,))])
-    monkeypatch.setattr(safetensors_stream, "_copy_into_file", fail_with(OSError(28, "No space left on device")))
+    monkeypatch.setattr(safetensors_stream, "_write_into_file", fail_with(OSError(28, "No space left on device")))
     with pytest.raises(OSError, match="No space left"):  # from the next `write`, or from `close`
         writer.write("a", torch.zeros(2))
         writer.write("b", torch.zeros(3))
@@ -129,7 +129,7 @@ def test_a_stuck_write_never_holds_up_the_exit_of_an_interrupted_process(tmp_pat
 import threading, torch
 from dist_infer.partition import safetensors_stream
 writer = safetensors_stream.StreamingSafetensorsWriter({str(tmp_path / "w.safetensors")!r}, [("a", torch.float32, (2,))])
-safetensors_stream._copy_into_file = lambda *_: threading.Event().wait()  # a write that never returns
+safetensors_stream._write_into_file = lambda *_: threading.Event().wait()  # a write that never returns
 writer.write("a", torch.zeros(2))
 raise SystemExit(3)
 """
@@ -146,14 +146,14 @@ def test_abandon_drops_waiting_writes_and_ends_the_thread(tmp_path, monkeypatch)
 
     release, written = threading.Event(), []
 
-    def slow_write(fd, data, offset):
+    def slow_write(fd, data, offset, mapped):
         release.wait(5)
         written.append(offset)
 
     monkeypatch.setattr(safetensors_stream, "WRITE_QUEUE", 2)
     writer = StreamingSafetensorsWriter(tmp_path / "w.safetensors", [("a", torch.float32, (2,)),
                                                                    ("b", torch.float32, (3,))])
-    monkeypatch.setattr(safetensors_stream, "_copy_into_file", slow_write)
+    monkeypatch.setattr(safetensors_stream, "_write_into_file", slow_write)
     writer.write("a", torch.zeros(2))  # in progress on the thread
     writer.write("b", torch.zeros(3))  # waits behind it
     threading.Timer(0.2, release.set).start()  # "a" ends while abandon waits for the thread

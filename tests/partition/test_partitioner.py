@@ -466,7 +466,10 @@ def test_a_disk_full_when_a_rank_file_is_allocated_abandons_the_writers_made_bef
             raise OSError(errno.ENOSPC, "No space left on device")
         original_allocate(fd, offset, length)
 
+    from dist_infer.partition import safetensors_stream
+
     monkeypatch.setattr(StreamingSafetensorsWriter, "__init__", remember)
+    monkeypatch.setattr(safetensors_stream, "MAPPED_WRITE_FILESYSTEMS", {safetensors_stream.filesystem_type(tmp_path)})
     monkeypatch.setattr(os, "posix_fallocate", third_file_finds_no_space)
     with pytest.raises(OSError, match="No space left"):
         partition(tiny_dirs["llama"], 2, 2, tmp_path / "out", progress=False)
