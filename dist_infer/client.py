@@ -185,6 +185,9 @@ class EngineClient:
         self._close_sockets()  # nothing the lost engine still had in flight may count after this
         self.restarting = True
         self._last_heartbeat = None
+        # The lost engine's last word may have been "draining": its launcher SIGTERMs the surviving ranks
+        # when one dies. That was the old job's state, not the server's: requests wait for the next engine.
+        self.draining = False
         self._unsent.update(rid for rid, s in self._streams.items() if not s.engine_done)
 
     def _dispatch(self, message: tuple) -> None:

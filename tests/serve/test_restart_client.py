@@ -151,3 +151,33 @@ def test_seeded_stream_resumed_at_a_token_index_draws_the_same_tokens():
     fresh = Sampler()
     fresh.add(0, params)  # starting over instead would repeat the first draws
     assert [fresh(step, [0]).item() for step in logits[5:]] != want[5:]
+
+
+def test_a_lost_engine_that_was_draining_does_not_turn_requests_away_during_the_restart():
+    """When one rank dies, the launcher SIGTERMs the others, and rank 0 may report "draining" in a last
+    heartbeat before the job is known lost. Requests sent during the restart must still wait for the next
+    engine, not get 503 "the server is shutting down" (seen in the mpirun fault drill under load)."""
+    async def scenario():
+        client = EngineClient(None)
+        await client.start()
+        ctx = zmq.asyncio.Context()
+        first = ScriptedEngine(ctx, client.bind("127.0.0.1"))
+        await _until(lambda: client.ready)
+        first.beating.cancel()
+        await first.outbox.send(first.signer.seal(("heartbeat", STATS, True)))  # SIGTERMed: draining
+        await _until(lambda: client.draining)
+        first.die()
+        client.engine_lost()
+        assert client.restarting and not client.draining
+        got: list[RequestOutput] = []
+        caller = asyncio.create_task(_consume(client, Request([1, 2], 2, SamplingParams()), got))
+        second = ScriptedEngine(ctx, client.bind("127.0.0.1"))
+        rid, _ = await second.next_add()
+        await second.tokens(rid, [5, 6], 0, last=True)
+        await asyncio.wait_for(caller, 10)
+        assert [o.new_token_ids for o in got] == [[5], [6]]
+        second.die()
+        await client.close()
+        ctx.term()
+
+    asyncio.run(scenario())
