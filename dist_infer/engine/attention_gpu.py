@@ -8,13 +8,14 @@ captured in a CUDA graph.
 
 A step that prefills (prompt chunks, prefix-cached prompts, with or without
 decodes) runs one varlen kernel: every sequence's new queries, causally, over
-its paged keys. Its launch depends only on the token and sequence counts, so a
-mixed-step graph holds it; eagerly it replaces a per-sequence loop whose small
-host-to-device copies cost more than the attention itself.
+its paged keys, flash-attention style (128 query rows a program; the key tiles
+below the causal diagonal skip the masks). The step's decodes, sequences of one
+new token, go to the decode kernel in a second launch. Both launches depend only
+on the token and sequence counts, so a mixed-step graph holds them.
 
 An FP8 cache (--kv-cache-dtype fp8) is read as float8 e4m3 and upcast to the
-query's dtype in the kernels (exact: e4m3 fits bf16 and fp16; the decode kernel
-of a bf16 engine upcasts to fp16 and runs its dots in fp16, which converts in one
+query's dtype in the kernels (exact: e4m3 fits bf16 and fp16; the kernels of a
+bf16 engine upcast to fp16 and run their dots in fp16, which converts in one
 instruction instead of two and is 12-17 % faster at max load); its per-layer
 scales fold into the softmax scale (K) and the output (V), so the inner loops
 gain no multiply. The scales are read from device memory, as graphs need.
@@ -70,24 +71,32 @@ def _attend_keys(q, K, V, slots, valid, head_offset, d, dmask, m_i, l_i, acc, qk
 # on (Triton compiles a variant per value class: 1, a multiple of 16, other), so an eager step of a
 # new shape never stops a running engine for a compile.
 @triton.jit(do_not_specialize=["window", "stride_bt"])
-def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, scale, window,
+def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, QueryStarts, KScale, VScale, scale, window,
                          stride_qn, stride_qh, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, KV_SCALED: tl.constexpr, PRECISION: tl.constexpr,
-                         DOT_F16: tl.constexpr, WHOLE_PAGES: tl.constexpr, KV_HEADS: tl.constexpr):
+                         DOT_F16: tl.constexpr, WHOLE_PAGES: tl.constexpr, KV_HEADS: tl.constexpr,
+                         VARLEN: tl.constexpr):
     # One program per (sequence, KV head), KV-head-major: a sequence's KV heads are neighbours in launch
     # order, so the programs that read the parts of the same cache slots run together (2-4 % faster than
     # sequence-major). A 1-D grid, so the batch is not bounded by a grid dimension's 65,535.
+    # VARLEN: the decodes of a step that also prefills; a sequence's query is its row query_starts[seq],
+    # and sequences with other than one new token are the varlen kernel's.
     kv_head = tl.program_id(0) % KV_HEADS
     seq = tl.program_id(0) // KV_HEADS
+    row = seq
+    if VARLEN:
+        row = tl.load(QueryStarts + seq)
+        if tl.load(QueryStarts + seq + 1) - row != 1:
+            return
     ctx = tl.load(ContextLens + seq).to(tl.int32)
     qk_scale, v_scale = _kv_scales(KScale, VScale, scale, KV_SCALED)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM_PAD)  # tl.dot needs K >= 16: small head dims are zero-padded
     dmask = d < HEAD_DIM
     heads = kv_head * GROUP + g
-    q = tl.load(Q + seq * stride_qn + heads[:, None] * stride_qh + d[None, :],
+    q = tl.load(Q + row * stride_qn + heads[:, None] * stride_qh + d[None, :],
                 mask=(g < GROUP)[:, None] & dmask[None, :], other=0.0)
     if DOT_F16:  # e4m3 -> fp16 is one conversion (-> bf16 is two), and fp16 holds any sane q more precisely
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
@@ -107,7 +116,7 @@ def _paged_decode_kernel(Q, K, V, O, BlockTables, ContextLens, KScale, VScale, s
         m_i, l_i, acc = _attend_keys(q, K, V, slots, valid, kv_head * stride_kh, d, dmask, m_i, l_i, acc,
                                      qk_scale * LOG2E, stride_ks, PRECISION)
     out = acc * v_scale / l_i[:, None]
-    tl.store(O + seq * stride_on + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + row * stride_on + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
              mask=(g < GROUP)[:, None] & dmask[None, :])
 
 
@@ -130,14 +139,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q [B, heads, hd]; k/v_cache [slots, kv_heads, hd] (q's dtype, or FP8 with k/v_scale:
     one-element float32 tensors, real = stored * scale) -> [B, heads, hd]. `launch`: (BLOCK_N,
     num_warps, num_stages), default `decode_launch` of the cache's element size."""
-    batch, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
-    group = heads // kv_heads
     out = torch.empty_like(q)
+    _launch_decode(q, k_cache, v_cache, out, block_tables, context_lens, None, page, scale, sliding_window,
+                   k_scale, v_scale, launch)
+    return out
+
+
+def _launch_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                   block_tables: torch.Tensor, context_lens: torch.Tensor, query_starts: torch.Tensor | None,
+                   page: int, scale: float, sliding_window: int | None, k_scale: torch.Tensor | None,
+                   v_scale: torch.Tensor | None, launch: tuple[int, int, int] | None) -> None:
+    """The decode kernel into `out`: one query row a sequence, or with query_starts the rows of the
+    sequences that have exactly one new token (the decodes of a mixed step)."""
+    heads, head_dim = q.shape[1:]
+    batch, kv_heads = context_lens.shape[0], k_cache.shape[1]
+    group = heads // kv_heads
     block_n, warps, stages = launch or decode_launch(k_cache.element_size())
     _paged_decode_kernel[(kv_heads * batch,)](
-        q, k_cache, v_cache, out, block_tables, context_lens, *_scale_args(k_cache, k_scale, v_scale), scale,
-        sliding_window or 0,
+        q, k_cache, v_cache, out, block_tables, context_lens, context_lens if query_starts is None else query_starts,
+        *_scale_args(k_cache, k_scale, v_scale), scale, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -146,8 +166,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 engines are references: no TF32
         DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
         WHOLE_PAGES=block_n % page == 0,  # tiles start at multiples of block_n
-        KV_HEADS=kv_heads, num_warps=warps, num_stages=stages)
-    return out
+        KV_HEADS=kv_heads, VARLEN=query_starts is not None, num_warps=warps, num_stages=stages)
 
 
 # ------------------------------------------------------------------ small-batch decode: split context
@@ -338,23 +357,61 @@ def _find_sequence(QueryStarts, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo
 
 
+@triton.jit
+def _load_keys(ptrs, key_ok, dmask, MASK_KEYS: tl.constexpr, PAD_DIM: tl.constexpr):
+    """A [BLOCK_N, HEAD_DIM_PAD] tile of K or V; masks only where a tile may hold keys past the range or
+    padded head dims (a tile of keys every row sees loads unmasked)."""
+    if MASK_KEYS:
+        x = tl.load(ptrs, mask=key_ok[:, None] & dmask[None, :], other=0.0)
+    elif PAD_DIM:
+        x = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _prefill_keys(q, K, V, kv_off, key_ok, visible, dmask, m_i, l_i, acc, qk_scale_log2, PRECISION: tl.constexpr,
+                  MASKED: tl.constexpr, PAD_DIM: tl.constexpr):
+    """One online-softmax step of the varlen kernel: rows q [R, D] against a tile of keys at kv_off
+    [BLOCK_N, D]. MASKED: `visible` [R, BLOCK_N] says which scores count (the causal diagonal, a window,
+    the range's end) and a row may see none of the tile; unmasked tiles skip both. Base-2 scores."""
+    k = _load_keys(K + kv_off, key_ok, dmask, MASKED, PAD_DIM).to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * qk_scale_log2  # [R, BLOCK_N]
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet keeps l = acc = 0
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_keys(V + kv_off, key_ok, dmask, MASKED, PAD_DIM).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["window", "num_seqs", "stride_bt"])
 def _paged_varlen_kernel(Q, K, V, O, BlockTables, QueryStarts, ContextLens, KScale, VScale, scale, window,
                          num_seqs, stride_qn, stride_qh, stride_ks, stride_kh, stride_on, stride_oh, stride_bt,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_Q: tl.constexpr,
                          BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
-                         KV_SCALED: tl.constexpr):
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+                         KV_SCALED: tl.constexpr, DOT_F16: tl.constexpr, WHOLE_PAGES: tl.constexpr,
+                         KV_HEADS: tl.constexpr):
+    # A 1-D grid of (query tile, KV head), KV-head-minor, tiles last to first: a prompt's last tiles see the
+    # most keys, and starting them first leaves the short ones for the tail.
+    kv_head = tl.program_id(0) % KV_HEADS
+    tile = tl.num_programs(0) // KV_HEADS - 1 - tl.program_id(0) // KV_HEADS
     seq = _find_sequence(QueryStarts, tile, num_seqs, BLOCK_Q)
     q_start = tl.load(QueryStarts + seq)
     q_len = tl.load(QueryStarts + seq + 1) - q_start
     first = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # this tile's first query within the sequence
-    if first >= q_len:
+    if (first >= q_len) | (q_len == 1):  # one new token: the decode kernel's (a tile of one row wastes the rest)
         return
     ctx = tl.load(ContextLens + seq).to(tl.int32)
     qk_scale, v_scale = _kv_scales(KScale, VScale, scale, KV_SCALED)
+    qk_scale_log2 = qk_scale * LOG2E
     # Rows are (query, head-in-group) pairs: [BLOCK_Q * GROUP_PAD]
     rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
     r = first + rows // GROUP_PAD
@@ -365,65 +422,77 @@ def _paged_varlen_kernel(Q, K, V, O, BlockTables, QueryStarts, ContextLens, KSca
     dmask = d < HEAD_DIM
     q_off = (q_start + r).to(tl.int64)[:, None] * stride_qn + (kv_head * GROUP + g)[:, None] * stride_qh + d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None] & dmask[None, :], other=0.0)
+    if DOT_F16:  # an FP8 cache under a bf16 engine: e4m3 -> fp16 is one conversion (-> bf16 is two)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    hi = tl.minimum(ctx - q_len + first + BLOCK_Q, ctx)  # keys past the tile's last query are masked anyway
+    table_row = BlockTables + seq * stride_bt
+    first_pos = ctx - q_len + first  # every row sees the keys up to here (its own position or later)
+    hi = tl.minimum(first_pos + BLOCK_Q, ctx)  # keys past the tile's last query are masked anyway
     lo = 0
+    unmasked_hi = (first_pos + 1) // BLOCK_N * BLOCK_N  # tiles below: no causal mask, no key mask
     if HAS_WINDOW:
-        lo = tl.maximum(ctx - q_len + first - window + 1, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    for start in range(lo, hi, BLOCK_N):
+        lo = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+        unmasked_hi = lo  # a window masks from below too: every tile masked
+    for start in range(lo, unmasked_hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        slots = _slots(table_row, start, pos, unmasked_hi, PAGE, BLOCK_N, WHOLE_PAGES)
+        kv_off = slots[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
+        m_i, l_i, acc = _prefill_keys(q, K, V, kv_off, pos < hi, None, dmask, m_i, l_i, acc, qk_scale_log2,
+                                      PRECISION, False, HEAD_DIM != HEAD_DIM_PAD)
+    for start in range(unmasked_hi, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         key_ok = pos < hi
-        page = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=key_ok, other=0)
-        kv_off = (page.to(tl.int64) * PAGE + pos % PAGE)[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        k = tl.load(K + kv_off, mask=key_ok[:, None] & dmask[None, :], other=0.0).to(Q.dtype.element_ty)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * qk_scale  # [rows, BLOCK_N]
         visible = key_ok[None, :] & (pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=key_ok[:, None] & dmask[None, :], other=0.0).to(Q.dtype.element_ty)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        slots = _slots(table_row, start, pos, hi, PAGE, BLOCK_N, WHOLE_PAGES)
+        kv_off = slots[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
+        m_i, l_i, acc = _prefill_keys(q, K, V, kv_off, key_ok, visible, dmask, m_i, l_i, acc, qk_scale_log2,
+                                      PRECISION, True, HEAD_DIM != HEAD_DIM_PAD)
     out = acc * v_scale / tl.maximum(l_i, 1e-30)[:, None]
     o_off = (q_start + r).to(tl.int64)[:, None] * stride_on + (kv_head * GROUP + g)[:, None] * stride_oh + d[None, :]
     tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
 
 
-VARLEN_ROWS = 64  # (query, head) rows per program: BLOCK_Q = VARLEN_ROWS // GROUP_PAD queries
+# (rows a program: query x head-in-group pairs, BLOCK_N keys a tile, num_warps, num_stages) of the varlen
+# kernel, the best in sum of 36 that scripts/tune_prefill_attention.py times (H200, Llama-3-8B heads, bf16
+# and FP8 KV; 4 x 2,048-token prompts: 414 / 472 us against 699 / 686 for the kernel of 64-row tiles).
+VARLEN_LAUNCH = (128, 64, 4, 3)
 
 
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, query_starts: torch.Tensor, context_lens: torch.Tensor,
                            page: int, scale: float, sliding_window: int | None = None,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """q [N, heads, hd] of B sequences (query_starts [B+1], context_lens [B] on the device;
     a sequence's queries are its last tokens) -> [N, heads, hd]. Tokens past query_starts[-1]
-    (graph padding) get zeros. The launch depends only on N and B, so graphs can hold it.
-    k/v_cache and scales as in paged_decode_attention."""
+    (graph padding) get zeros. The launches depend only on N and B, so graphs can hold them.
+    Sequences with one new token (decodes) go to the decode kernel, in a second launch: a varlen
+    tile holds up to `rows` query rows, and computing them for one would cost the rest.
+    k/v_cache and scales as in paged_decode_attention; `launch` as VARLEN_LAUNCH."""
     tokens, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
-    block_q = max(VARLEN_ROWS // group_pad, 1)
+    rows, block_n, warps, stages = launch or VARLEN_LAUNCH
+    block_q = max(rows // group_pad, 1)
     num_seqs = context_lens.shape[0]
     out = torch.zeros_like(q)
-    _paged_varlen_kernel[(tokens // block_q + num_seqs, kv_heads)](
+    _paged_varlen_kernel[(kv_heads * (tokens // block_q + num_seqs),)](
         q, k_cache, v_cache, out, block_tables, query_starts, context_lens, *_scale_args(k_cache, k_scale, v_scale),
         scale, sliding_window or 0, num_seqs,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
-        PAGE=page, BLOCK_Q=block_q, BLOCK_N=64, HAS_WINDOW=sliding_window is not None,
+        PAGE=page, BLOCK_Q=block_q, BLOCK_N=block_n, HAS_WINDOW=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 engines are references: no TF32
-        KV_SCALED=k_scale is not None, num_warps=4, num_stages=2)
+        KV_SCALED=k_scale is not None, DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16,
+        WHOLE_PAGES=block_n % page == 0, KV_HEADS=kv_heads, num_warps=warps, num_stages=stages)
+    _launch_decode(q, k_cache, v_cache, out, block_tables, context_lens, query_starts, page, scale, sliding_window,
+                   k_scale, v_scale, None)
     return out
 
 

@@ -78,17 +78,21 @@ def check_decode(device: str, heads: int, kv_heads: int, head_dim: int, window: 
     return _rel_err(out, ref)
 
 
-def check_varlen(device: str, heads: int, kv_heads: int, head_dim: int, window: int | None) -> float:
-    """Decodes, fresh and chunked prefills in one launch, plus graph padding (zeros)."""
+def check_varlen(device: str, heads: int, kv_heads: int, head_dim: int, window: int | None,
+                 query_dtype: torch.dtype | None = None, launch: tuple[int, int, int, int] | None = None) -> float:
+    """Decodes, fresh and chunked prefills in one launch, plus graph padding (zeros). The long prompts
+    give tiles whose lower keys every row sees (the kernel's unmasked loop) below the causal diagonal.
+    query_dtype and launch as check_decode's (launch: rows, BLOCK_N, warps, stages)."""
     from dist_infer.engine.attention_gpu import paged_varlen_attention
 
-    rows = [(30, 1), (5, 5), (70, 1), (48, 16), (40, 24)]
+    rows = [(30, 1), (5, 5), (70, 1), (48, 16), (40, 24), (200, 200), (300, 100)]
     cache, batch = _fp8_cache([c for c, _ in rows], kv_heads, head_dim, device), _step(rows, device)
     n, pad = batch.num_tokens, 3
     q = torch.randn(n + pad, heads, head_dim, generator=torch.Generator().manual_seed(2))
-    q = q.to(device, _query_dtype(device))
+    q = q.to(device, query_dtype or _query_dtype(device))
     out = paged_varlen_attention(q, cache.k[1], cache.v[1], batch.block_tables, batch.query_starts_tensor,
-                                 batch.context_lens_tensor, PAGE, head_dim ** -0.5, window, *_scales(cache))
+                                 batch.context_lens_tensor, PAGE, head_dim ** -0.5, window, *_scales(cache),
+                                 launch=launch)
     ref = paged_attention_reference(q[:n].float(), cache, 1, batch, head_dim ** -0.5, window)
     assert not out[n:].any(), "padding tokens must get zeros"
     return _rel_err(out[:n], ref)
@@ -140,6 +144,7 @@ def _rounds_to_power_of_two(stored: torch.Tensor) -> torch.Tensor:
 
 CASES = [(8, 2, 64, None), (9, 3, 64, 40), (8, 1, 128, None)]  # (heads, kv heads, head dim, window)
 DECODE_TILES = [(8, 4, 2), (16, 4, 2), (32, 4, 3)]  # keys a tile: half a page (per-key table reads), one, two
+VARLEN_TILES = [(64, 8, 4, 2), (32, 16, 4, 2), (128, 32, 8, 3)]  # (rows, keys, ...): as DECODE_TILES
 
 
 def run_all(device: str) -> None:
@@ -154,6 +159,12 @@ def run_all(device: str) -> None:
         for window in (None, 40):
             err = check_decode(device, 8, 2, 64, window, launch=launch)
             assert err < REL_TOL, f"check_decode with launch {launch}, window {window}: relative error {err:.2e}"
+    for launch in VARLEN_TILES:
+        for window in (None, 40):
+            err = check_varlen(device, 8, 2, 64, window, launch=launch)
+            assert err < REL_TOL, f"check_varlen with launch {launch}, window {window}: relative error {err:.2e}"
+    err = check_varlen(device, 8, 2, 64, None, query_dtype=torch.bfloat16)
+    assert err < REL_TOL, f"check_varlen with bf16 queries (fp16 dots): relative error {err:.2e}"
     err = check_rope_write(device)
     assert err < 2e-2, f"rope_write_kv: relative error {err:.2e}"  # a rare rounding flip is one FP8 step
 
