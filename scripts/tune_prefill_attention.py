@@ -9,7 +9,8 @@ A shape P:L[+D@C] is P fresh prompts of L tokens in one step, plus D decoding se
 mixed step). Prints microseconds per call and TFLOP/s of the prompts' causal attention (4 * heads *
 head_dim * L * (L + 1) / 2 a prompt); the best config per KV dtype (summed over the shapes) last.
 VARLEN_LAUNCH in dist_infer/engine/attention_gpu.py holds the chosen one. --current-only times the
-configs in use (best of 3): run it from two trees (PYTHONPATH=TREE) to compare their kernels.
+config in use (best of 3), through the call's defaults, so it also runs against trees from before the launch
+argument: run it with PYTHONPATH=TREE for two trees to compare their kernels.
 """
 
 from __future__ import annotations
@@ -85,14 +86,15 @@ def main() -> None:
         prompts, length, decodes, context = parse_shape(shape)
         flop = 4 * HEADS * HEAD_DIM * length * (length + 1) / 2 * prompts
         for kv_dtype in dtypes:
-            current = attention_gpu.VARLEN_LAUNCH
+            current = getattr(attention_gpu, "VARLEN_LAUNCH", None)  # None: a tree from before the constant
             q, k, v, tables, starts, lens, scales = make_case([(length, length)] * prompts + [(context, 1)] * decodes,
                                                               kv_dtype)
             for cfg in [current] if args.current_only else CONFIGS:
                 runs, reps = (3, 20) if args.current_only else (1, 10)
+                launch = {} if args.current_only else {"launch": cfg}  # the tree's own default: any tree runs
                 try:
                     us = min(time_us(lambda: attention_gpu.paged_varlen_attention(
-                        q, k, v, tables, starts, lens, PAGE, 0.088, None, *scales, launch=cfg), reps)
+                        q, k, v, tables, starts, lens, PAGE, 0.088, None, *scales, **launch), reps)
                         for _ in range(runs))
                 except Exception as exc:  # a config past the shared memory or registers: not a candidate
                     print(f"{shape:>16} {str(kv_dtype)[6:]:>14} {cfg}: failed ({type(exc).__name__})")
@@ -101,6 +103,8 @@ def main() -> None:
                 mark = " (current)" if cfg == current else ""
                 print(f"{shape:>16} {str(kv_dtype)[6:]:>14} {cfg}: {us:9.1f} us {flop / us / 1e6:6.0f} TFLOP/s{mark}")
             del q, k, v
+        if not prompts:
+            continue
         us = sdpa_us(prompts, length)
         print(f"{shape:>16} {'sdpa flash':>14} (prompts only, contiguous): {us:9.1f} us {flop / us / 1e6:6.0f} TFLOP/s")
     if args.current_only:
