@@ -21,6 +21,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from tune_decode_attention import time_us  # scripts/ is first on sys.path when a script runs
+
 from dist_infer.engine import attention_gpu
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -51,17 +53,6 @@ def make_case(rows: list[tuple[int, int]], kv_dtype: torch.dtype):
     unscaled = kv_dtype == torch.bfloat16
     scales = (None, None) if unscaled else (torch.ones(1, device="cuda"), torch.ones(1, device="cuda"))
     return q, k, v, tables, starts, lens, scales
-
-
-def time_us(fn, reps: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
 
 
 def sdpa_us(prompts: int, length: int) -> float:
