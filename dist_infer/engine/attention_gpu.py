@@ -388,10 +388,11 @@ def _prefill_keys(q, K, V, kv_off, key_ok, visible, dmask, m_i, l_i, acc, qk_sca
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet keeps l = acc = 0
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_ref = m_new
+    if MASKED:  # a row with nothing visible yet keeps l = acc = 0 and its max at -inf (a 0 carried on would
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # underflow the later tiles' exp2 at low scores)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_keys(V + kv_off, key_ok, dmask, MASKED, PAD_DIM).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)

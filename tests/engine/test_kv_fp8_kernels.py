@@ -79,16 +79,26 @@ def check_decode(device: str, heads: int, kv_heads: int, head_dim: int, window: 
 
 
 def check_varlen(device: str, heads: int, kv_heads: int, head_dim: int, window: int | None,
-                 query_dtype: torch.dtype | None = None, launch: tuple[int, int, int, int] | None = None) -> float:
+                 query_dtype: torch.dtype | None = None, launch: tuple[int, int, int, int] | None = None,
+                 low_scores: bool = False) -> float:
     """Decodes, fresh and chunked prefills in one launch, plus graph padding (zeros). The long prompts
     give tiles whose lower keys every row sees (the kernel's unmasked loop) below the causal diagonal.
-    query_dtype and launch as check_decode's (launch: rows, BLOCK_N, warps, stages)."""
+    query_dtype and launch as check_decode's (launch: rows, BLOCK_N, warps, stages). low_scores: keys
+    near +3 and queries near -0.7, so every score is about -17: with a window, a row that sees nothing in
+    its first tiles must keep its running max at -inf, or its later tiles' fp16 weights underflow."""
     from dist_infer.engine.attention_gpu import paged_varlen_attention
 
     rows = [(30, 1), (5, 5), (70, 1), (48, 16), (40, 24), (200, 200), (300, 100)]
     cache, batch = _fp8_cache([c for c, _ in rows], kv_heads, head_dim, device), _step(rows, device)
     n, pad = batch.num_tokens, 3
-    q = torch.randn(n + pad, heads, head_dim, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(n + pad, heads, head_dim, generator=gen)
+    if low_scores:
+        q = 0.1 * q - 0.7
+        every_slot = torch.arange(cache.k.shape[1], device=device)
+        k = 3 + 0.3 * torch.randn(len(every_slot), kv_heads, head_dim, generator=gen)
+        _, v = cache.read(1, every_slot)
+        cache.write(1, k.to(device), v, every_slot)  # new keys, the same values
     q = q.to(device, query_dtype or _query_dtype(device))
     out = paged_varlen_attention(q, cache.k[1], cache.v[1], batch.block_tables, batch.query_starts_tensor,
                                  batch.context_lens_tensor, PAGE, head_dim ** -0.5, window, *_scales(cache),
@@ -163,8 +173,13 @@ def run_all(device: str) -> None:
         for window in (None, 40):
             err = check_varlen(device, 8, 2, 64, window, launch=launch)
             assert err < REL_TOL, f"check_varlen with launch {launch}, window {window}: relative error {err:.2e}"
-    err = check_varlen(device, 8, 2, 64, None, query_dtype=torch.bfloat16)
-    assert err < REL_TOL, f"check_varlen with bf16 queries (fp16 dots): relative error {err:.2e}"
+    for window in (None, 40):
+        err = check_varlen(device, 8, 2, 64, window, query_dtype=torch.bfloat16)
+        assert err < REL_TOL, f"check_varlen with bf16 queries (fp16 dots), window {window}: relative error {err:.2e}"
+        err = check_varlen(device, 8, 2, 64, window, query_dtype=torch.bfloat16, low_scores=True)
+        assert err < REL_TOL, f"check_varlen, scores near -17, window {window}: relative error {err:.2e}"
+    err = check_varlen(device, 6, 2, 80, None)  # head dims padded to 128 (masked loads in the unmasked tiles)
+    assert err < REL_TOL, f"check_varlen with head dim 80: relative error {err:.2e}"
     err = check_rope_write(device)
     assert err < 2e-2, f"rope_write_kv: relative error {err:.2e}"  # a rare rounding flip is one FP8 step
 
@@ -184,6 +199,13 @@ def test_fp8_kernels_under_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp8_attention_kernels_match_reference(check, heads, kv_heads, head_dim, window):
     assert check("cuda", heads, kv_heads, head_dim, window) < REL_TOL
+
+
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_varlen_keeps_low_scores(window):
+    assert check_varlen("cuda", 8, 2, 64, window, low_scores=True) < REL_TOL
 
 
 @pytest.mark.gpu
