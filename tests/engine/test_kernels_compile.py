@@ -86,12 +86,15 @@ def plain_decode(kv_dtype, window):
     return call
 
 
-def varlen():
-    k_cache, v_cache, _ = _cache(torch.bfloat16)
-    b = StepBatch.build([([1] * 5, 0, [1]), ([1], 20, [2, 3])], PAGE)
-    q = torch.randn(b.num_tokens, HEADS, HEAD_DIM, dtype=torch.bfloat16)
-    attention_gpu.paged_varlen_attention(q, k_cache, v_cache, b.block_tables, b.query_starts_tensor,
-                                         b.context_lens_tensor, PAGE, 0.1)
+def varlen(kv_dtype, window):
+    """A prompt and a decode in one step: the varlen kernel and the decode kernel's second launch."""
+    def call():
+        k_cache, v_cache, scales = _cache(kv_dtype)
+        b = StepBatch.build([([1] * 5, 0, [1]), ([1], 20, [2, 3])], PAGE)
+        q = torch.randn(b.num_tokens, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+        attention_gpu.paged_varlen_attention(q, k_cache, v_cache, b.block_tables, b.query_starts_tensor,
+                                             b.context_lens_tensor, PAGE, 0.1, window, *scales)
+    return call
 
 
 def gemv(gated: bool):
@@ -115,7 +118,8 @@ CASES = {
     "split decode, FP8 KV, window": split_decode(FP8, 16),
     "plain decode, bf16 KV": plain_decode(torch.bfloat16, None),
     "plain decode, FP8 KV, window": plain_decode(FP8, 16),
-    "varlen prefill": varlen,
+    "varlen prefill, bf16 KV": varlen(torch.bfloat16, None),
+    "varlen prefill, FP8 KV, window": varlen(FP8, 16),
     "gemv": gemv(False),
     "gated gemv": gemv(True),
     "norm, SiLU-mul and RoPE write with FP8 outputs": fused_fp8_producers,
