@@ -191,7 +191,21 @@ def kill_rank_mid_run(args: list[str], world: int, victim: int, deadline_s: floa
             os.killpg(proc.pid, signal.SIGKILL)
         if pids.get(victim) and _alive(pids[victim]):  # a stopped victim: do not leave it behind
             os.kill(pids[victim], signal.SIGKILL)
-    return proc.returncode, took, [r for r, pid in pids.items() if r != victim and _alive(pid)]
+    return proc.returncode, took, _outliving([pid for r, pid in pids.items() if r != victim], pids)
+
+
+RANK_EXIT_GRACE_S = 5.0  # mpirun may exit while a rank it signalled is still in its own exit (a loaded host)
+
+
+def _outliving(others: list[int], pids: dict[int, int]) -> list[int]:
+    """The ranks among `others` (pids) still alive RANK_EXIT_GRACE_S after the job ended: an orphan lives on,
+    a rank still exiting is gone by then."""
+    import time
+
+    deadline = time.monotonic() + RANK_EXIT_GRACE_S
+    while any(_alive(pid) for pid in others) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [r for r, pid in pids.items() if pid in others and _alive(pid)]
 
 
 def completions(proc: subprocess.CompletedProcess) -> list[dict]:
