@@ -78,16 +78,36 @@ _PORTS_HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
-    """A TCP port free now and never handed out before in this test process. The kernel
-    may return the port it just freed again, and two daemons given the same port (a Ray
-    head's GCS and its agent, say) refuse to start."""
+    """A TCP port free now, never handed out before in this test process (two daemons given the same
+    port, a Ray head's GCS and its agent say, refuse to start), and below the kernel's ephemeral range:
+    every outgoing connection (mpirun's, Ray's, a client's) takes an ephemeral port, so one picked from
+    there can be taken before the server binds it (a full run lost four serving tests so)."""
+    import random
+
+    first_ephemeral = _first_ephemeral_port()
     while True:
+        port = random.randrange(PORTS_FROM, first_ephemeral)
+        if port in _PORTS_HANDED_OUT:
+            continue
         with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if port not in _PORTS_HANDED_OUT:
-            _PORTS_HANDED_OUT.add(port)
-            return port
+            try:
+                s.bind(("", port))
+            except OSError:  # in use
+                continue
+        _PORTS_HANDED_OUT.add(port)
+        return port
+
+
+PORTS_FROM = 25_000  # free_port's range: above the test Ray nodes' worker ports (20,000 on: launchers/daemons.py)
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768  # Linux's default range is 32768-60999
+    assert first > PORTS_FROM + 1000, f"the ephemeral range starts at {first}: no room below it for test ports"
+    return first
 
 
 def mpirun_prefix(n: int) -> list[str]:
