@@ -18,6 +18,7 @@ from dist_infer.comm.base import collective_call
 from dist_infer.comm.groups import ParallelGroups
 from dist_infer.config import BuildConfig, KVCacheConfig, Mapping, ModelConfig
 from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
+from dist_infer.engine.kernel_compile import KernelCompilePool, compile_workers
 from dist_infer.engine.kernels import kernels_for
 from dist_infer.engine.kv_cache import KV_STORAGE_DTYPES, PagedKVCache, StepBatch
 from dist_infer.engine.model import StageModel, local_heads
@@ -250,16 +251,39 @@ class RankEngine:
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """One eager step of every graph's shape: Triton compiles its kernels (or loads them from
-        the engine's cache), cuBLAS and NCCL set up. The weights may still be arriving, so the
-        outputs are garbage; they are dropped, and the padding slots they wrote are rewritten by
-        the capture's own warm-up steps."""
+        """One eager step of every graph's shape: Triton's kernels are compiled (in worker
+        processes, see kernel_compile.py) or found in the engine's cache, cuBLAS and NCCL set
+        up. The weights may still be arriving, so the outputs are garbage; they are dropped, and
+        the padding slots they wrote are rewritten by the capture's own warm-up steps."""
         started = time.perf_counter()
-        for graphs in self.graphs:
-            graphs.warm_up()
+        workers = compile_workers(torch.cuda.device_count())
+        if workers:
+            self._warm_up_compiling_in(workers)
+        else:
+            self._warm_up_pass()
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the capture's own steps run on another stream: they cannot reuse these blocks
         log.info("rank %d: step kernels ready in %.2f s", self.mapping.rank, time.perf_counter() - started)
+
+    def _warm_up_pass(self) -> None:
+        for graphs in self.graphs:
+            graphs.warm_up()
+
+    def _warm_up_compiling_in(self, workers: int) -> None:
+        """The warm-up pass with every kernel compile handed to `workers` processes (its launches
+        skipped: the outputs are dropped anyway); the capture loads the kernels from the cache."""
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        with KernelCompilePool(workers, driver.active.get_current_target(), knobs.cache.dir) as pool:
+            with pool.handing_over():
+                self._warm_up_pass()
+            compiled, failed = pool.wait()
+        if pool.pending:
+            slowest = f", the slowest {pool.slowest[0]} in {pool.slowest[1]:.2f} s" if pool.slowest else ""
+            log.info("rank %d: %d Triton kernels compiled by %d worker processes in %.2f s%s (%d more were in the "
+                     "cache)%s", self.mapping.rank, compiled, workers, time.perf_counter() - pool.started, slowest,
+                     pool.found, f"; failed there, compiled here: {', '.join(failed)}" if failed else "")
 
     def _weight_load(self, verify: bool) -> WeightLoad:
         """The rank file's reader, its names checked against the model; parameters allocated on

@@ -3,6 +3,7 @@ no CUDA GPU is visible. Multi-GPU cases need 2 GPUs and nccl4py."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -193,6 +194,65 @@ def test_fused_silu_mul():
     gate_up = torch.randn(5, 2 * 3000, dtype=torch.bfloat16, device="cuda")
     gate, up = gate_up.float().chunk(2, dim=-1)
     assert _rel_err(silu_mul(gate_up), torch.nn.functional.silu(gate) * up) < 1e-2
+
+
+# A fresh process loads the engine (no kernel compiled in memory yet) and generates; Triton's
+# compile listener fires in this process only, not in the compile workers.
+LOAD_AND_GENERATE = """
+import json, logging, sys
+from triton import knobs
+from dist_infer.comm import LocalCommunicator, ParallelGroups
+from dist_infer.engine.runtime import EngineSpec, load_rank_engine
+from dist_infer.workers.llm_engine import LLMEngine, Request
+from dist_infer.workers.worker import RankWorker
+logging.basicConfig(level=logging.INFO)
+hits = []
+knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
+spec = EngineSpec.read(sys.argv[1])
+groups = ParallelGroups.build(LocalCommunicator(), spec.mapping)
+engine = load_rank_engine(spec, groups, "cuda:0")
+at_load = list(hits)
+llm = LLMEngine(RankWorker(engine, groups), spec)
+for i, n in enumerate((5, 40, 130, 1)):
+    llm.add_request(str(i), Request(list(range(3, 3 + n)), 12, ignore_eos=True))
+outs = {}
+while llm.has_unfinished():
+    for o in llm.step():
+        outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+print(json.dumps({"compiled": at_load.count(False), "from_cache": at_load.count(True),
+                  "tokens": [outs[str(i)] for i in range(4)]}))
+"""
+
+
+def test_kernels_compiled_in_worker_processes(tmp_path):
+    """A first load hands its Triton compiles to worker processes: the rank itself then compiles
+    nothing (the capture finds every kernel in the cache), and the tokens are those of a load that
+    compiles inside the rank (DIST_INFER_COMPILE_WORKERS=0). Each of those starts from an empty
+    cache; a second load from the workers' cache starts no worker."""
+    import json
+    import subprocess
+    import sys
+
+    from dist_infer.config import BuildConfig
+    from dist_infer.engine.random_engine import build_random_engine
+
+    engine = tmp_path / "e"
+    build_random_engine("tiny-llama", engine, build=BuildConfig(dtype="bfloat16", max_batch_size=8, max_seq_len=256,
+                        kv_block_size=16), with_tokenizer=False, device="cpu")
+
+    def load(workers: str, cache: str) -> tuple[dict, str]:
+        env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / cache), "DIST_INFER_COMPILE_WORKERS": workers}
+        proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(engine)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+    (in_rank, _), (in_workers, log), (again, log_again) = load("0", "a"), load("4", "b"), load("4", "b")
+    assert in_rank["compiled"] >= 5
+    assert in_workers["compiled"] == 0 and in_workers["from_cache"] >= in_rank["compiled"]
+    assert f"{in_rank['compiled']} Triton kernels compiled by 4 worker processes" in log
+    assert in_workers["tokens"] == in_rank["tokens"] == again["tokens"]
+    assert again["compiled"] == 0 and "worker processes" not in log_again
 
 
 @pytest.fixture(scope="module")
