@@ -11,8 +11,13 @@ engine's own, is inherited). The graph capture that follows loads every kernel f
 A record in the cache directory (RECORD) lists what the workers compiled into it, so a later
 launch lets Triton load those kernels itself and starts no process at all. A worker needs no
 GPU context: it compiles for the rank's target (arch, warp size), given to Triton through
-`CompileOnlyDriver`. A kernel that fails in a worker is compiled again by the rank when the
-capture runs it, where its error is raised as before.
+`CompileOnlyDriver`. A kernel that fails in a worker (or a worker that dies) is compiled again
+by the rank when the capture runs it, where its error is raised as before.
+
+A worker is `python -m dist_infer.engine.kernel_compile`, fed one request per line, rather
+than a multiprocessing child: a spawned child re-runs the parent's `__main__` script, and a
+user's `LLM(...)` script without a main guard would load the engine again in every worker. It
+exits at the end of its input, so it goes with the rank however the rank ends.
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ import importlib
 import json
 import logging
 import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
-from multiprocessing import get_context
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from dist_infer.errors import EngineError
@@ -33,20 +43,23 @@ from dist_infer.errors import EngineError
 log = logging.getLogger(__name__)
 
 WORKERS_ENV = "DIST_INFER_COMPILE_WORKERS"  # 0: compile inside the rank, as before this module
-MAX_WORKERS = 16  # about as many kernels as a warm-up compiles
+# An 8B first launch on a 16-CPU H100 host: 8 workers took 6.9-7.2 s for its 15 kernels, 16 took 8.0-8.4 s
+# (each worker imports torch and Triton, beside the weight read's hash threads).
+MAX_WORKERS = 8
 RECORD = "dist_infer-compiled.json"  # in the kernel cache directory: the record's entries (see `entry`)
+COMPILE_TIMEOUT_S = 300  # a rank waits this long for its workers; then it compiles what is left itself
 
 
-def compile_workers(gpus_on_node: int) -> int:
+def compile_workers(ranks_on_node: int) -> int:
     """Processes per rank: $DIST_INFER_COMPILE_WORKERS, else this node's usable CPUs shared
-    by its ranks (one per GPU), at most MAX_WORKERS."""
+    by its ranks, at most MAX_WORKERS."""
     if (asked := os.environ.get(WORKERS_ENV, "").strip()) != "":
         if not asked.isdigit():
             raise EngineError(f"{WORKERS_ENV}={asked!r} is not a number of processes: set a whole number "
                               "(0 compiles the Triton kernels inside each rank) or unset it.")
         return int(asked)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cpus // max(1, gpus_on_node)))
+    return max(1, min(MAX_WORKERS, cpus // max(1, ranks_on_node)))
 
 
 def entry(kernel, specialization: str) -> str:
@@ -71,7 +84,7 @@ class CompileOnlyDriver:
         return self.target
 
 
-def compile_in_worker(target: tuple[str, int, int], module: str, qualname: str, specialization: str) -> float:
+def compile_in_worker(target: tuple[str, int, int] | list, module: str, qualname: str, specialization: str) -> float:
     """In a worker: compile one kernel specialization (Triton's serialized form) for `target`
     (backend, arch, warp size) into the kernel cache, with its launcher. Returns the seconds
     that took (after the imports)."""
@@ -101,9 +114,8 @@ def _build_launcher(compiled) -> None:
 
 class KernelCompilePool:
     """Hands the compiles of a pass under `handing_over()` to worker processes, started at the
-    first kernel the cache's record does not hold; `wait()` returns once every one is in the
-    cache. A context manager: leaving it stops the processes (and drops compiles not started,
-    when it is left by an error)."""
+    first kernel the cache's record does not hold; `wait()` returns once every one ended. A
+    context manager: leaving it ends the workers (kills them, when it is left by an error)."""
 
     def __init__(self, workers: int, target, cache_dir: str | Path):
         self.workers = workers
@@ -112,7 +124,11 @@ class KernelCompilePool:
         self.known = self._read_record()
         self.found = 0  # kernels the record holds: Triton loads them from the cache
         self.pending: dict[str, tuple[object, str, Future]] = {}  # specialization -> (kernel info, entry, compile)
-        self.pool: ProcessPoolExecutor | None = None
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()  # (future, request); None ends a feeder
+        self.processes: list[subprocess.Popen] = []
+        self.feeders: list[threading.Thread] = []
+        self.pass_thread: int | None = None  # the thread whose launches are handed over
+        self.broken = False  # a worker could not start: the rank compiles the rest itself
         self.started = time.perf_counter()
         self.slowest: tuple[str, float] | None = None
 
@@ -120,18 +136,30 @@ class KernelCompilePool:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
+        """Workers end at the end of their input; after an error, or with a compile still running
+        (past the timeout), they are killed."""
+        unfinished = any(not future.done() for _, _, future in self.pending.values())
+        for _ in self.feeders:
+            self.requests.put(None)
+        for process in self.processes:
+            if exc_type is not None or unfinished:
+                process.kill()
+            with suppress(OSError):  # a worker that died left a broken pipe
+                process.stdin.close()
+        for feeder in self.feeders:
+            feeder.join()
+        for process in self.processes:
+            process.wait()
 
     @contextmanager
     def handing_over(self):
-        """Inside: a Triton launch whose kernel is neither compiled in this process nor in the
-        record is skipped (not run) and its compile submitted to a worker. Only for passes
+        """Inside: a launch from this thread whose kernel is neither compiled in this process nor
+        in the record is skipped (not run) and its compile handed to a worker. Only for passes
         whose outputs are dropped."""
         from triton import knobs
 
-        previous = knobs.runtime.jit_cache_hook
-        knobs.runtime.jit_cache_hook = self._hand_over
+        previous, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, self._hand_over
+        self.pass_thread = threading.get_ident()
         try:
             yield self
         finally:
@@ -139,40 +167,87 @@ class KernelCompilePool:
 
     def _hand_over(self, *, fn, compile, **_) -> bool:
         """Triton's hook, before it compiles: True skips the compile and the launch."""
-        spec = compile["specialization_data"]
+        if self.broken or threading.get_ident() != self.pass_thread:
+            return False
+        try:
+            return self._skip_and_submit(fn, compile["specialization_data"])
+        except Exception as exc:  # noqa: BLE001 - never fail a launch here: the rank compiles as before
+            self.broken = True
+            log.warning("handing Triton compiles to worker processes failed (%s: %s); the rank compiles its "
+                        "kernels itself", type(exc).__name__, exc)
+            return False
+
+    def _skip_and_submit(self, fn, spec: str) -> bool:
         if spec in self.pending:  # every layer launches the same specializations
             return True
         key = entry(fn.jit_function, spec)
         if key in self.known:
             self.found += 1
             return False
-        self.pending[spec] = (fn, key, self._submit(fn.module, fn.name, spec))
+        request = dict(target=self.target, module=fn.module, qualname=fn.name, specialization=spec)
+        self.pending[spec] = (fn, key, self._submit(request))
         return True
 
-    def _submit(self, module: str, qualname: str, spec: str) -> Future:
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
-        return self.pool.submit(compile_in_worker, self.target, module, qualname, spec)
+    def _submit(self, request: dict) -> Future:
+        if not self.processes:
+            self._start_workers()
+        future = Future()
+        self.requests.put((future, request))
+        return future
+
+    def _start_workers(self) -> None:
+        # The rank's import path, so a worker imports the kernels from where the rank did.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        for _ in range(self.workers):
+            process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, env=env)
+            self.processes.append(process)
+            self.feeders.append(threading.Thread(target=self._feed, args=(process,), daemon=True,
+                                                 name="kernel-compile-feeder"))
+            self.feeders[-1].start()
+
+    def _feed(self, process: subprocess.Popen) -> None:
+        """One worker's requests, one at a time. Once it has died, each request it takes fails
+        (the rank compiles those kernels)."""
+        while (item := self.requests.get()) is not None:
+            future, request = item
+            try:
+                process.stdin.write(json.dumps(request) + "\n")
+                process.stdin.flush()
+                answer = json.loads(process.stdout.readline())
+            except (OSError, ValueError) as exc:
+                future.set_exception(RuntimeError(f"the worker process exited ({type(exc).__name__}: {exc})"))
+                continue
+            if "error" in answer:
+                future.set_exception(RuntimeError(answer["error"]))
+            else:
+                future.set_result(answer["seconds"])
 
     def wait(self) -> tuple[int, list[str]]:
-        """Block until every submitted compile ended and record the ones that succeeded;
-        (kernels compiled, names that failed). `slowest` is then (name, seconds) of the longest."""
-        seconds = {key: (fn.name, self._seconds(fn.name, future)) for fn, key, future in self.pending.values()}
+        """Block until every submitted compile ended (at most COMPILE_TIMEOUT_S) and record the
+        ones that succeeded; (kernels compiled, names that failed). `slowest` is then (name,
+        seconds) of the longest."""
+        deadline = time.perf_counter() + COMPILE_TIMEOUT_S
+        seconds = {key: (fn.name, self._seconds(fn.name, future, deadline))
+                   for fn, key, future in self.pending.values()}
         done = {key for key, (_, took) in seconds.items() if took is not None}
         if done:
-            self._write_record(self.known | done)
+            self._write_record(done)
             self.slowest = max((seconds[key] for key in done), key=lambda named: named[1])
         return len(done), sorted({name for key, (name, _) in seconds.items() if key not in done})
 
     @staticmethod
-    def _seconds(name: str, future: Future) -> float | None:
-        """The compile's seconds, or None where it failed."""
+    def _seconds(name: str, future: Future, deadline: float) -> float | None:
+        """The compile's seconds, or None where it failed or did not end in time."""
         try:
-            return future.result()
+            return future.result(timeout=max(0.0, deadline - time.perf_counter()))
+        except FutureTimeout:
+            log.warning("compiling Triton kernel %s in a worker process took over %d s; the rank compiles it "
+                        "itself", name, COMPILE_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the rank compiles it again and raises there if it must
-            log.warning("compiling Triton kernel %s in a worker process failed (%s: %s); the rank compiles it "
-                        "itself", name, type(exc).__name__, str(exc)[:300])
-            return None
+            log.warning("compiling Triton kernel %s in a worker process failed (%s); the rank compiles it itself",
+                        name, str(exc)[:300])
+        return None
 
     def _read_record(self) -> set[str]:
         try:
@@ -180,12 +255,34 @@ class KernelCompilePool:
         except (OSError, ValueError, TypeError):  # none yet, or unreadable: compile what the pass asks for
             return set()
 
-    def _write_record(self, entries: set[str]) -> None:
-        """Atomically (ranks sharing a cache directory may write it at once); a read-only cache
-        keeps its old record."""
-        tmp = self.record.with_name(f"{RECORD}.{os.getpid()}.tmp")
+    def _write_record(self, done: set[str]) -> None:
+        """Merged with the record as it is now (ranks or replicas may share the cache directory)
+        and replaced atomically; a read-only cache keeps its old record."""
+        tmp = None
         try:
-            tmp.write_text(json.dumps(sorted(entries)))
+            with tempfile.NamedTemporaryFile("w", dir=self.record.parent, prefix=RECORD, delete=False) as file:
+                tmp = Path(file.name)
+                file.write(json.dumps(sorted(self._read_record() | done)))
             os.replace(tmp, self.record)
         except OSError as exc:
             log.debug("kernel record %s not written: %s", self.record, exc)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+
+
+def serve() -> None:
+    """A worker's loop: a JSON request (compile_in_worker's arguments) per line on stdin, a JSON
+    answer per line on stdout ({"seconds": s} or {"error": text}); it ends with its input."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever the compiler prints goes to stderr, not into the answers
+    for line in sys.stdin:
+        try:
+            answer = {"seconds": compile_in_worker(**json.loads(line))}
+        except Exception as exc:  # noqa: BLE001 - reported to the rank, which compiles the kernel itself
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
+if __name__ == "__main__":
+    serve()

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_infer.comm.base import collective_call
+from dist_infer.comm.bootstrap import ranks_on_this_node
 from dist_infer.comm.groups import ParallelGroups
 from dist_infer.config import BuildConfig, KVCacheConfig, Mapping, ModelConfig
 from dist_infer.engine.build import DTYPES, ENGINE_FORMAT, ENGINE_FORMAT_VERSION, rank_weights_file
@@ -256,7 +257,7 @@ class RankEngine:
         up. The weights may still be arriving, so the outputs are garbage; they are dropped, and
         the padding slots they wrote are rewritten by the capture's own warm-up steps."""
         started = time.perf_counter()
-        workers = compile_workers(torch.cuda.device_count())
+        workers = compile_workers(ranks_on_this_node() or torch.cuda.device_count())
         if workers:
             self._warm_up_compiling_in(workers)
         else:

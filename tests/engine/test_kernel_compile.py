@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -75,23 +78,81 @@ def test_workers_compile_what_the_pass_would_have(sm90, monkeypatch, tmp_path):
     assert cache_hits([(fn.name, spec) for fn, spec in submitted]) == [True, True]
     # The next load finds both in the cache's record: Triton loads them itself, and no process starts.
     assert len(json.loads((cache / RECORD).read_text())) == 2
-    with KernelCompilePool(2, SM90, cache) as again:
+    with KernelCompilePool(2, SM90, cache) as again, again.handing_over():
         assert [again._hand_over(fn=fn, compile={"specialization_data": spec}) for fn, spec in submitted] == [False] * 2
-        assert (again.found, again.pending, again.pool) == (2, {}, None)
+        assert (again.found, again.pending, again.processes) == (2, {}, [])
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "empty"))  # the check can tell: another cache misses
     assert cache_hits([(fn.name, spec) for fn, spec in submitted[:1]]) == [False]
 
 
+MISSING = SimpleNamespace(module=fused_gpu.__name__, name="no_such_kernel", jit_function=fused_gpu._silu_mul_kernel)
+
+
 def test_a_failed_compile_is_reported_and_left_to_the_rank(caplog, tmp_path):
-    missing = SimpleNamespace(module=fused_gpu.__name__, name="no_such_kernel", jit_function=fused_gpu._silu_mul_kernel)
-    with KernelCompilePool(1, SM90, tmp_path) as pool:
-        skipped = pool._hand_over(fn=missing, compile={"specialization_data": "{}"})
+    with KernelCompilePool(1, SM90, tmp_path) as pool, pool.handing_over():
+        skipped = pool._hand_over(fn=MISSING, compile={"specialization_data": "{}"})
         with caplog.at_level(logging.WARNING):
             compiled, failed = pool.wait()
     assert skipped is True
     assert (compiled, failed) == (0, ["no_such_kernel"])
-    assert "no_such_kernel in a worker process failed" in caplog.text
+    assert "no_such_kernel in a worker process failed (AttributeError" in caplog.text
     assert not (tmp_path / RECORD).exists()  # nothing compiled, nothing recorded
+    assert [p.poll() for p in pool.processes] == [0]  # the worker ended with its input
+
+
+def test_a_dead_worker_fails_its_compiles_instead_of_hanging(caplog, tmp_path):
+    with KernelCompilePool(1, SM90, tmp_path) as pool, pool.handing_over():
+        pool._start_workers()
+        pool.processes[0].kill()
+        pool.processes[0].wait()
+        assert pool._hand_over(fn=MISSING, compile={"specialization_data": "{}"}) is True
+        with caplog.at_level(logging.WARNING):
+            assert pool.wait() == (0, ["no_such_kernel"])
+    assert "the worker process exited" in caplog.text
+
+
+def test_the_hook_never_fails_a_launch_and_ignores_other_threads(caplog, tmp_path):
+    with KernelCompilePool(1, SM90, tmp_path) as pool, pool.handing_over():
+        answers = []
+        other = threading.Thread(target=lambda: answers.append(
+            pool._hand_over(fn=MISSING, compile={"specialization_data": "{}"})))
+        other.start()
+        other.join()
+        assert answers == [False] and pool.pending == {}  # another thread's launch runs as usual
+        with caplog.at_level(logging.WARNING):  # a kernel info without its JITFunction: the hook's own error
+            assert pool._hand_over(fn=SimpleNamespace(module="m", name="k"), compile={"specialization_data": "{}"}) \
+                is False
+        assert pool.broken and pool._hand_over(fn=MISSING, compile={"specialization_data": "{}"}) is False
+    assert "the rank compiles its kernels itself" in caplog.text
+    assert pool.processes == []  # nothing was handed over, so no worker started
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+with open(sys.argv[1], "a") as runs:
+    runs.write("ran\\n")
+from triton.backends.compiler import GPUTarget
+from dist_infer.engine import fused_gpu
+from dist_infer.engine.kernel_compile import KernelCompilePool
+fn = SimpleNamespace(module=fused_gpu.__name__, name="x", jit_function=fused_gpu._silu_mul_kernel)
+with KernelCompilePool(2, GPUTarget("cuda", 90, 32), sys.argv[2]) as pool, pool.handing_over():
+    pool._hand_over(fn=fn, compile={"specialization_data": "{}"})
+    print(pool.wait())
+"""
+
+
+def test_workers_do_not_run_the_users_script_again(tmp_path):
+    """A user's script without a main guard (as `LLM(...)` examples are written) runs once: the
+    workers are not multiprocessing children, which would each run it again."""
+    script, runs = tmp_path / "user.py", tmp_path / "runs.txt"
+    script.write_text(UNGUARDED_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(runs), str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "(0, ['x'])"
+    assert runs.read_text() == "ran\n"
 
 
 def test_worker_count(monkeypatch):
