@@ -57,9 +57,9 @@ def yield_when_oversubscribed() -> None:
     hide it); srun never does. So it is set here, before MPI_Init, whenever this node holds more
     ranks than usable CPUs."""
     ranks_here = ranks_on_this_node()
-    if ranks_here and ranks_here > _usable_cpus() and "OMPI_MCA_mpi_yield_when_idle" not in os.environ:
+    if ranks_here and ranks_here > usable_cpus() and "OMPI_MCA_mpi_yield_when_idle" not in os.environ:
         os.environ["OMPI_MCA_mpi_yield_when_idle"] = "1"
-        log.info("%d ranks on %d CPU(s): MPI yields the CPU while it waits", ranks_here, _usable_cpus())
+        log.info("%d ranks on %d CPU(s): MPI yields the CPU while it waits", ranks_here, usable_cpus())
 
 
 def ranks_on_this_node() -> int | None:
@@ -190,12 +190,12 @@ def share_node_cpus(world: Communicator, device: str) -> None:
     import torch
 
     ranks_here = hosts.count(hosts[world.rank])
-    threads = max(1, _usable_cpus() // ranks_here)
+    threads = max(1, usable_cpus() // ranks_here)
     if threads < torch.get_num_threads():
         torch.set_num_threads(threads)
         log.info("rank %d: %d ranks share this node's %d CPU(s): %d torch thread(s) each",
-                 world.rank, ranks_here, _usable_cpus(), threads)
+                 world.rank, ranks_here, usable_cpus(), threads)
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -4,9 +4,9 @@ A first launch compiles about 15 Triton kernels (each kernel at each specializat
 graphs use). Compiled one after another inside the rank, that was ~9 s of a 14.5 s launch
 (docs/PERFORMANCE.md, "Fast start"), and the compiler held the GIL that the weight reader
 beside it needed. Here the rank's warm-up pass runs with every launch that would compile
-skipped instead: Triton's `jit_cache_hook` hands the kernel's specialization to a pool of
-spawned processes, which compile it into the same on-disk kernel cache (TRITON_CACHE_DIR, the
-engine's own, is inherited). The graph capture that follows loads every kernel from there.
+skipped instead: Triton's `jit_cache_hook` hands the kernel's specialization to worker
+processes, which compile it into the rank's on-disk kernel cache (the engine's own). The graph
+capture that follows loads every kernel from there.
 
 A record in the cache directory (RECORD) lists what the workers compiled into it, so a later
 launch lets Triton load those kernels itself and starts no process at all. A worker needs no
@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,12 +55,13 @@ def compile_workers(ranks_on_node: int) -> int:
     """Processes per rank: $DIST_INFER_COMPILE_WORKERS, else this node's usable CPUs shared
     by its ranks, at most MAX_WORKERS."""
     if (asked := os.environ.get(WORKERS_ENV, "").strip()) != "":
-        if not asked.isdigit():
+        if not (asked.isascii() and asked.isdigit()):
             raise EngineError(f"{WORKERS_ENV}={asked!r} is not a number of processes: set a whole number "
                               "(0 compiles the Triton kernels inside each rank) or unset it.")
         return int(asked)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cpus // max(1, ranks_on_node)))
+    from dist_infer.comm.bootstrap import usable_cpus  # not at import: the Ray driver reads this module's names
+
+    return max(1, min(MAX_WORKERS, usable_cpus() // max(1, ranks_on_node)))
 
 
 def entry(kernel, specialization: str) -> str:
@@ -120,7 +122,8 @@ class KernelCompilePool:
     def __init__(self, workers: int, target, cache_dir: str | Path):
         self.workers = workers
         self.target = (target.backend, target.arch, target.warp_size)
-        self.record = Path(cache_dir) / RECORD
+        self.cache_dir = Path(cache_dir)
+        self.record = self.cache_dir / RECORD
         self.known = self._read_record()
         self.found = 0  # kernels the record holds: Triton loads them from the cache
         self.pending: dict[str, tuple[object, str, Future]] = {}  # specialization -> (kernel info, entry, compile)
@@ -150,6 +153,7 @@ class KernelCompilePool:
             feeder.join()
         for process in self.processes:
             process.wait()
+            process.stdout.close()
 
     @contextmanager
     def handing_over(self):
@@ -163,7 +167,9 @@ class KernelCompilePool:
         try:
             yield self
         finally:
-            knobs.runtime.jit_cache_hook = previous
+            self.pass_thread = None  # a hook left installed (passes overlapping in threads) skips nothing
+            if knobs.runtime.jit_cache_hook == self._hand_over:
+                knobs.runtime.jit_cache_hook = previous
 
     def _hand_over(self, *, fn, compile, **_) -> bool:
         """Triton's hook, before it compiles: True skips the compile and the launch."""
@@ -180,11 +186,14 @@ class KernelCompilePool:
     def _skip_and_submit(self, fn, spec: str) -> bool:
         if spec in self.pending:  # every layer launches the same specializations
             return True
+        if not _importable_as(fn):
+            return False
         key = entry(fn.jit_function, spec)
         if key in self.known:
             self.found += 1
             return False
-        request = dict(target=self.target, module=fn.module, qualname=fn.name, specialization=spec)
+        request = dict(id=len(self.pending), target=self.target, module=fn.module, qualname=fn.name,
+                       specialization=spec)
         self.pending[spec] = (fn, key, self._submit(request))
         return True
 
@@ -196,8 +205,10 @@ class KernelCompilePool:
         return future
 
     def _start_workers(self) -> None:
-        # The rank's import path, so a worker imports the kernels from where the rank did.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        # The rank's import path (and not the working directory, first under -m), so a worker
+        # imports the kernels from where the rank did; the rank's kernel cache.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path), "PYTHONSAFEPATH": "1",
+               "TRITON_CACHE_DIR": str(self.cache_dir)}
         for _ in range(self.workers):
             process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True, env=env)
@@ -214,8 +225,8 @@ class KernelCompilePool:
             try:
                 process.stdin.write(json.dumps(request) + "\n")
                 process.stdin.flush()
-                answer = json.loads(process.stdout.readline())
-            except (OSError, ValueError) as exc:
+                answer = _answer(process, request["id"])
+            except Exception as exc:  # noqa: BLE001 - whatever broke, the rank compiles this kernel itself
                 future.set_exception(RuntimeError(f"the worker process exited ({type(exc).__name__}: {exc})"))
                 continue
             if "error" in answer:
@@ -263,6 +274,7 @@ class KernelCompilePool:
             with tempfile.NamedTemporaryFile("w", dir=self.record.parent, prefix=RECORD, delete=False) as file:
                 tmp = Path(file.name)
                 file.write(json.dumps(sorted(self._read_record() | done)))
+            tmp.chmod(0o644)  # not the temporary file's 0600: other users of a shared cache read it too
             os.replace(tmp, self.record)
         except OSError as exc:
             log.debug("kernel record %s not written: %s", self.record, exc)
@@ -270,16 +282,37 @@ class KernelCompilePool:
                 tmp.unlink(missing_ok=True)
 
 
+def _importable_as(fn) -> bool:
+    """Whether a worker finds this very kernel under its module and name (not, say, a kernel
+    nested in a function, or one wrapped by triton.autotune, whose tuning runs need real launches)."""
+    return getattr(sys.modules.get(fn.module), fn.name, None) is fn.jit_function
+
+
+def _answer(process: subprocess.Popen, request_id: int) -> dict:
+    """The worker's answer to `request_id`; lines that are not answers (something printed before
+    the worker took over its stdout) are passed over."""
+    while line := process.stdout.readline():
+        with suppress(ValueError):
+            answer = json.loads(line)
+            if isinstance(answer, dict) and answer.get("id") == request_id:
+                return answer
+    raise EOFError("no answer")
+
+
 def serve() -> None:
-    """A worker's loop: a JSON request (compile_in_worker's arguments) per line on stdin, a JSON
-    answer per line on stdout ({"seconds": s} or {"error": text}); it ends with its input."""
+    """A worker's loop: a JSON request (an id and compile_in_worker's arguments) per line on
+    stdin, a JSON answer per line on stdout ({"id", "seconds"} or {"id", "error"}); it ends with
+    its input. Ctrl-C is the rank's to handle: the worker ends when the rank does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever the compiler prints goes to stderr, not into the answers
     for line in sys.stdin:
+        request = json.loads(line)
+        request_id = request.pop("id")
         try:
-            answer = {"seconds": compile_in_worker(**json.loads(line))}
+            answer = {"id": request_id, "seconds": compile_in_worker(**request)}
         except Exception as exc:  # noqa: BLE001 - reported to the rank, which compiles the kernel itself
-            answer = {"error": f"{type(exc).__name__}: {exc}"}
+            answer = {"id": request_id, "error": f"{type(exc).__name__}: {exc}"}
         answers.write(json.dumps(answer) + "\n")
         answers.flush()
 

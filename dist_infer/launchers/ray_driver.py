@@ -25,6 +25,7 @@ import sys
 import time
 
 from dist_infer.config import Mapping
+from dist_infer.engine.kernel_compile import MAX_WORKERS, WORKERS_ENV
 from dist_infer.errors import DistInferError, LaunchError
 
 log = logging.getLogger("dist_infer.ray")
@@ -57,7 +58,8 @@ def run_on_ray(args: list[str], tp: int, pp: int, address: str | None = None, cp
                 f"the Ray cluster cannot place {pp} pipeline stage(s) of {tp} rank(s) (each stage on one node, "
                 f"{bundle} per rank) within {PLACEMENT_TIMEOUT_S}s; alive nodes have {nodes}. Add nodes, CPUs or "
                 "GPUs, or lower ray.cpus_per_rank.")
-        ranks = RankActors(ray, pgs, tp, pp, {"num_cpus": cpus_per_rank, "num_gpus": gpus_per_rank}, env or {})
+        ranks = RankActors(ray, pgs, tp, pp, {"num_cpus": cpus_per_rank, "num_gpus": gpus_per_rank},
+                           rank_env(env or {}, cpus_per_rank))
         if restarts(args):
             return supervise_on_ray(ray, args, ranks)
         actors = ranks.create()
@@ -81,6 +83,13 @@ def run_on_ray(args: list[str], tp: int, pp: int, address: str | None = None, cp
     sys.stdout.flush()
     failed = {r: c for r, c in codes.items() if c != 0}
     return codes.get(0) or (next(iter(failed.values())) if failed else 0)
+
+
+def rank_env(env: dict[str, str], cpus_per_rank: float) -> dict[str, str]:
+    """Every rank actor's environment: the user's, and as many Triton compile workers as the CPUs
+    the actor holds, unless the user set that. Ray pins no CPUs and shows each actor one GPU, so a
+    rank cannot tell how many others share its node's cores."""
+    return {WORKERS_ENV: str(max(1, min(MAX_WORKERS, int(cpus_per_rank)))), **env}
 
 
 class RankActors:

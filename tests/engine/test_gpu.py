@@ -257,6 +257,10 @@ def test_kernels_compiled_in_worker_processes(tmp_path):
     assert in_workers["tokens"] == in_rank["tokens"] == again["tokens"]
     assert again["compiled"] == 0 and "worker processes" not in log_again
     assert in_workers["launchers"] == again["launchers"] == 0  # the workers built them (where Triton builds any)
+    import triton
+
+    if triton.__version__.startswith("3.6"):  # the GPU image's Triton builds a C launcher per kernel signature
+        assert in_rank["launchers"] > 0
 
 
 @pytest.fixture(scope="module")

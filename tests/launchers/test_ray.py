@@ -153,3 +153,15 @@ def test_ray_serve_answers_and_drains(tmp_path, engine, ray_local):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_rank_actors_compile_with_the_cpus_they_hold():
+    """Ray shows each rank actor one GPU and pins no CPUs: its Triton compile workers are the
+    CPUs it asked for (at most the engine's cap), unless the job's env says otherwise."""
+    from dist_infer.engine.kernel_compile import MAX_WORKERS, WORKERS_ENV
+    from dist_infer.launchers.ray_driver import rank_env
+
+    assert rank_env({}, 4) == {WORKERS_ENV: "4"}
+    assert rank_env({}, 0.5) == {WORKERS_ENV: "1"}
+    assert rank_env({"A": "b"}, 64) == {WORKERS_ENV: str(MAX_WORKERS), "A": "b"}
+    assert rank_env({WORKERS_ENV: "0"}, 4) == {WORKERS_ENV: "0"}
